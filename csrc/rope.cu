@@ -1,0 +1,33 @@
+// CUDA launcher of the rope op: tensors in, dpe::launch_rope_cuda out.
+// Schema and CPU implementation: rope.cpp. Kernel: include/dpe/rope_cuda.cuh.
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "dpe/rope_cuda.cuh"
+#include "rope_launch.h"
+
+namespace dpe {
+
+RopeOutputs rope_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                      const at::Tensor& inv_freq, const at::Tensor& pair_scale,
+                      const std::optional<at::Tensor>& mask, int64_t window, int64_t rotary_dim,
+                      bool is_neox) {
+  TORCH_CHECK_VALUE(q.is_cuda(), "rope_cuda: q must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(q.device());
+  RopeLaunch L =
+      make_rope_launch(q, k, positions, inv_freq, pair_scale, mask, window, rotary_dim, is_neox);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "dpe_rope_cuda", [&] {
+    cudaError_t err = positions.scalar_type() == at::kInt
+                          ? launch_rope_cuda<scalar_t, int32_t>(L.params, stream)
+                          : launch_rope_cuda<scalar_t, int64_t>(L.params, stream);
+    TORCH_CHECK(err == cudaSuccess, "dpe rope CUDA launch failed: ", cudaGetErrorString(err));
+  });
+  return L.outputs;
+}
+
+}  // namespace dpe
+
+TORCH_LIBRARY_IMPL(dpe_kernels, CUDA, m) { m.impl("rope", &dpe::rope_cuda); }

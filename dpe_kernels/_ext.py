@@ -1,0 +1,44 @@
+"""Loads the compiled extension (dpe_kernels._C) and registers the fake
+(meta) implementations of its ops. If the extension is missing or fails to
+load, the package still imports, warns once, and the `reference` (and, on a
+GPU, `triton`) backends remain."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+__all__ = ["HAS_EXT", "EXT_ERROR", "has_kernel"]
+
+try:
+    from . import _C  # noqa: F401  (loading it registers torch.ops.dpe_kernels.*)
+
+    HAS_EXT = True
+    EXT_ERROR = None
+except Exception as e:  # ImportError, or OSError from an ABI mismatch
+    HAS_EXT = False
+    EXT_ERROR = f"{type(e).__name__}: {e}"
+    warnings.warn(
+        "dpe_kernels: the compiled extension could not be loaded "
+        f"({EXT_ERROR}); falling back to the PyTorch reference (and Triton on CUDA). "
+        "Reinstall with `pip install --no-build-isolation .` to build it.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """True when torch.ops.dpe_kernels.<op> has a compiled kernel for the key ('CPU', 'CUDA')."""
+    if not HAS_EXT:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"dpe_kernels::{op}", dispatch_key)
+
+
+if HAS_EXT:
+
+    @torch.library.register_fake("dpe_kernels::rope")
+    def _rope_fake(q, k, positions, inv_freq, pair_scale, mask, window, rotary_dim, is_neox):
+        heads_ks = mask.shape[0] if mask is not None else k.shape[-2]
+        k_scaled_shape = (*k.shape[:-2], heads_ks, k.shape[-1])
+        return (q.new_empty(q.shape), k.new_empty(k.shape), q.new_empty(q.shape),
+                k.new_empty(k_scaled_shape))
