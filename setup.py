@@ -30,7 +30,7 @@ def _extensions():
     include = [str(ROOT / "csrc" / "include"), str(ROOT / "csrc")]
     # -O3 for vectorisation of the per-head loop; never -ffast-math: the
     # angles reach 2^24 rad and need full-range sin/cos.
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    cxx = ["-O3", "-fopenmp"]
     sources = ["csrc/rope.cpp"]
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and not _flag("DPE_KERNELS_NO_CUDA")
     if with_cuda:
@@ -39,7 +39,7 @@ def _extensions():
             "dpe_kernels._C",
             sources + ["csrc/rope.cu"],
             include_dirs=include,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=["-fopenmp"],
         )
     else:

@@ -3,6 +3,8 @@
 // torch.ops.dpe_kernels.rope(q, k, positions, inv_freq, pair_scale, mask,
 //                            window, rotary_dim, is_neox)
 //   -> (q_normal, k_normal, q_scaled, k_scaled)
+// torch.ops.dpe_kernels.rope_out(..., q_normal, k_normal, q_scaled, k_scaled)
+//   writes the same results into caller-provided contiguous outputs.
 // The fake (meta) implementation lives in dpe_kernels/_ops.py; the CUDA
 // implementation in rope.cu.
 #include <ATen/Dispatch.h>
@@ -15,29 +17,54 @@
 
 namespace dpe {
 
-RopeOutputs rope_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
-                     const at::Tensor& inv_freq, const at::Tensor& pair_scale,
-                     const std::optional<at::Tensor>& mask, int64_t window, int64_t rotary_dim,
-                     bool is_neox) {
+// Element type the CPU kernel computes on. Half maps to the compiler's
+// _Float16 where it has one (GCC >= 12 on x86-64): same bits, but its
+// conversions vectorise (F16C in the AVX2 build) where c10::Half's branchy
+// software conversion does not.
+template <typename T>
+struct CpuStorage {
+  using type = T;
+};
+#if defined(__x86_64__) && defined(__FLT16_MAX__)
+template <>
+struct CpuStorage<c10::Half> {
+  using type = _Float16;
+};
+static_assert(sizeof(_Float16) == sizeof(c10::Half), "half storage");
+#endif
+
+void rope_out_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                  const at::Tensor& inv_freq, const at::Tensor& pair_scale,
+                  const std::optional<at::Tensor>& mask, int64_t window, int64_t rotary_dim,
+                  bool is_neox, at::Tensor& q_normal, at::Tensor& k_normal, at::Tensor& q_scaled,
+                  at::Tensor& k_scaled) {
   TORCH_CHECK_VALUE(q.device().is_cpu(), "rope_cpu: q must be a CPU tensor");
-  RopeLaunch L =
-      make_rope_launch(q, k, positions, inv_freq, pair_scale, mask, window, rotary_dim, is_neox);
-  const RopeParams p = L.params;
-  // Each token costs about (H_q + H_k) * D elements of work; keep chunks large
-  // enough (>= 16 tokens) that the per-chunk scratch allocation is noise.
+  const RopeParams p = make_rope_params(q, k, positions, inv_freq, pair_scale, mask, window,
+                                        rotary_dim, is_neox, {q_normal, k_normal, q_scaled, k_scaled});
+  // Each token costs about (H_q + H_k) * D elements of work; chunks of >= 16
+  // tokens make the per-chunk scratch allocation noise.
   const int64_t grain = 16;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "dpe_rope_cpu", [&] {
     if (positions.scalar_type() == at::kInt) {
       at::parallel_for(0, p.num_tokens(), grain, [&](int64_t begin, int64_t end) {
-        rope_cpu_tokens<scalar_t, int32_t>(p, begin, end);
+        rope_cpu_tokens<typename CpuStorage<scalar_t>::type, int32_t>(p, begin, end);
       });
     } else {
       at::parallel_for(0, p.num_tokens(), grain, [&](int64_t begin, int64_t end) {
-        rope_cpu_tokens<scalar_t, int64_t>(p, begin, end);
+        rope_cpu_tokens<typename CpuStorage<scalar_t>::type, int64_t>(p, begin, end);
       });
     }
   });
-  return L.outputs;
+}
+
+RopeOutputs rope_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                     const at::Tensor& inv_freq, const at::Tensor& pair_scale,
+                     const std::optional<at::Tensor>& mask, int64_t window, int64_t rotary_dim,
+                     bool is_neox) {
+  RopeOutputs out = alloc_rope_outputs(q, k, mask);
+  rope_out_cpu(q, k, positions, inv_freq, pair_scale, mask, window, rotary_dim, is_neox,
+               std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out));
+  return out;
 }
 
 }  // namespace dpe
@@ -47,9 +74,16 @@ TORCH_LIBRARY(dpe_kernels, m) {
       "rope(Tensor q, Tensor k, Tensor positions, Tensor inv_freq, Tensor pair_scale, "
       "Tensor? mask, int window, int rotary_dim, bool is_neox) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "rope_out(Tensor q, Tensor k, Tensor positions, Tensor inv_freq, Tensor pair_scale, "
+      "Tensor? mask, int window, int rotary_dim, bool is_neox, Tensor(a!) q_normal, "
+      "Tensor(b!) k_normal, Tensor(c!) q_scaled, Tensor(d!) k_scaled) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(dpe_kernels, CPU, m) { m.impl("rope", &dpe::rope_cpu); }
+TORCH_LIBRARY_IMPL(dpe_kernels, CPU, m) {
+  m.impl("rope", &dpe::rope_cpu);
+  m.impl("rope_out", &dpe::rope_out_cpu);
+}
 
 // The module only loads the shared library, which registers the ops above.
 PYBIND11_MODULE(_C, m) { m.doc() = "dpe_kernels compiled ops (registered in torch.ops.dpe_kernels)"; }

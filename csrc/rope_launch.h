@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <vector>
 #include <tuple>
 
 #include "dpe/rope.h"
@@ -16,16 +17,35 @@ namespace dpe {
 
 using RopeOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-struct RopeLaunch {
-  RopeParams params;
-  RopeOutputs outputs;
-};
+// Shape of the outputs: the leading dims of q, `heads`, head_dim.
+inline std::vector<int64_t> rope_output_shape(const at::Tensor& q, int64_t heads) {
+  std::vector<int64_t> s(q.sizes().begin(), q.sizes().end() - 2);
+  s.push_back(heads);
+  s.push_back(q.size(-1));
+  return s;
+}
 
-inline RopeLaunch make_rope_launch(const at::Tensor& q, const at::Tensor& k,
+// Heads of k_scaled: H_m with a mask (H_q for a per-query-head mask), else H_k.
+inline int64_t scaled_key_heads(const at::Tensor& k, const std::optional<at::Tensor>& mask) {
+  return mask.has_value() ? mask->size(0) : k.size(-2);
+}
+
+inline RopeOutputs alloc_rope_outputs(const at::Tensor& q, const at::Tensor& k,
+                                      const std::optional<at::Tensor>& mask) {
+  auto opts = q.options();
+  return {at::empty(rope_output_shape(q, q.size(-2)), opts),
+          at::empty(rope_output_shape(q, k.size(-2)), opts),
+          at::empty(rope_output_shape(q, q.size(-2)), opts),
+          at::empty(rope_output_shape(q, scaled_key_heads(k, mask)), opts)};
+}
+
+// Checks every argument and fills the parameter block for the given outputs
+// (contiguous, dtype and device of q, shapes of alloc_rope_outputs).
+inline RopeParams make_rope_params(const at::Tensor& q, const at::Tensor& k,
                                    const at::Tensor& positions, const at::Tensor& inv_freq,
                                    const at::Tensor& pair_scale,
                                    const std::optional<at::Tensor>& mask, int64_t window,
-                                   int64_t rotary_dim, bool is_neox) {
+                                   int64_t rotary_dim, bool is_neox, const RopeOutputs& out) {
   // q: (T, H_q, D) or (B, S, H_q, D); k: same leading shape with H_k heads
   TORCH_CHECK_VALUE(q.dim() == 3 || q.dim() == 4, "q must be (T, H_q, D) or (B, S, H_q, D)");
   TORCH_CHECK_VALUE(k.dim() == q.dim(), "k must have the same rank as q");
@@ -85,20 +105,22 @@ inline RopeLaunch make_rope_launch(const at::Tensor& q, const at::Tensor& k,
     TORCH_CHECK_VALUE(mask->device() == q.device(), "mask must be on the device of q");
   }
 
-  std::vector<int64_t> lead(q.sizes().begin(), q.sizes().end() - 2);
-  auto shape = [&](int64_t heads) {
-    std::vector<int64_t> s = lead;
-    s.push_back(heads);
-    s.push_back(D);
-    return s;
-  };
-  auto opts = q.options();
-  RopeLaunch L;
-  at::Tensor qn = at::empty(shape(Hq), opts), kn = at::empty(shape(Hk), opts);
-  at::Tensor qs = at::empty(shape(Hq), opts), ks = at::empty(shape(Hks), opts);
-  L.outputs = {qn, kn, qs, ks};
+  const char* names[4] = {"q_normal", "k_normal", "q_scaled", "k_scaled"};
+  const at::Tensor* outs[4] = {&std::get<0>(out), &std::get<1>(out), &std::get<2>(out),
+                               &std::get<3>(out)};
+  const int64_t heads[4] = {Hq, Hk, Hq, Hks};
+  for (int i = 0; i < 4; ++i) {
+    const at::Tensor& o = *outs[i];
+    TORCH_CHECK_VALUE(o.sizes() == at::IntArrayRef(rope_output_shape(q, heads[i])) &&
+                          o.is_contiguous() && o.scalar_type() == q.scalar_type() &&
+                          o.device() == q.device(),
+                      names[i], " must be contiguous, with the dtype and device of q and shape ",
+                      at::IntArrayRef(rope_output_shape(q, heads[i])));
+  }
+  const at::Tensor &qn = std::get<0>(out), &kn = std::get<1>(out), &qs = std::get<2>(out),
+                   &ks = std::get<3>(out);
 
-  RopeParams& p = L.params;
+  RopeParams p;
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.positions = positions.data_ptr();
@@ -127,7 +149,7 @@ inline RopeLaunch make_rope_launch(const at::Tensor& q, const at::Tensor& k,
   p.pos_stride_b = pos_sb;
   p.pos_stride_s = pos_ss;
   p.neox = is_neox;
-  return L;
+  return p;
 }
 
 }  // namespace dpe

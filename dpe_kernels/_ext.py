@@ -42,3 +42,8 @@ if HAS_EXT:
         k_scaled_shape = (*k.shape[:-2], heads_ks, k.shape[-1])
         return (q.new_empty(q.shape), k.new_empty(k.shape), q.new_empty(q.shape),
                 k.new_empty(k_scaled_shape))
+
+    @torch.library.register_fake("dpe_kernels::rope_out")
+    def _rope_out_fake(q, k, positions, inv_freq, pair_scale, mask, window, rotary_dim, is_neox,
+                       q_normal, k_normal, q_scaled, k_scaled):
+        return None

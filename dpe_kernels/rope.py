@@ -167,6 +167,7 @@ def dpe_rope(
     rotary_dim: Optional[int] = None,
     backend: str = "auto",
     check_positions: bool = True,
+    out: Optional[tuple] = None,
 ) -> RopeOutput:
     """Dimension-wise RoPE: rotate q and k at normal and at DPE-remapped positions.
 
@@ -191,6 +192,10 @@ def dpe_rope(
             of ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"`` to force it.
         check_positions: verify ``positions >= 0`` (one reduction; a device
             sync on CUDA). Skipped while torch.compile traces.
+        out: optional preallocated ``(q_normal, k_normal, q_scaled, k_scaled)``,
+            contiguous, dtype and device of q, shapes as returned; written in
+            place (no allocation, as an engine with persistent buffers wants).
+            They must not share memory with the inputs.
 
     Returns:
         ``RopeOutput(q_normal, k_normal, q_scaled, k_scaled)``, contiguous, in
@@ -214,21 +219,50 @@ def dpe_rope(
         raise ValueError("config has a per-layer mask: pass layer= (or this layer's mask=)")
     rotary_dim = _check_inputs(q, k, positions, inv_freq, config, mask, layout, rotary_dim,
                                check_positions)
+    if out is not None:
+        out = _check_out(out, q, k, positions, mask)
     name = _pick_backend(backend, q.device)
     neox = layout == "neox"
     if name == "reference":
-        return RopeOutput(*rope_reference(q, k, positions, inv_freq, config, mask,
-                                          layout=layout, rotary_dim=rotary_dim))
-    if mask is not None:
-        mask = mask.contiguous()
-    pair_scale = config.pair_scales(q.device)
-    if name == "triton":
-        from .rope_triton import rope_triton
-
-        out = rope_triton(q, k, positions, inv_freq, pair_scale, mask, config.window, rotary_dim, neox)
+        res = rope_reference(q, k, positions, inv_freq, config, mask, layout=layout,
+                             rotary_dim=rotary_dim)
     else:
-        out = torch.ops.dpe_kernels.rope(q, k, positions, inv_freq, pair_scale, mask,
-                                         config.window, rotary_dim, neox)
+        if mask is not None:
+            mask = mask.contiguous()
+        args = (q, k, positions, inv_freq, config.pair_scales(q.device), mask, config.window,
+                rotary_dim, neox)
+        if name == "triton":
+            from .rope_triton import rope_triton
+
+            res = rope_triton(*args)
+        elif out is not None:
+            torch.ops.dpe_kernels.rope_out(*args, *out)
+            return out
+        else:
+            res = torch.ops.dpe_kernels.rope(*args)
+    if out is not None:
+        for o, r in zip(out, res):
+            o.copy_(r)
+        return out
+    return RopeOutput(*res)
+
+
+def _check_out(out, q, k, positions, mask) -> RopeOutput:
+    if not isinstance(out, (tuple, list)) or len(out) != 4:
+        raise TypeError("out must be a tuple (q_normal, k_normal, q_scaled, k_scaled)")
+    heads_ks = mask.shape[0] if mask is not None else k.shape[-2]
+    lead = tuple(q.shape[:-2])
+    want = (q.shape[-2], k.shape[-2], q.shape[-2], heads_ks)
+    for name, o, h in zip(RopeOutput._fields, out, want):
+        if not isinstance(o, torch.Tensor):
+            raise TypeError(f"out.{name} must be a torch.Tensor, got {type(o).__name__}")
+        shape = (*lead, h, q.shape[-1])
+        if tuple(o.shape) != shape or o.dtype != q.dtype or o.device != q.device or not o.is_contiguous():
+            raise ValueError(f"out.{name} must be contiguous {q.dtype} on {q.device} with shape "
+                             f"{list(shape)}, got {o.dtype} {list(o.shape)} on {o.device}")
+        for iname, t in (("q", q), ("k", k), ("positions", positions)):
+            if o.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+                raise ValueError(f"out.{name} shares memory with {iname}: in-place rotation is not supported")
     return RopeOutput(*out)
 
 

@@ -8,19 +8,109 @@
 // data-dependent control flow, so the compiler vectorises it.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "dpe/rope.h"
 
+#if defined(__GNUC__)
+#define DPE_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define DPE_ALWAYS_INLINE inline
+#endif
+
 namespace dpe {
+
+// ---------------------------------------------------------------------------
+// Batched float32 sin/cos, written so the compiler vectorises it (the libm
+// calls it replaces cost more than the whole rotation otherwise). The float
+// angle is widened to double (exact) and reduced by pi/2 in two steps
+// (Cody-Waite): pi/2 = kPio2Hi + kPio2Lo with kPio2Hi holding 25 significant
+// bits, so fn * kPio2Hi is exact for |fn| < 2^28 and the reduced argument is
+// accurate to ~1e-15, far below float resolution. sin/cos of |r| <= pi/4 come
+// from their Taylor series in double (truncation error < 1e-11), rounded once
+// to float: results are within 1 ulp of the exact value, the accuracy of
+// sinf/cosf. Angles past the reduction range (|x| >= 2^28, i.e. positions
+// beyond ~2.7e8 at inv_freq 1) fall back to std::sin/std::cos.
+constexpr double kTwoOverPi = 0x1.45f306dc9c883p-1;
+constexpr double kPio2Hi = 0x1.921fb5p+0;
+constexpr double kPio2Lo = 0x1.110b4611a6263p-26;
+constexpr double kRoundMagic = 0x1.8p52;  // adding and subtracting it rounds to an integer
+constexpr float kMaxReduced = 0x1p28f;
+
+DPE_ALWAYS_INLINE uint64_t double_bits(double v) {
+  uint64_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  return u;
+}
+DPE_ALWAYS_INLINE double bits_double(uint64_t u) {
+  double v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+}
+
+DPE_ALWAYS_INLINE uint32_t float_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  return u;
+}
+DPE_ALWAYS_INLINE float bits_float(uint32_t u) {
+  float v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+}
+
+DPE_ALWAYS_INLINE void sincos_batch(const float* __restrict x, float* __restrict sin_out,
+                                    float* __restrict cos_out, int64_t n) {
+  // Branch-free body (quadrant select and signs by bit operations) so that it
+  // vectorises; the baseline ISA has no double->int64 conversion, so the
+  // quadrant is read from the low mantissa bits of the rounding sum instead.
+  int64_t num_large = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double xd = static_cast<double>(x[i]);
+    const double shifted = xd * kTwoOverPi + kRoundMagic;  // low bits hold round(x * 2/pi)
+    const double fn = shifted - kRoundMagic;
+    const double r = (xd - fn * kPio2Hi) - fn * kPio2Lo;
+    const double z = r * r;
+    // sin r = r (1 - z/3! + z^2/5! - ... - z^5/11!), cos r = 1 - z/2! + ... + z^6/12!
+    const double sr =
+        r * (1.0 + z * (-1.0 / 6 + z * (1.0 / 120 + z * (-1.0 / 5040 +
+                                                         z * (1.0 / 362880 + z * (-1.0 / 39916800))))));
+    const double cr =
+        1.0 + z * (-0.5 + z * (1.0 / 24 + z * (-1.0 / 720 + z * (1.0 / 40320 +
+                                                            z * (-1.0 / 3628800 +
+                                                                 z * (1.0 / 479001600))))));
+    // Quadrant q = round(x * 2/pi) mod 4:
+    //   sin x = (sr, cr, -sr, -cr)[q],  cos x = (cr, -sr, -cr, sr)[q].
+    const uint64_t q = double_bits(shifted);
+    const uint64_t odd = 0 - (q & 1);  // all ones when q is odd
+    const uint64_t s_bits = (double_bits(cr) & odd) | (double_bits(sr) & ~odd);
+    const uint64_t c_bits = (double_bits(sr) & odd) | (double_bits(cr) & ~odd);
+    const uint64_t sin_flip = (q & 2) << 62;        // q in {2, 3}
+    const uint64_t cos_flip = ((q + 1) & 2) << 62;  // q in {1, 2}
+    sin_out[i] = static_cast<float>(bits_double(s_bits ^ sin_flip));
+    cos_out[i] = static_cast<float>(bits_double(c_bits ^ cos_flip));
+    num_large += static_cast<int64_t>(!(std::fabs(x[i]) < kMaxReduced));  // NaN/inf too
+  }
+  if (num_large) {
+    for (int64_t i = 0; i < n; ++i) {
+      if (!(std::fabs(x[i]) < kMaxReduced)) {
+        sin_out[i] = std::sin(x[i]);
+        cos_out[i] = std::cos(x[i]);
+      }
+    }
+  }
+}
 
 // Rotate one head vector x (D elements, pairs in layout NEOX) into the normal
 // output y_n (skipped when WRITE_NORMAL is false) and the scaled output y_s.
 // Scaled pairs use (cs, ss) where the mask row says "key dimension" (or
 // everywhere without a mask) and the normal angle elsewhere.
 template <typename scalar_t, bool NEOX, bool HAS_MASK, bool WRITE_NORMAL>
-inline void rotate_head(const scalar_t* __restrict x, scalar_t* __restrict y_n,
+DPE_ALWAYS_INLINE void rotate_head(const scalar_t* __restrict x, scalar_t* __restrict y_n,
                         scalar_t* __restrict y_s, const float* __restrict cn,
                         const float* __restrict sn, const float* __restrict cs,
                         const float* __restrict ss, const uint8_t* __restrict mask_row,
@@ -38,9 +128,10 @@ inline void rotate_head(const scalar_t* __restrict x, scalar_t* __restrict y_n,
     }
     float c = cs[i], s = ss[i];
     if (HAS_MASK) {
-      const bool key_dim = mask_row[i] != 0;
-      c = key_dim ? c : cn[i];
-      s = key_dim ? s : sn[i];
+      // Select by bit mask, not by branch or ternary: keeps the loop vectorised.
+      const uint32_t key_dim = 0u - static_cast<uint32_t>(mask_row[i] != 0);
+      c = bits_float((float_bits(c) & key_dim) | (float_bits(cn[i]) & ~key_dim));
+      s = bits_float((float_bits(s) & key_dim) | (float_bits(sn[i]) & ~key_dim));
     }
     rotate_pair(a, b, c, s, &o0, &o1);
     y_s[i0] = static_cast<scalar_t>(o0);
@@ -53,16 +144,42 @@ inline void rotate_head(const scalar_t* __restrict x, scalar_t* __restrict y_n,
   }
 }
 
+// Per token: the angles of the three indices for every pair (the integer
+// remap is computed once per run of pairs sharing a scale, i.e. per group),
+// then one batched sin/cos over all 3P angles into `trig` (6P floats).
+template <typename pos_t>
+DPE_ALWAYS_INLINE void token_trig(const RopeParams& p, int64_t m, float* __restrict angles,
+                       float* __restrict trig) {
+  const int64_t P = p.num_pairs;
+  int64_t prev_scale = -1, iq = 0, ik = 0;
+  for (int64_t i = 0; i < P; ++i) {
+    const int64_t s = p.pair_scale[i];
+    if (s != prev_scale) {
+      iq = scaled_query_index(m, s, p.window);
+      ik = scaled_key_index(m, s);
+      prev_scale = s;
+    }
+    angles[i] = rope_angle(m, p.inv_freq[i]);
+    angles[P + i] = rope_angle(iq, p.inv_freq[i]);
+    angles[2 * P + i] = rope_angle(ik, p.inv_freq[i]);
+  }
+  // Layout of trig: [sin_n | sin_qs | sin_ks] then [cos_n | cos_qs | cos_ks].
+  sincos_batch(angles, trig, trig + 3 * P, 3 * P);
+}
+
 template <typename scalar_t, typename pos_t, bool NEOX, bool HAS_MASK>
-void rope_cpu_tokens_impl(const RopeParams& p, int64_t begin, int64_t end) {
+DPE_ALWAYS_INLINE void rope_cpu_tokens_body(const RopeParams& p,
+                                                                int64_t begin, int64_t end) {
   const int64_t P = p.num_pairs, D = p.head_dim;
-  std::vector<float> scratch(static_cast<size_t>(6 * P));
-  float* cn = scratch.data();
-  float* sn = cn + P;
-  float* cqs = sn + P;
-  float* sqs = cqs + P;
-  float* cks = sqs + P;
-  float* sks = cks + P;
+  std::vector<float> scratch(static_cast<size_t>(9 * P));
+  float* angles = scratch.data();
+  float* trig = angles + 3 * P;
+  const float* sn = trig;
+  const float* sqs = trig + P;
+  const float* sks = trig + 2 * P;
+  const float* cn = trig + 3 * P;
+  const float* cqs = trig + 4 * P;
+  const float* cks = trig + 5 * P;
 
   const scalar_t* q = static_cast<const scalar_t*>(p.q);
   const scalar_t* k = static_cast<const scalar_t*>(p.k);
@@ -74,16 +191,7 @@ void rope_cpu_tokens_impl(const RopeParams& p, int64_t begin, int64_t end) {
 
   for (int64_t t = begin; t < end; ++t) {
     const int64_t b = t / p.seqlen, s = t % p.seqlen;
-    const int64_t m = token_position<pos_t>(p, b, s);
-    for (int64_t i = 0; i < P; ++i) {
-      const PairTrig tr = pair_trig(m, p.inv_freq[i], p.pair_scale[i], p.window);
-      cn[i] = tr.cos_n;
-      sn[i] = tr.sin_n;
-      cqs[i] = tr.cos_qs;
-      sqs[i] = tr.sin_qs;
-      cks[i] = tr.cos_ks;
-      sks[i] = tr.sin_ks;
-    }
+    token_trig<pos_t>(p, token_position<pos_t>(p, b, s), angles, trig);
     for (int64_t h = 0; h < p.heads_q; ++h) {
       const scalar_t* x = q + b * p.q_stride_b + s * p.q_stride_s + h * p.q_stride_h;
       const int64_t out = (t * p.heads_q + h) * D;
@@ -109,6 +217,36 @@ void rope_cpu_tokens_impl(const RopeParams& p, int64_t begin, int64_t end) {
       }
     }
   }
+}
+
+// The body compiled twice: for the baseline ISA and for AVX2+FMA (8-wide
+// float, 4-wide double), picked at run time by the CPU's features.
+template <typename scalar_t, typename pos_t, bool NEOX, bool HAS_MASK>
+void rope_cpu_tokens_generic(const RopeParams& p, int64_t begin, int64_t end) {
+  rope_cpu_tokens_body<scalar_t, pos_t, NEOX, HAS_MASK>(p, begin, end);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DPE_HAVE_AVX2_PATH 1
+template <typename scalar_t, typename pos_t, bool NEOX, bool HAS_MASK>
+__attribute__((target("avx2,fma,f16c"))) void rope_cpu_tokens_avx2(const RopeParams& p,
+                                                                   int64_t begin, int64_t end) {
+  rope_cpu_tokens_body<scalar_t, pos_t, NEOX, HAS_MASK>(p, begin, end);
+}
+
+inline bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return has;
+}
+#endif
+
+template <typename scalar_t, typename pos_t, bool NEOX, bool HAS_MASK>
+void rope_cpu_tokens_impl(const RopeParams& p, int64_t begin, int64_t end) {
+#ifdef DPE_HAVE_AVX2_PATH
+  if (cpu_has_avx2()) return rope_cpu_tokens_avx2<scalar_t, pos_t, NEOX, HAS_MASK>(p, begin, end);
+#endif
+  rope_cpu_tokens_generic<scalar_t, pos_t, NEOX, HAS_MASK>(p, begin, end);
 }
 
 // Process tokens [begin, end) of the flattened (B * S) token axis.
