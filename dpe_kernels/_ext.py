@@ -27,11 +27,18 @@ except Exception as e:  # ImportError, or OSError from an ABI mismatch
     )
 
 
+# Which compiled kernels exist, read once at import: a plain dict lookup that
+# torch.compile can trace (the dispatcher query itself cannot be traced).
+_KERNELS = {
+    (op, key): HAS_EXT and torch._C._dispatch_has_kernel_for_dispatch_key(f"dpe_kernels::{op}", key)
+    for op in ("rope",)
+    for key in ("CPU", "CUDA")
+}
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """True when torch.ops.dpe_kernels.<op> has a compiled kernel for the key ('CPU', 'CUDA')."""
-    if not HAS_EXT:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"dpe_kernels::{op}", dispatch_key)
+    return _KERNELS.get((op, dispatch_key), False)
 
 
 if HAS_EXT:

@@ -14,6 +14,7 @@ and round once to the input dtype.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import NamedTuple, Optional
 
@@ -37,14 +38,13 @@ class RopeOutput(NamedTuple):
 
 
 # --------------------------------------------------------------------------- backends
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def _triton_usable(device: torch.device) -> bool:
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if not _HAS_TRITON:
         return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def available_backends(device: torch.device | str = "cpu") -> list:

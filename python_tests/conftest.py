@@ -1,0 +1,62 @@
+"""Shared test set-up: tolerances (stated once), the float64 oracle, and the
+backends under test.
+
+Tolerance rule (flash-attn's): a kernel's max abs error against the float64
+oracle is at most twice the error of the same-dtype PyTorch reference run
+against the same oracle, plus a floor ATOL[dtype] for the case where that
+reference error is ~0.
+"""
+import os
+
+import pytest
+import torch
+
+# Triton kernels run on the CPU through the interpreter; it must be on before
+# any module defining a @triton.jit kernel is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import dpe_kernels  # noqa: E402
+from dpe_kernels import DPEConfig, available_backends, dpe_rope, rope_reference  # noqa: E402
+
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compiled_backends(device=DEVICE):
+    """Every non-reference backend that runs here; the CPU extension must be built."""
+    avail = available_backends(device)
+    if device == "cpu" and "cpu" not in avail:
+        pytest.fail(f"the CPU extension is not loaded: {dpe_kernels._ext.EXT_ERROR}")
+    return [b for b in avail if b != "reference"]
+
+
+def oracle(q, k, positions, inv_freq, config, mask=None, layout="neox", rotary_dim=None):
+    """float64 result of the SPEC definition (angles formed in float32 as HF does)."""
+    return rope_reference(q.double(), k.double(), positions, inv_freq, config, mask, layout=layout,
+                          rotary_dim=rotary_dim, compute_dtype=torch.float64)
+
+
+def assert_rope_close(got, q, k, positions, inv_freq, config, mask=None, layout="neox",
+                      rotary_dim=None):
+    """Check all four outputs of dpe_rope against the oracle with the rule above."""
+    ref64 = oracle(q, k, positions, inv_freq, config, mask, layout, rotary_dim)
+    same_dtype = rope_reference(q, k, positions, inv_freq, config, mask, layout=layout,
+                                rotary_dim=rotary_dim)
+    for name, g, r, o in zip(("q_normal", "k_normal", "q_scaled", "k_scaled"), got, same_dtype, ref64):
+        assert g.shape == o.shape, f"{name}: shape {tuple(g.shape)} != {tuple(o.shape)}"
+        assert g.dtype == q.dtype, f"{name}: dtype {g.dtype} != {q.dtype}"
+        err = (g.double() - o).abs().max().item() if g.numel() else 0.0
+        base = (r.double() - o).abs().max().item() if g.numel() else 0.0
+        bound = 2 * base + ATOL[q.dtype]
+        assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g} (reference error {base:.3g})"
+
+
+def llama_inv_freq(rotary_dim, base=10000.0, device=DEVICE):
+    return 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=device) / rotary_dim))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
