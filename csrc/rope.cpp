@@ -12,6 +12,12 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include <cstdint>
+
 #include "dpe/rope_cpu.h"
 #include "rope_launch.h"
 
@@ -44,7 +50,7 @@ void rope_out_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& po
   // Each token costs about (H_q + H_k) * D elements of work; chunks of >= 16
   // tokens make the per-chunk scratch allocation noise.
   const int64_t grain = 16;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "dpe_rope_cpu", [&] {
+  DPE_DISPATCH_FLOAT_TYPES(q.scalar_type(), "dpe_rope_cpu", [&] {
     if (positions.scalar_type() == at::kInt) {
       at::parallel_for(0, p.num_tokens(), grain, [&](int64_t begin, int64_t end) {
         rope_cpu_tokens<typename CpuStorage<scalar_t>::type, int32_t>(p, begin, end);
@@ -57,11 +63,31 @@ void rope_out_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& po
   });
 }
 
+// Fresh outputs are large (4 x T x H x D) and first touched by the kernel;
+// at 4 KiB pages the page faults cost more than the rotation itself. Ask
+// Linux for transparent huge pages on the 2 MiB-aligned interior of each
+// buffer (advisory: ignored where THP is off; errors are harmless).
+inline void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (begin + t.nbytes()) & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
 RopeOutputs rope_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
                      const at::Tensor& inv_freq, const at::Tensor& pair_scale,
                      const std::optional<at::Tensor>& mask, int64_t window, int64_t rotary_dim,
                      bool is_neox) {
   RopeOutputs out = alloc_rope_outputs(q, k, mask);
+  advise_huge_pages(std::get<0>(out));
+  advise_huge_pages(std::get<1>(out));
+  advise_huge_pages(std::get<2>(out));
+  advise_huge_pages(std::get<3>(out));
   rope_out_cpu(q, k, positions, inv_freq, pair_scale, mask, window, rotary_dim, is_neox,
                std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out));
   return out;

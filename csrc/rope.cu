@@ -1,8 +1,8 @@
 // CUDA launcher of the rope op: tensors in, dpe::launch_rope_cuda out.
 // Schema and CPU implementation: rope.cpp. Kernel: include/dpe/rope_cuda.cuh.
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "dpe/rope_cuda.cuh"
@@ -19,8 +19,8 @@ void rope_out_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& p
   const c10::cuda::CUDAGuard guard(q.device());
   const RopeParams p = make_rope_params(q, k, positions, inv_freq, pair_scale, mask, window,
                                         rotary_dim, is_neox, {q_normal, k_normal, q_scaled, k_scaled});
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "dpe_rope_cuda", [&] {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  DPE_DISPATCH_FLOAT_TYPES(q.scalar_type(), "dpe_rope_cuda", [&] {
     const cudaError_t err = positions.scalar_type() == at::kInt
                                 ? launch_rope_cuda<scalar_t, int32_t>(p, stream)
                                 : launch_rope_cuda<scalar_t, int64_t>(p, stream);

@@ -6,12 +6,19 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 
 #include <optional>
 #include <vector>
 #include <tuple>
 
 #include "dpe/rope.h"
+
+// float32, float16, bfloat16 only (the dtypes the op accepts): no dead double kernels.
+#define DPE_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                 \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
+                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 namespace dpe {
 

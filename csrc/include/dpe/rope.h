@@ -62,7 +62,7 @@ DPE_HOST_DEVICE void rotate_pair(float a, float b, float c, float s, float* out_
 // Element offsets of pair i inside one head vector.
 //   neox (rotate_half, Llama/HF): (i, i + P)
 //   gptj (interleaved):           (2i, 2i + 1)
-DPE_HOST_DEVICE int64_t pair_first(int64_t i, int64_t num_pairs, bool neox) {
+DPE_HOST_DEVICE int64_t pair_first(int64_t i, int64_t /*num_pairs*/, bool neox) {
   return neox ? i : 2 * i;
 }
 DPE_HOST_DEVICE int64_t pair_second(int64_t i, int64_t num_pairs, bool neox) {

@@ -144,42 +144,66 @@ DPE_ALWAYS_INLINE void rotate_head(const scalar_t* __restrict x, scalar_t* __res
   }
 }
 
-// Per token: the angles of the three indices for every pair (the integer
-// remap is computed once per run of pairs sharing a scale, i.e. per group),
-// then one batched sin/cos over all 3P angles into `trig` (6P floats).
-template <typename pos_t>
-DPE_ALWAYS_INLINE void token_trig(const RopeParams& p, int64_t m, float* __restrict angles,
-                       float* __restrict trig) {
-  const int64_t P = p.num_pairs;
-  int64_t prev_scale = -1, iq = 0, ik = 0;
-  for (int64_t i = 0; i < P; ++i) {
-    const int64_t s = p.pair_scale[i];
-    if (s != prev_scale) {
-      iq = scaled_query_index(m, s, p.window);
-      ik = scaled_key_index(m, s);
-      prev_scale = s;
+// sin/cos of the three indices of every pair for the current token, kept per
+// thread across the tokens of its chunk. Pairs form runs of equal scale (the
+// groups); a run's scaled indices m // s + (w - w // s) and m // s change only
+// every s tokens of consecutive positions, so the run's scaled sin/cos are
+// recomputed only when its index changes. Normal angles change every token.
+class TokenTrig {
+ public:
+  explicit TokenTrig(const RopeParams& p) : p_(p), buf_(static_cast<size_t>(7 * p.num_pairs)) {
+    const int64_t P = p.num_pairs;
+    for (int64_t i = 0; i < P; ++i) {
+      if (i == 0 || p.pair_scale[i] != p.pair_scale[i - 1]) runs_.push_back({i, i + 1, p.pair_scale[i], -1, -1});
+      else runs_.back().end = i + 1;
     }
-    angles[i] = rope_angle(m, p.inv_freq[i]);
-    angles[P + i] = rope_angle(iq, p.inv_freq[i]);
-    angles[2 * P + i] = rope_angle(ik, p.inv_freq[i]);
   }
-  // Layout of trig: [sin_n | sin_qs | sin_ks] then [cos_n | cos_qs | cos_ks].
-  sincos_batch(angles, trig, trig + 3 * P, 3 * P);
-}
+  // Layout of buf_: angles | sin_n | sin_qs | sin_ks | cos_n | cos_qs | cos_ks, P floats each.
+  const float* sin_n() const { return buf_.data() + 1 * p_.num_pairs; }
+  const float* sin_qs() const { return buf_.data() + 2 * p_.num_pairs; }
+  const float* sin_ks() const { return buf_.data() + 3 * p_.num_pairs; }
+  const float* cos_n() const { return buf_.data() + 4 * p_.num_pairs; }
+  const float* cos_qs() const { return buf_.data() + 5 * p_.num_pairs; }
+  const float* cos_ks() const { return buf_.data() + 6 * p_.num_pairs; }
+
+  DPE_ALWAYS_INLINE void update(int64_t m) {
+    const int64_t P = p_.num_pairs;
+    float* angles = buf_.data();
+    float* out = buf_.data();
+    for (int64_t i = 0; i < P; ++i) angles[i] = rope_angle(m, p_.inv_freq[i]);
+    sincos_batch(angles, out + 1 * P, out + 4 * P, P);
+    for (Run& r : runs_) {
+      refresh(r, scaled_query_index(m, r.scale, p_.window), &r.index_q, out + 2 * P, out + 5 * P);
+      refresh(r, scaled_key_index(m, r.scale), &r.index_k, out + 3 * P, out + 6 * P);
+    }
+  }
+
+ private:
+  struct Run {
+    int64_t begin, end, scale, index_q, index_k;
+  };
+
+  DPE_ALWAYS_INLINE void refresh(const Run& r, int64_t index, int64_t* cached, float* sin_out,
+                                 float* cos_out) {
+    if (index == *cached) return;
+    *cached = index;
+    float* angles = buf_.data();
+    for (int64_t i = r.begin; i < r.end; ++i) angles[i] = rope_angle(index, p_.inv_freq[i]);
+    sincos_batch(angles + r.begin, sin_out + r.begin, cos_out + r.begin, r.end - r.begin);
+  }
+
+  const RopeParams& p_;
+  std::vector<float> buf_;
+  std::vector<Run> runs_;
+};
 
 template <typename scalar_t, typename pos_t, bool NEOX, bool HAS_MASK>
 DPE_ALWAYS_INLINE void rope_cpu_tokens_body(const RopeParams& p,
                                                                 int64_t begin, int64_t end) {
   const int64_t P = p.num_pairs, D = p.head_dim;
-  std::vector<float> scratch(static_cast<size_t>(9 * P));
-  float* angles = scratch.data();
-  float* trig = angles + 3 * P;
-  const float* sn = trig;
-  const float* sqs = trig + P;
-  const float* sks = trig + 2 * P;
-  const float* cn = trig + 3 * P;
-  const float* cqs = trig + 4 * P;
-  const float* cks = trig + 5 * P;
+  TokenTrig trig(p);
+  const float *sn = trig.sin_n(), *sqs = trig.sin_qs(), *sks = trig.sin_ks();
+  const float *cn = trig.cos_n(), *cqs = trig.cos_qs(), *cks = trig.cos_ks();
 
   const scalar_t* q = static_cast<const scalar_t*>(p.q);
   const scalar_t* k = static_cast<const scalar_t*>(p.k);
@@ -191,7 +215,7 @@ DPE_ALWAYS_INLINE void rope_cpu_tokens_body(const RopeParams& p,
 
   for (int64_t t = begin; t < end; ++t) {
     const int64_t b = t / p.seqlen, s = t % p.seqlen;
-    token_trig<pos_t>(p, token_position<pos_t>(p, b, s), angles, trig);
+    trig.update(token_position<pos_t>(p, b, s));
     for (int64_t h = 0; h < p.heads_q; ++h) {
       const scalar_t* x = q + b * p.q_stride_b + s * p.q_stride_s + h * p.q_stride_h;
       const int64_t out = (t * p.heads_q + h) * D;
