@@ -12,14 +12,10 @@
 # Then it checks each object holds SASS for every arch, and that the kernel's
 # PTX has no sin.approx/cos.approx (the header promises accurate sincosf).
 #
-# The torch CPU wheel's headers need two things to compile CUDA code:
-#   - cuBLAS / cuBLASLt / cuSPARSE / cuSOLVER headers, which
-#     ATen/cuda/CUDAContext.h includes and which a bare nvcc install lacks.
-#     When rope.cu does not preprocess without them, they are taken (headers
-#     only, ~1 MB) from the NVIDIA wheels pinned below, the versions the
-#     cuda-toolkit 13.0.3 metapackage pins, and cached.
-#   - c10/cuda/impl/cuda_cmake_macros.h, generated at torch build time and
-#     not shipped in CPU wheels. Its only content is
+# rope.cu includes only c10/cuda stream/guard headers (not ATen/cuda/
+# CUDAContext.h, which pulls in cuBLAS/cuSPARSE/cuSOLVER headers that a bare
+# nvcc install lacks). The torch CPU wheel lacks one generated header,
+# c10/cuda/impl/cuda_cmake_macros.h. Its only content is
 #     `#define C10_CUDA_BUILD_SHARED_LIBS`, read only under _WIN32, so
 #     -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE (torch's own switch to skip it) is
 #     exactly equivalent on Linux. Added only when the header is missing.
@@ -33,7 +29,6 @@
 #                          passes no -std, as now)
 #   DPE_CUDA_KERNEL_STD    C++ standard of the torch-free kernel TU (default:
 #                          c++17, the oldest the header is meant to support)
-#   DPE_CUDA_CACHE         cache dir (default: ${XDG_CACHE_HOME:-~/.cache}/dpe_kernels)
 #   DPE_CUDA_OBJDIR        keep objects and logs here (default: temp dir, removed)
 #   DPE_CUDA_STRICT=1      fail on compiler warnings and on missing SASS too
 set -euo pipefail
@@ -47,7 +42,6 @@ read -r -a ARCHS <<<"${DPE_CUDA_ARCHS:-80 90}"
 CXX_STD=${DPE_CUDA_STD:-c++20}
 KERNEL_STD=${DPE_CUDA_KERNEL_STD:-c++17}
 STRICT=${DPE_CUDA_STRICT:-0}
-CACHE=${DPE_CUDA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dpe_kernels}
 # Header-only use; these are what cuda-toolkit==13.0.3.0 pins for CUDA 13.0.
 
 SECONDS=0

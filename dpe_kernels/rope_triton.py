@@ -39,10 +39,12 @@ __all__ = ["rope_triton"]
 # --------------------------------------------------------------------------- kernel
 @triton.jit
 def _accurate_sincos(x, USE_LIBDEVICE: tl.constexpr):
-    # Angles reach 2^24 rad and more for long contexts. tl.sin / tl.cos lower
-    # to the approximate sin.approx / cos.approx instructions on NVIDIA, which
-    # lose all accuracy away from [-pi, pi]; libdevice's sinf / cosf do a full
-    # (Payne-Hanek) range reduction, like sincosf in the CUDA backend.
+    # Angles reach 2^24 rad and more for long contexts, so sin/cos must be
+    # full-range accurate. libdevice's sinf / cosf are, by contract (Payne-Hanek
+    # reduction for large arguments, like sincosf in the CUDA backend); what
+    # tl.sin / tl.cos lower to is up to the Triton version and backend (older
+    # NVIDIA lowerings used the approximate sin.approx.f32, which is useless
+    # far from [-pi, pi]; Triton 3.9 for sm_90 emits the same full-range code).
     # The Triton interpreter (TRITON_INTERPRET=1) cannot call libdevice (its
     # functions are extern stubs there), but its tl.sin / tl.cos are numpy's
     # float32 sin / cos, which are full-range accurate (<= 1 ulp).
@@ -136,6 +138,9 @@ def _dpe_rope_kernel(
     sin_ks = sin_ks[:, None, :]
 
     # Element offsets of the two members of each pair inside a head vector.
+    # neox: two contiguous half-vectors. gptj: two stride-2 accesses over the
+    # same cache lines (the second is served from L1), so DRAM still reads
+    # each element once.
     if IS_NEOX:
         off1 = i
         off2 = i + P
@@ -166,6 +171,8 @@ def _dpe_rope_kernel(
         dst = ((t[:, None] * H_q + h[None, :]) * D)[:, :, None]   # contiguous output
         x1 = _load_f32(q_ptr + src + off1, ok3, BF16_BY_BITS)
         x2 = _load_f32(q_ptr + src + off2, ok3, BF16_BY_BITS)
+        # rotate_pair of rope.h. (Compiled Triton may contract these into FMAs,
+        # as nvcc does for the CUDA backend: rounding-level differences only.)
         n1 = x1 * cos_n - x2 * sin_n
         n2 = x1 * sin_n + x2 * cos_n
         tl.store(qn_ptr + dst + off1, _round_out(n1, out_dtype, BF16_BY_BITS), mask=ok3)
