@@ -23,10 +23,10 @@
 
 namespace dpe {
 
-// Element type the CPU kernel computes on. Half maps to the compiler's
-// _Float16 where it has one (GCC >= 12 on x86-64): same bits, but its
-// conversions vectorise (F16C in the AVX2 build) where c10::Half's branchy
-// software conversion does not.
+// Element type the CPU kernel computes on (same bits as the tensor's). Half
+// maps to the compiler's _Float16 where it has one (GCC >= 12 on x86-64):
+// its conversions vectorise (F16C in the AVX2 build) where c10::Half's
+// branchy software conversion does not.
 template <typename T>
 struct CpuStorage {
   using type = T;
@@ -38,6 +38,7 @@ struct CpuStorage<c10::Half> {
 };
 static_assert(sizeof(_Float16) == sizeof(c10::Half), "half storage");
 #endif
+
 
 void rope_out_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
                   const at::Tensor& inv_freq, const at::Tensor& pair_scale,

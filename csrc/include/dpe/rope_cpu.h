@@ -111,20 +111,20 @@ DPE_ALWAYS_INLINE void sincos_batch(const float* __restrict x, float* __restrict
 // everywhere without a mask) and the normal angle elsewhere.
 template <typename scalar_t, bool NEOX, bool HAS_MASK, bool WRITE_NORMAL>
 DPE_ALWAYS_INLINE void rotate_head(const scalar_t* __restrict x, scalar_t* __restrict y_n,
-                        scalar_t* __restrict y_s, const float* __restrict cn,
-                        const float* __restrict sn, const float* __restrict cs,
-                        const float* __restrict ss, const uint8_t* __restrict mask_row,
-                        int64_t num_pairs, int64_t head_dim) {
+                                   scalar_t* __restrict y_s, const float* __restrict cn,
+                                   const float* __restrict sn, const float* __restrict cs,
+                                   const float* __restrict ss, const uint8_t* __restrict mask_row,
+                                   int64_t num_pairs, int64_t head_dim) {
   for (int64_t i = 0; i < num_pairs; ++i) {
     const int64_t i0 = pair_first(i, num_pairs, NEOX);
     const int64_t i1 = pair_second(i, num_pairs, NEOX);
     const float a = static_cast<float>(x[i0]);
     const float b = static_cast<float>(x[i1]);
-    float o0, o1;
     if (WRITE_NORMAL) {
-      rotate_pair(a, b, cn[i], sn[i], &o0, &o1);
-      y_n[i0] = static_cast<scalar_t>(o0);
-      y_n[i1] = static_cast<scalar_t>(o1);
+      float n0, n1;
+      rotate_pair(a, b, cn[i], sn[i], &n0, &n1);
+      y_n[i0] = static_cast<scalar_t>(n0);
+      y_n[i1] = static_cast<scalar_t>(n1);
     }
     float c = cs[i], s = ss[i];
     if (HAS_MASK) {
@@ -133,6 +133,7 @@ DPE_ALWAYS_INLINE void rotate_head(const scalar_t* __restrict x, scalar_t* __res
       c = bits_float((float_bits(c) & key_dim) | (float_bits(cn[i]) & ~key_dim));
       s = bits_float((float_bits(s) & key_dim) | (float_bits(sn[i]) & ~key_dim));
     }
+    float o0, o1;
     rotate_pair(a, b, c, s, &o0, &o1);
     y_s[i0] = static_cast<scalar_t>(o0);
     y_s[i1] = static_cast<scalar_t>(o1);
@@ -220,24 +221,21 @@ DPE_ALWAYS_INLINE void rope_cpu_tokens_body(const RopeParams& p,
       const scalar_t* x = q + b * p.q_stride_b + s * p.q_stride_s + h * p.q_stride_h;
       const int64_t out = (t * p.heads_q + h) * D;
       const uint8_t* mrow = HAS_MASK ? p.mask + p.q_mask_row(h) * P : nullptr;
-      rotate_head<scalar_t, NEOX, HAS_MASK, true>(x, qn + out, qs + out, cn, sn, cqs, sqs, mrow,
-                                                  P, D);
+      rotate_head<scalar_t, NEOX, HAS_MASK, true>(x, qn + out, qs + out, cn, sn, cqs, sqs, mrow, P,
+                                                  D);
     }
-    // Each KV head is read once; with a per-query-head mask it feeds `rep`
-    // scaled key heads (k_scaled has H_q heads), written from the same read.
+    // Each KV head is read from memory once; with a per-query-head mask it
+    // feeds `rep` scaled key heads (k_scaled has H_q heads), which differ in
+    // their mask rows: the later ones re-read x from L1 and write y_s only.
     for (int64_t hk = 0; hk < p.heads_k; ++hk) {
       const scalar_t* x = k + b * p.k_stride_b + s * p.k_stride_s + hk * p.k_stride_h;
-      for (int64_t r = 0; r < rep; ++r) {
-        const int64_t j = hk * rep + r;
-        const uint8_t* mrow = HAS_MASK ? p.mask + j * P : nullptr;
-        scalar_t* ys = ks + (t * p.heads_ks + j) * D;
-        if (r == 0) {
-          rotate_head<scalar_t, NEOX, HAS_MASK, true>(x, kn + (t * p.heads_k + hk) * D, ys, cn,
-                                                      sn, cks, sks, mrow, P, D);
-        } else {
-          rotate_head<scalar_t, NEOX, HAS_MASK, false>(x, nullptr, ys, cn, sn, cks, sks, mrow,
-                                                       P, D);
-        }
+      scalar_t* yn = kn + (t * p.heads_k + hk) * D;
+      scalar_t* ys = ks + (t * p.heads_ks + hk * rep) * D;
+      const uint8_t* mrow = HAS_MASK ? p.mask + hk * rep * P : nullptr;
+      rotate_head<scalar_t, NEOX, HAS_MASK, true>(x, yn, ys, cn, sn, cks, sks, mrow, P, D);
+      for (int64_t r = 1; r < rep; ++r) {
+        rotate_head<scalar_t, NEOX, HAS_MASK, false>(x, nullptr, ys + r * D, cn, sn, cks, sks,
+                                                     mrow + r * P, P, D);
       }
     }
   }
