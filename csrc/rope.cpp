@@ -26,7 +26,8 @@ namespace dpe {
 // Element type the CPU kernel computes on (same bits as the tensor's). Half
 // maps to the compiler's _Float16 where it has one (GCC >= 12 on x86-64):
 // its conversions vectorise (F16C in the AVX2 build) where c10::Half's
-// branchy software conversion does not.
+// branchy software conversion does not. BFloat16 maps to bf16_storage for
+// the same reason.
 template <typename T>
 struct CpuStorage {
   using type = T;
@@ -38,6 +39,10 @@ struct CpuStorage<c10::Half> {
 };
 static_assert(sizeof(_Float16) == sizeof(c10::Half), "half storage");
 #endif
+template <>
+struct CpuStorage<c10::BFloat16> {
+  using type = bf16_storage;  // same bits, branch-free conversions (rope_cpu.h)
+};
 
 
 void rope_out_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,

@@ -330,3 +330,25 @@ def test_reference_float32_error_is_small():
     ref = rope_reference(q, k, pos, inv, cfg)
     for r, o in zip(ref, oracle(q, k, pos, inv, cfg)):
         assert (r.double() - o).abs().max().item() < 10 * ATOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_kind", [None, "per_q"])
+def test_nonfinite_inputs_propagate_like_reference(backend, dtype, mask_kind):
+    """NaN and inf in q/k give NaN/inf exactly where the reference has them
+    (the CPU kernel's branch-free half/bfloat16 rounding must keep NaN a NaN)."""
+    q, k = make_inputs(8, 4, 2, 32, dtype)
+    q[1, 0, 3] = float("nan")
+    q[2, 1, 20] = float("inf")
+    k[3, 1, 5] = float("nan")
+    k[4, 0, 17] = float("-inf")
+    pos = torch.arange(8, device=DEVICE) * 1000
+    cfg = DPEConfig.uniform(4, [2, 8], 16)
+    inv = llama_inv_freq(32)
+    mask = make_mask(mask_kind, 4, 2, 16)
+    got = dpe_rope(q, k, pos, inv, cfg, mask, backend=backend)
+    ref = rope_reference(q, k, pos, inv, cfg, mask)
+    for name, g, r in zip(RopeOutput._fields, got, ref):
+        assert torch.equal(g.isnan(), r.isnan()), f"{name}: NaN pattern differs"
+        assert torch.equal(g.isinf(), r.isinf()), f"{name}: inf pattern differs"
