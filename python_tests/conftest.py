@@ -60,3 +60,49 @@ def llama_inv_freq(rotary_dim, base=10000.0, device=DEVICE):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# --------------------------------------------------------------------------- attention
+def attention_oracle(ins, window, **kw):
+    """float64 SPEC attention (the reference backend on float64 copies): (out, lse)."""
+    from dpe_kernels.attention import attention_reference
+
+    return attention_reference(*(t.double() for t in ins), window, kw.get("softmax_scale"),
+                               key_padding_mask=kw.get("key_padding_mask"),
+                               cu_seqlens_q=kw.get("cu_seqlens_q"), cu_seqlens_k=kw.get("cu_seqlens_k"))
+
+
+def assert_attention_close(out, lse, ins, window, **kw):
+    """Check dpe_attention's (out, lse) against the float64 oracle with the rule above.
+
+    ``ins`` = (q_normal, q_scaled, k_normal, k_scaled, v); ``kw`` = softmax_scale,
+    key_padding_mask, cu_seqlens_q, cu_seqlens_k. The same-dtype reference
+    computes in float32 and rounds once. Rows without keys (lse -inf) must
+    match exactly: out 0, lse -inf.
+    """
+    from dpe_kernels.attention import attention_reference
+
+    dtype = ins[0].dtype
+    o64, l64 = attention_oracle(ins, window, **kw)
+    o_same, l_same = attention_reference(*ins, window, kw.get("softmax_scale"),
+                                         key_padding_mask=kw.get("key_padding_mask"),
+                                         cu_seqlens_q=kw.get("cu_seqlens_q"),
+                                         cu_seqlens_k=kw.get("cu_seqlens_k"))
+    assert out.shape == o64.shape, f"out: shape {tuple(out.shape)} != {tuple(o64.shape)}"
+    assert out.dtype == dtype, f"out: dtype {out.dtype} != {dtype}"
+    assert lse.shape == l64.shape, f"lse: shape {tuple(lse.shape)} != {tuple(l64.shape)}"
+    assert lse.dtype == torch.float32, f"lse: dtype {lse.dtype} != float32"
+    assert not out.isnan().any(), "out has NaN"
+    assert not lse.isnan().any(), "lse has NaN"
+    empty = l64 == float("-inf")
+    assert torch.equal(lse == float("-inf"), empty), "lse: the rows without keys (-inf) differ"
+    if empty.any():
+        assert (out[empty] == 0).all(), "out: a row without keys is not 0"
+    for name, g, r, o in (("out", out, o_same, o64), ("lse", lse, l_same, l64)):
+        keep = ~empty if name == "lse" else torch.ones_like(empty)
+        if not keep.any():
+            continue
+        err = (g.double() - o)[keep].abs().max().item()
+        base = (r.double() - o)[keep].abs().max().item()
+        bound = 2 * base + ATOL[dtype]
+        assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g} (reference error {base:.3g})"
