@@ -1,0 +1,245 @@
+"""Summary table (markdown) and plots (PNG, matplotlib Agg) from the JSONL records of the runner.
+
+    write_report(records, out_md, plot_dir=None, title=..., notes=...)
+
+* passkey / niah: method x length, cell = accuracy (passkey: exact key; niah: mean fraction of the
+  4 needles) with the sample count and the mean seconds per sample; "skipped (0 at L)" where the
+  runner skipped a method after it scored 0 at a shorter length; a heatmap per method (length x
+  depth, like the paper's NIAH figure): ``heatmap_<task>.png``;
+* ppl: mean loss per 4K-token segment and overall perplexity per method; the loss-by-position
+  curve of every method: ``loss_by_position.png``.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import platform
+from collections import OrderedDict, defaultdict
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence
+
+from .methods import METHODS
+
+__all__ = ["summary_markdown", "plot_heatmaps", "plot_loss", "write_report"]
+
+_TASK_TITLES = {"passkey": "Passkey retrieval", "niah": "4-needle NIAH (essays)", "ppl": "Loss by position"}
+
+
+def _fmt_len(n: int) -> str:
+    return f"{n // 1024}K" if n and n % 1024 == 0 else str(n)
+
+
+def _method_order(records: Iterable[dict]) -> List[str]:
+    seen = OrderedDict()
+    for r in records:
+        seen.setdefault(r["method"], None)
+    return sorted(seen, key=lambda m: (METHODS.index(m) if m in METHODS else len(METHODS), m))
+
+
+def _groups(records: Iterable[dict], task: str):
+    """{(model, format): [records of task]}"""
+    out: Dict[tuple, List[dict]] = OrderedDict()
+    for r in records:
+        if r.get("task") == task:
+            out.setdefault((r.get("model"), r.get("format")), []).append(r)
+    return out
+
+
+def _retrieval_table(recs: List[dict]) -> List[str]:
+    lengths = sorted({int(r["length"]) for r in recs})
+    methods = _method_order(recs)
+    lines = ["| method | " + " | ".join(_fmt_len(L) for L in lengths) + " |",
+             "|---|" + "---|" * len(lengths)]
+    params: Dict[tuple, str] = {}
+    for m in methods:
+        cells = []
+        for L in lengths:
+            rs = [r for r in recs if r["method"] == m and int(r["length"]) == L]
+            done = [r for r in rs if not r.get("skipped")]
+            skip = [r for r in rs if r.get("skipped")]
+            if done:
+                acc = sum(float(r["score"]) for r in done) / len(done)
+                secs = sum(float(r["seconds"]) for r in done) / len(done)
+                n_ok = sum(float(r["score"]) for r in done)
+                n_ok_s = f"{n_ok:g}" if n_ok == int(n_ok) else f"{n_ok:.2f}"
+                cells.append(f"{100 * acc:.0f}% ({n_ok_s}/{len(done)}), {secs:.1f} s")
+                params[(m, L)] = done[-1].get("params", "")
+            elif skip:
+                cells.append(f"skipped ({skip[-1].get('reason', '')})")
+            else:
+                cells.append("-")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "Cells: accuracy (correct / samples), mean seconds per sample (prefill + greedy decode).", "",
+              "Parameters per length:", "",
+              "| method | " + " | ".join(_fmt_len(L) for L in lengths) + " |",
+              "|---|" + "---|" * len(lengths)]
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(params.get((m, L), "") for L in lengths) + " |")
+    return lines
+
+
+def _ppl_table(recs: List[dict], segment: int = 4096) -> List[str]:
+    rows = []
+    max_len = max(int(r["length"]) for r in recs)
+    nseg = math.ceil(max_len / segment)
+    head = [f"{_fmt_len(i * segment)}-{_fmt_len(min((i + 1) * segment, max_len))}" for i in range(nseg)]
+    lines = ["| method | length | " + " | ".join(head) + " | mean loss | ppl | s/sample |",
+             "|---|---|" + "---|" * (nseg + 3)]
+    for m in _method_order(recs):
+        for L in sorted({int(r["length"]) for r in recs if r["method"] == m}):
+            rs = [r for r in recs if r["method"] == m and int(r["length"]) == L and not r.get("skipped")]
+            if not rs:
+                continue
+            b = int(rs[0]["bucket"])
+            curve = _mean_curve(rs)
+            cells = []
+            for i in range(nseg):
+                lo, hi = i * segment // b, (i + 1) * segment // b
+                seg = curve[lo:hi]
+                cells.append(f"{sum(seg) / len(seg):.3f}" if seg else "")
+            mean = sum(float(r["loss"]) for r in rs) / len(rs)
+            secs = sum(float(r["seconds"]) for r in rs) / len(rs)
+            lines.append(f"| {m} | {_fmt_len(L)} | " + " | ".join(cells) +
+                         f" | {mean:.3f} | {math.exp(mean):.2f} | {secs:.1f} |")
+    lines += ["", "Mean next-token loss of the positions in each segment (one forward over the essays; "
+              "averaged over samples)."]
+    return lines
+
+
+def _mean_curve(rs: List[dict]) -> List[float]:
+    n = min(len(r["bucket_losses"]) for r in rs)
+    return [sum(r["bucket_losses"][i] for r in rs) / len(rs) for i in range(n)]
+
+
+def summary_markdown(records: Sequence[dict], title: str = "DPE evaluation", notes: str = "") -> str:
+    out = [f"# {title}", ""]
+    if notes:
+        out += [notes.rstrip(), ""]
+    models = sorted({str(r.get("model")) for r in records})
+    out += [f"Generated {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} on {platform.machine()} "
+            f"({os.cpu_count()} CPUs), model(s): {', '.join(models)}.", ""]
+    for task in ("passkey", "niah", "ppl"):
+        for (model, fmt), recs in _groups(records, task).items():
+            trains = {r.get("train_length") for r in recs}
+            extra = f", prompt format `{fmt}`" if task != "ppl" else ""
+            out += [f"## {_TASK_TITLES[task]} ({model}{extra}, pre-training length "
+                    f"{', '.join(str(t) for t in trains)})", ""]
+            out += _retrieval_table(recs) if task != "ppl" else _ppl_table(recs)
+            out.append("")
+    return "\n".join(out)
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_heatmaps(records: Sequence[dict], task: str, path) -> Optional[Path]:
+    """One panel per method: depth (rows) x length (columns), colour = mean score."""
+    recs = [r for r in records if r.get("task") == task]
+    if not recs:
+        return None
+    plt = _plt()
+    import numpy as np
+
+    methods = _method_order(recs)
+    lengths = sorted({int(r["length"]) for r in recs})
+    depths = sorted({round(float(r["depth"]), 4) for r in recs if r.get("depth") is not None})
+    if not depths:
+        return None
+    fig, axes = plt.subplots(1, len(methods), figsize=(1.2 + 0.9 * len(lengths) * len(methods) + len(methods),
+                                                     1.2 + 0.45 * len(depths) + 1), squeeze=False)
+    cmap = plt.get_cmap("RdYlGn").with_extremes(bad="#d0d0d0")
+    im = None
+    for ax, m in zip(axes[0], methods):
+        grid = np.full((len(depths), len(lengths)), np.nan)
+        for j, L in enumerate(lengths):
+            for i, d in enumerate(depths):
+                rs = [float(r["score"]) for r in recs if r["method"] == m and int(r["length"]) == L
+                      and not r.get("skipped") and r.get("depth") is not None and round(float(r["depth"]), 4) == d]
+                if rs:
+                    grid[i, j] = sum(rs) / len(rs)
+        im = ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, aspect="auto")
+        for j, L in enumerate(lengths):
+            skipped = any(r.get("skipped") for r in recs if r["method"] == m and int(r["length"]) == L)
+            for i in range(len(depths)):
+                v = grid[i, j]
+                ax.text(j, i, "skip" if (np.isnan(v) and skipped) else ("" if np.isnan(v) else f"{v:.2g}"),
+                        ha="center", va="center", fontsize=7)
+        ax.set_title(m)
+        ax.set_xticks(range(len(lengths)), [_fmt_len(L) for L in lengths], fontsize=8)
+        ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths], fontsize=8)
+        ax.set_xlabel("context length")
+    axes[0][0].set_ylabel("needle depth")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="score")
+    fig.suptitle(f"{_TASK_TITLES[task]} ({recs[0].get('model')}, {recs[0].get('format')} prompt)", y=1.04)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_loss(records: Sequence[dict], path) -> Optional[Path]:
+    """Mean loss per bucket against position, one line per method (its longest run)."""
+    recs = [r for r in records if r.get("task") == "ppl" and not r.get("skipped")]
+    if not recs:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    trains = set()
+    for m in _method_order(recs):
+        rs = [r for r in recs if r["method"] == m]
+        L = max(int(r["length"]) for r in rs)
+        rs = [r for r in rs if int(r["length"]) == L]
+        curve = _mean_curve(rs)
+        b = int(rs[0]["bucket"])
+        xs = [min((i + 1) * b, L) / 1024 for i in range(len(curve))]
+        ax.plot(xs, curve, marker=".", label=m)
+        trains.update(r.get("train_length") for r in rs)
+    for t in trains:
+        if t:
+            ax.axvline(t / 1024, color="grey", linestyle="--", linewidth=1)
+            ax.text(t / 1024, ax.get_ylim()[1], " pre-training length", va="top", fontsize=8, color="grey")
+    ax.set_xlabel("position (K tokens, end of bucket)")
+    ax.set_ylabel("mean next-token loss")
+    ax.set_title("Loss by position")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def write_report(records: Sequence[dict], out_md, plot_dir=None, title: str = "DPE evaluation",
+                 notes: str = "") -> List[Path]:
+    """Write the markdown summary (and, with ``plot_dir``, the PNGs); returns the files written."""
+    written = []
+    plots = []
+    if plot_dir is not None:
+        for task in ("passkey", "niah", "ppl"):
+            groups = _groups(records, task)
+            for (model, fmt), recs in groups.items():
+                # one figure per (model, prompt format); a suffix only when a file holds several
+                suffix = "" if len(groups) == 1 else "_" + "".join(
+                    c if c.isalnum() or c in "-." else "-" for c in f"{Path(str(model)).name}_{fmt}")
+                if task == "ppl":
+                    p = plot_loss(recs, Path(plot_dir) / f"loss_by_position{suffix}.png")
+                else:
+                    p = plot_heatmaps(recs, task, Path(plot_dir) / f"heatmap_{task}{suffix}.png")
+                if p:
+                    plots.append(p)
+    md = summary_markdown(records, title=title, notes=notes)
+    out_md = Path(out_md)
+    if plots:
+        md += "\n## Plots\n\n" + "\n".join(
+            f"![{p.stem}]({os.path.relpath(p, out_md.parent)})" for p in plots) + "\n"
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    out_md.write_text(md)
+    written.append(out_md)
+    return written + plots

@@ -1,0 +1,237 @@
+"""Evaluation runner: methods x lengths x depths x samples -> one JSONL record per sample.
+
+The JSONL file is the state: a run that is interrupted and started again with the same
+arguments skips every record already written (matched on task, model, prompt format, method,
+length, depth and sample index). Records of several invocations (e.g. 4K-16K with 10 samples,
+then 32K with 3) can share one file; the report reads them all.
+
+With ``skip_zero`` (default) a method that scored 0 on every sample at some length is not run
+at longer lengths of the same task: one ``{"skipped": true, "reason": ...}`` record per
+(method, length) says so, and the table shows it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+from ..config import DPEConfig
+from . import methods as M
+from .generate import greedy_generate
+from .niah import NIAH_MAX_NEW_TOKENS, niah_prompt, niah_sample, score_niah
+from .passkey import PASSKEY_MAX_NEW_TOKENS, passkey_key, passkey_prompt, passkey_stop, score_passkey
+from .perplexity import bucket_means, loss_by_position, ppl_tokens
+
+__all__ = ["TASKS", "EvalSpec", "run_eval", "read_records", "record_key", "parse_depths", "DEFAULT_FORMAT"]
+
+TASKS = ("passkey", "niah", "ppl")
+# Chosen by measurement on SmolLM2-135M-Instruct with plain RoPE at 4K and 8K (see the README).
+DEFAULT_FORMAT = "raw"
+
+
+def parse_depths(values: Sequence[str]) -> List[float]:
+    """``["5"]`` -> 5 evenly spaced depths 0..1; ``["0.1", "0.5"]`` -> those depths."""
+    vals = [str(v) for v in values]
+    if len(vals) == 1 and vals[0].isdigit():
+        n = int(vals[0])
+        if n < 1:
+            raise ValueError("the number of depths must be >= 1")
+        return [0.5] if n == 1 else [round(i / (n - 1), 4) for i in range(n)]
+    out = [float(v) for v in vals]
+    if not all(0.0 <= d <= 1.0 for d in out):
+        raise ValueError(f"depths must be in [0, 1], got {out}")
+    return out
+
+
+@dataclass
+class EvalSpec:
+    task: str = "passkey"
+    methods: Sequence[str] = ("rope", "dpe")
+    lengths: Sequence[int] = (4096,)
+    depths: Sequence[float] = (0.5,)
+    samples: int = 1                      # keys per (length, depth); text samples for ppl
+    fmt: str = DEFAULT_FORMAT
+    haystack: Optional[str] = None        # passkey: "filler", niah: "essays" (defaults)
+    model_name: str = "smollm2"
+    train_length: Optional[int] = None    # default: from the model config
+    target_length: Optional[int] = None   # default: each length is its own target
+    dpe_preset: str = "auto"
+    dpe_config: Optional[DPEConfig] = None
+    skip_zero: bool = True
+    seed: int = 0
+    bucket: int = 1024                    # ppl bucket size in tokens
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        bad = [m for m in self.methods if m not in M.METHODS]
+        if bad:
+            raise ValueError(f"unknown methods {bad}; choose from {M.METHODS}")
+        self.lengths = sorted(int(x) for x in self.lengths)
+        if self.haystack is None:
+            self.haystack = "essays" if self.task == "niah" else "filler"
+
+
+def record_key(r: dict) -> tuple:
+    depth = r.get("depth")
+    return (r.get("task"), r.get("model"), r.get("format"), r.get("method"), int(r.get("length", 0)),
+            None if depth is None else round(float(depth), 4), r.get("sample"))
+
+
+def read_records(path) -> List[dict]:
+    """All records of a JSONL file (a truncated last line from an interrupted run is ignored)."""
+    out = []
+    p = Path(path)
+    if not p.is_file():
+        return out
+    with open(p, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def _append(path: Path, rec: dict):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _zero_at_shorter(records: Iterable[dict], spec: EvalSpec, method: str, length: int) -> Optional[int]:
+    """The shortest length below ``length`` where ``method`` scored 0 on every sample, if any."""
+    by_len: Dict[int, List[float]] = {}
+    fmt = "text" if spec.task == "ppl" else spec.fmt
+    for r in records:
+        if (r.get("task") == spec.task and r.get("model") == spec.model_name and r.get("format") == fmt
+                and r.get("method") == method and not r.get("skipped") and int(r["length"]) < length):
+            by_len.setdefault(int(r["length"]), []).append(float(r["score"]))
+    zeros = [L for L, s in by_len.items() if s and max(s) == 0.0]
+    return min(zeros) if zeros else None
+
+
+def _plan(spec: EvalSpec):
+    """[(depth, sample)] of one (method, length)."""
+    if spec.task == "ppl":
+        return [(None, i) for i in range(spec.samples)]
+    return [(round(float(d), 4), i) for d in spec.depths for i in range(spec.samples)]
+
+
+def _run_one(model, tokenizer, spec: EvalSpec, length: int, depth, sample: int) -> dict:
+    if spec.task == "passkey":
+        key = passkey_key(sample, spec.seed)
+        p = passkey_prompt(tokenizer, length, depth, key, spec.fmt, spec.haystack)
+        text, _, dt = greedy_generate(model, tokenizer, p.tensor(), PASSKEY_MAX_NEW_TOKENS, stop=passkey_stop)
+        score = score_passkey(text, key)
+        return {"answer": str(key), "output": text, "score": score, "correct": bool(score == 1.0),
+                "seconds": round(dt, 3), "prompt_tokens": len(p), "needle_positions": p.needle_positions}
+    if spec.task == "niah":
+        key, values = niah_sample(sample, spec.seed)
+        p = niah_prompt(tokenizer, length, depth, key, values, spec.fmt, spec.haystack)
+
+        def stop(t, values=values):
+            return all(v in t for v in values) or "\n\n" in t
+        text, _, dt = greedy_generate(model, tokenizer, p.tensor(), NIAH_MAX_NEW_TOKENS, stop=stop)
+        score = score_niah(text, values)
+        return {"answer": values, "needle_key": key, "output": text, "score": score,
+                "correct": bool(score == 1.0), "seconds": round(dt, 3), "prompt_tokens": len(p),
+                "needle_positions": p.needle_positions}
+    ids = ppl_tokens(tokenizer, length, sample)
+    t0 = time.perf_counter()
+    losses = loss_by_position(model, torch.tensor([ids]))
+    dt = time.perf_counter() - t0
+    buckets = bucket_means(losses, spec.bucket)
+    mean = float(losses.mean())
+    return {"score": mean, "loss": mean, "bucket": spec.bucket, "bucket_losses": [round(x, 5) for x in buckets],
+            "seconds": round(dt, 3), "prompt_tokens": len(ids)}
+
+
+def run_eval(model, tokenizer, spec: EvalSpec, out_path, *, progress: bool = True, log=None) -> List[dict]:
+    """Run (or resume) ``spec``; append one record per sample to ``out_path``; return the new records."""
+    from tqdm.auto import tqdm
+
+    from ..models import train_length as model_train_length
+
+    out_path = Path(out_path)
+    if out_path.is_file() and out_path.stat().st_size:
+        with open(out_path, "rb+") as f:  # a line cut by an interruption must not swallow the next record
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+    existing = read_records(out_path)
+    done = {record_key(r) for r in existing}
+    all_records = list(existing)
+    T = spec.train_length or model_train_length(model)
+    plan = _plan(spec)
+    total = len(spec.methods) * len(spec.lengths) * len(plan)
+    new: List[dict] = []
+    bar = tqdm(total=total, desc=f"{spec.task}", unit="sample", disable=not progress, dynamic_ncols=True)
+    write = log or bar.write
+    base = {"task": spec.task, "model": spec.model_name,
+            "format": "text" if spec.task == "ppl" else spec.fmt, "haystack": spec.haystack,
+            "train_length": T, "seed": spec.seed}
+    try:
+        for method in spec.methods:
+            for length in spec.lengths:
+                todo = [(d, i) for d, i in plan
+                        if record_key({**base, "method": method, "length": length, "depth": d, "sample": i})
+                        not in done]
+                skip_key = record_key({**base, "method": method, "length": length, "depth": None,
+                                       "sample": None})
+                if skip_key in done and spec.skip_zero:
+                    todo = []
+                bar.update(len(plan) - len(todo))
+                if not todo:
+                    continue
+                if spec.skip_zero and spec.task != "ppl":
+                    z = _zero_at_shorter(all_records, spec, method, length)
+                    if z is not None:
+                        rec = {**base, "method": method, "length": length, "depth": None, "sample": None,
+                               "skipped": True, "reason": f"scored 0 at {z}"}
+                        _append(out_path, rec)
+                        done.add(skip_key)
+                        all_records.append(rec)
+                        new.append(rec)
+                        write(f"{method} @ {length}: skipped (scored 0 at {z})")
+                        bar.update(len(todo))
+                        continue
+                kw = M.method_kwargs(model, method, length, T, target_length=spec.target_length,
+                                     dpe_preset=spec.dpe_preset, dpe_config=spec.dpe_config)
+                params = M.describe(method, kw)
+                handle = M.apply(model, method, kw)
+                scores, secs = [], []
+                try:
+                    for depth, sample in todo:
+                        bar.set_postfix_str(f"{method} {length} d={depth} s={sample}")
+                        res = _run_one(model, tokenizer, spec, length, depth, sample)
+                        rec = {**base, "method": method, "params": params, "length": length, "depth": depth,
+                               "sample": sample, **res, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                        _append(out_path, rec)
+                        done.add(record_key(rec))
+                        all_records.append(rec)
+                        new.append(rec)
+                        scores.append(res["score"])
+                        secs.append(res["seconds"])
+                        bar.update(1)
+                finally:
+                    handle.remove()
+                    gc.collect()
+                write(f"{spec.task} {method} @ {length} ({params}): mean score "
+                      f"{sum(scores) / len(scores):.3f} over {len(scores)} new samples, "
+                      f"{sum(secs) / len(secs):.1f} s/sample")
+    finally:
+        bar.close()
+    return new
