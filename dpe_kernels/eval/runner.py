@@ -184,8 +184,10 @@ def run_eval(model, tokenizer, spec: EvalSpec, out_path, *, progress: bool = Tru
             "format": "text" if spec.task == "ppl" else spec.fmt, "haystack": spec.haystack,
             "train_length": T, "seed": spec.seed}
     try:
-        for method in spec.methods:
-            for length in spec.lengths:
+        # Length-major: every method at the shortest length first, so an interrupted run has
+        # comparable rows for all methods (skip-after-0 only needs the shorter lengths done).
+        for length in spec.lengths:
+            for method in spec.methods:
                 todo = [(d, i) for d, i in plan
                         if record_key({**base, "method": method, "length": length, "depth": d, "sample": i})
                         not in done]
