@@ -36,6 +36,8 @@ from typing import Optional
 
 import torch
 
+from .rope import check_inference_only
+
 __all__ = [
     "dpe_attention",
     "merge_attention",
@@ -348,12 +350,7 @@ def _check_inputs(q_normal, q_scaled, k_normal, k_scaled, v, window, softmax_sca
         raise ValueError(f"v must have head_dim >= 1, got shape {list(v.shape)}")
     info.H_q, info.H_k, info.H_ks, info.D, info.Dv = h_q, h_k, k_scaled.shape[-2], d, v.shape[-1]
 
-    if torch.is_grad_enabled():
-        for name, t in zip(names, tensors):
-            if t.requires_grad:
-                raise ValueError(
-                    f"dpe_attention is inference-only (no autograd) and {name} requires grad: call it "
-                    "under torch.no_grad() or torch.inference_mode(), or pass detached tensors")
+    check_inference_only("dpe_attention", zip(names, tensors))
 
     if varlen:
         t_q, t_k = lead_q[0], lead_k[0]

@@ -25,7 +25,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 
 from .config import DPEConfig
-from .rope import _cos_sin, _rotate, dpe_rope
+from .rope import _cos_sin, _rotate, check_inference_only, dpe_rope
 
 __all__ = ["DPEKVCache", "dpe_attention_step", "decode_rerotate_reference"]
 
@@ -202,12 +202,7 @@ class DPEKVCache:
             raise ValueError(f"k_scaled must have H_k={hk} heads or a multiple (H_q), got {k_scaled.shape[2]}")
         if v.shape[2] != hk:
             raise ValueError(f"v must have the heads of k_normal ({hk}), got {v.shape[2]}")
-        if torch.is_grad_enabled():
-            for name, t in zip(names, ts):
-                if t.requires_grad:
-                    raise ValueError(
-                        f"DPEKVCache is inference-only and {name} requires grad: call it under "
-                        "torch.no_grad() or torch.inference_mode(), or pass detached tensors")
+        check_inference_only("DPEKVCache", zip(names, ts))
         if lc.k_normal is None:
             return
         # Everything must match what this layer holds (its buffers, also after crop(0)).

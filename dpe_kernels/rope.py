@@ -80,6 +80,18 @@ def _pick_backend(backend: str, device: torch.device) -> str:
 
 
 # --------------------------------------------------------------------------- validation
+def check_inference_only(op: str, named_tensors) -> None:
+    """The package has no autograd formulas: with grad mode on, an input that
+    requires grad raises ValueError naming it (under no_grad / inference_mode
+    such inputs are accepted and the outputs do not require grad)."""
+    if torch.is_grad_enabled():
+        for name, t in named_tensors:
+            if t.requires_grad:
+                raise ValueError(
+                    f"{op} is inference-only (no autograd) and {name} requires grad: call it under "
+                    "torch.no_grad() or torch.inference_mode(), or pass detached tensors")
+
+
 def _check_inputs(q, k, positions, inv_freq, config, mask, layout, rotary_dim, check_positions):
     for name, t in (("q", q), ("k", k), ("positions", positions), ("inv_freq", inv_freq)):
         if not isinstance(t, torch.Tensor):
@@ -141,12 +153,7 @@ def _check_inputs(q, k, positions, inv_freq, config, mask, layout, rotary_dim, c
             raise ValueError(f"mask must be [H_q={hq} or H_k={hk}, P={npairs}], got {list(mask.shape)}")
         if mask.device != q.device:
             raise ValueError(f"mask must be on the device of q ({q.device}), got {mask.device}")
-    if torch.is_grad_enabled():
-        for name, t in (("q", q), ("k", k)):
-            if t.requires_grad:
-                raise ValueError(
-                    f"dpe_rope is inference-only (no autograd) and {name} requires grad: call it under "
-                    "torch.no_grad() or torch.inference_mode(), or pass detached tensors")
+    check_inference_only("dpe_rope", (("q", q), ("k", k)))
     if check_positions and positions.numel() and not torch.compiler.is_compiling():
         if int(positions.min()) < 0:  # one reduction over T ints (a sync on CUDA)
             raise ValueError("positions must be non-negative")
