@@ -12,6 +12,7 @@ task (the table says "skipped (scored 0 at L)").
 
 Steps (all six methods: rope, pi, ntk, yarn, self_extend, dpe):
   1. passkey at 4K, 8K, 16K: 5 depths (0, 25, 50, 75, 100 %) x 2 keys
+     (and plain RoPE with the chat template at 4K and 8K: the prompt-format choice)
   2. passkey at 32K: 3 depths (0, 50, 100 %) x 1 key
   3. loss by position over 32K tokens of the essays (1K buckets), one text
   4. the report: markdown table, heatmap_passkey.png, loss_by_position.png
@@ -48,13 +49,9 @@ for those that fit the pre-training length, 2 * ceil(f) beyond), no key-dimensio
 (detection and calibration come later). Greedy decoding; passkey = exact match of the first
 number in the answer.
 
-Prompt format (fixed for every method): raw text. Measured with plain RoPE, passkey, key 40612,
-depths 10/50/90 %, before this run (2026-11-22, 2-core CPU shared with other jobs):
-
-| format | 4K | 8K |
-|---|---|---|
-| raw (`... What is the pass key? The pass key is`) | 3/3 | 2/3 (90 %: "the pass key. The pass key is the pass key.") |
-| chat template (user message; reply primed with `The pass key is`) | 0/3 ("a magical key that ...") | 1/1 (10 % only; stopped to save time) |
+Prompt format (fixed for every method): raw text. The choice is measured by this same script:
+plain RoPE with the model's chat template at 4K and 8K (the "prompt format `chat`" section below)
+against plain RoPE with the raw prompt in the main table; the better one within 8K is the default.
 """
 
 
@@ -63,6 +60,9 @@ def commands(with_niah: bool = False):
     steps = [
         ["eval", "--task", "passkey", "--lengths", "4096", "8192", "16384", "--depths", "5", "--samples", "2",
          *common],
+        # The prompt-format choice: plain RoPE with the chat template, against the raw rows above.
+        ["eval", "--task", "passkey", "--lengths", "4096", "8192", "--depths", "5", "--samples", "1",
+         "--format", "chat", "--out-dir", OUT, "--jsonl", JSONL, "--methods", "rope"],
         ["eval", "--task", "passkey", "--lengths", "32768", "--depths", "3", "--samples", "1", *common],
         ["eval", "--task", "ppl", "--lengths", "32768", "--samples", "1", "--bucket", "1024", *common],
     ]
