@@ -35,7 +35,6 @@ inputs allocated, runs, and reports the high-water mark minus that baseline (the
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
@@ -47,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_rope import machine_description, time_min  # noqa: E402
+from bench_rope import machine_description, report_preamble, time_min  # noqa: E402
 
 import dpe_kernels  # noqa: E402
 from dpe_kernels import DPEConfig, dpe_rope  # noqa: E402
@@ -363,19 +362,9 @@ def main(argv=None):
 
 
 def write_report(args, argv, machine, sections):
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip() or "unknown"
-        if subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "dpe_kernels", "csrc"]).returncode:
-            commit += " (with uncommitted changes)"
-    except OSError:
-        commit = "unknown"
-    cmd = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
     with open(args.out, "w") as f:
-        f.write("# DPE attention on the CPU: prefill, decode with the rotate-once cache, peak memory\n\n")
-        f.write(f"- Machine: {machine}\n")
-        f.write(f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, commit {commit}\n")
-        f.write(f"- Command: `{cmd}`\n")
+        f.write(report_preamble("DPE attention on the CPU: prefill, decode with the rotate-once cache, peak memory",
+                                __file__, argv, machine))
         f.write(f"- Settings: {args.dtype}, B = 1, window {args.window}, scales {SCALES} (8 groups), "
                 f"rope base {ROPE_BASE:g}; mask `none` = every pair scaled, `per_q` = the paper's top 48 of 64 "
                 "pairs per query head (k_scaled then has H_q heads), `per_kv` = per KV head. "

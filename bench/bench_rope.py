@@ -117,6 +117,21 @@ def time_min(fn, repeats: int, budget_s: float) -> float:
     return best
 
 
+def report_preamble(title: str, script: str, argv, machine: str) -> str:
+    """Heading and the machine / date / commit / command lines of a results file."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip() or "unknown"
+        if subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "dpe_kernels", "csrc"]).returncode:
+            commit += " (with uncommitted changes)"
+    except OSError:
+        commit = "unknown"
+    cmd = "python " + " ".join([os.path.relpath(script)] + (argv if argv is not None else sys.argv[1:]))
+    return (f"# {title}\n\n- Machine: {machine}\n"
+            f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, commit {commit}\n"
+            f"- Command: `{cmd}`\n")
+
+
 def machine_description() -> str:
     cpu = platform.processor() or "unknown"
     try:
@@ -187,17 +202,9 @@ def main(argv=None):
     print(HEADER)
     rows = run_table(args.tokens, dtypes, args.masks, args.repeats)
     if args.out:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                    text=True).stdout.strip()
-        except OSError:
-            commit = "unknown"
-        cmd = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
         with open(args.out, "w") as f:
-            f.write("# DPE rotary step on the CPU: fused kernel vs unfused reference vs memory copy\n\n")
-            f.write(f"- Machine: {machine}\n")
-            f.write(f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, commit {commit}\n")
-            f.write(f"- Command: `{cmd}`\n")
+            f.write(report_preamble("DPE rotary step on the CPU: fused kernel vs unfused reference vs memory copy",
+                                    __file__, argv, machine))
             f.write(f"- Shapes: q [T, {H_Q}, {HEAD_DIM}], k [T, {H_K}, {HEAD_DIM}], positions 0..T-1, "
                     f"window {WINDOW}, scales {SCALES}; mask `per_q` = 48 of 64 pairs per query head "
                     f"(k_scaled then has {H_Q} heads), `none` = every pair scaled.\n")

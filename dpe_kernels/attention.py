@@ -30,13 +30,12 @@ from __future__ import annotations
 import importlib.util
 import math
 import numbers
-import os
 import sys
 from typing import Optional
 
 import torch
 
-from .rope import check_inference_only
+from .rope import _triton_usable, check_inference_only
 
 __all__ = [
     "dpe_attention",
@@ -57,8 +56,6 @@ _INF = float("inf")
 # tests widen this to run a fake flash_attn module on the CPU).
 _FLASH_DEVICE_TYPES = ("cuda",)
 _HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
-_HAS_ATTN_TRITON = importlib.util.find_spec(f"{__package__}.attention_triton") is not None
 _CPU_OP = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 # Window pass of the cpu backend: query rows per block, counted after folding
@@ -207,12 +204,6 @@ def _flash_module():
         return flash_attn
     except Exception:  # installed but broken (ABI mismatch): not available
         return None
-
-
-def _triton_usable(device: torch.device) -> bool:
-    if not (_HAS_TRITON and _HAS_ATTN_TRITON):
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def available_attention_backends(device: torch.device | str = "cpu") -> list:

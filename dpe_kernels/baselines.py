@@ -33,6 +33,7 @@ import torch
 
 from .config import DPEConfig
 from .hf import DPEHandle, _check_not_patched, _register, _rope_type, apply_dpe, find_rotary_embedding
+from .models import train_length
 
 __all__ = ["apply_method", "METHODS", "pi_inv_freq", "ntk_inv_freq", "yarn_inv_freq"]
 
@@ -93,13 +94,6 @@ def _rope_theta(model, rotary) -> float:
     if theta is None:
         raise ValueError("cannot find rope_theta in the model config (needed by yarn)")
     return float(theta)
-
-
-def _train_length(model, rotary) -> int:
-    cfg = getattr(model, "config", None)
-    params = getattr(cfg, "rope_parameters", None) or {}
-    orig = params.get("original_max_position_embeddings") if isinstance(params, dict) else None
-    return int(orig or getattr(rotary, "original_max_seq_len", None) or cfg.max_position_embeddings)
 
 
 def _apply_frequencies(model, name: str, inv_freq: torch.Tensor, attention_scaling: Optional[float], **info):
@@ -169,7 +163,7 @@ def apply_method(model: torch.nn.Module, name: str, **kw) -> DPEHandle:
         take("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", required=("factor",))
         f = factor_arg()
         _, rotary = find_rotary_embedding(model)
-        orig = kw.get("original_max_position_embeddings") or _train_length(model, rotary)
+        orig = kw.get("original_max_position_embeddings") or train_length(model)
         bf, bs = kw.get("beta_fast", 32), kw.get("beta_slow", 1)
         inv, att = yarn_inv_freq(rotary.inv_freq, f, _rope_theta(model, rotary), int(orig), bf, bs)
         base_scaling = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)

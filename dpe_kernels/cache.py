@@ -24,16 +24,12 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
-from .config import DPEConfig
+from .config import DPEConfig, _is_int
 from .rope import _cos_sin, _rotate, check_inference_only, dpe_rope
 
 __all__ = ["DPEKVCache", "dpe_attention_step", "decode_rerotate_reference"]
 
 _CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 class _LayerCache:
