@@ -1,4 +1,5 @@
-"""Benchmark of DPE attention on the CPU: prefill, decode with the rotate-once cache, peak memory.
+"""Benchmark of DPE attention (CPU, or a CUDA GPU with --device cuda): prefill, decode with the
+rotate-once cache, peak memory.
 
 Two ways to run it:
 
@@ -6,6 +7,9 @@ Two ways to run it:
                                     [--configs 9/3/64 32/8/128] [--out bench/results/attention_cpu.md]
         one run over every case, prints the tables and writes them with the
         machine description, the date, the commit and the command;
+    python bench/bench_attention.py --device cuda --dtype bfloat16 [--out bench/results/attention_h100.md]
+        the same on a GPU: DPE attention with backend "flash" (FlashAttention 2, when installed)
+        or "triton" (the fused kernel), dpe_rope with backend "cuda"; plain = SDPA on the GPU;
     python bench/bench_attention.py --quick
         tiny sizes (CI smoke run, well under a minute);
     pytest bench/bench_attention.py --benchmark-only
@@ -31,6 +35,8 @@ Decode (one new token; the cache holds L - 1 tokens, the step appends the L-th)
 Peak memory (prefill): each case runs once in a fresh child process after a small warm-up;
 the child resets its RSS high-water mark (/proc/self/clear_refs), records its RSS with the
 inputs allocated, runs, and reports the high-water mark minus that baseline (the output included).
+On a GPU: torch.cuda.max_memory_allocated() after a reset, minus the memory allocated with the
+inputs in place, in this process.
 """
 from __future__ import annotations
 
@@ -72,8 +78,22 @@ def parse_config(text: str):
     return hq, hk, d
 
 
-def make_case(s, hq, hk, d, dtype, mask_kind, window, seed=0):
+def make_case(s, hq, hk, d, dtype, mask_kind, window, seed=0, device="cpu"):
     """Unrotated q [1, S, H_q, D], k, v [1, S, H_k, D], positions 0..S-1, frequencies, config, mask."""
+    case = _make_case_cpu(s, hq, hk, d, dtype, mask_kind, window, seed)
+    return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in case)
+
+
+def backends(x: torch.Tensor, dtype=None):
+    """(dpe_rope backend, dpe_attention backend) benchmarked for tensors like x."""
+    if x.device.type == "cpu":
+        return "cpu", "cpu"
+    attn = dpe_kernels.available_attention_backends(x.device)
+    half = (dtype or x.dtype) in (torch.float16, torch.bfloat16)
+    return "cuda", ("flash" if "flash" in attn and half else "triton")
+
+
+def _make_case_cpu(s, hq, hk, d, dtype, mask_kind, window, seed):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(1, s, hq, d, generator=g, dtype=dtype)
     k = torch.randn(1, s, hk, d, generator=g, dtype=dtype)
@@ -112,13 +132,14 @@ def sdpa(q, k, v, causal):
 
 def prefill_methods(case):
     q, k, v, pos, inv, cfg, mask = case
+    rb, ab = backends(q)
     qr, kr = plain_rope(q, k, pos, inv)
-    qn, kn, qs, ks = dpe_rope(q, k, pos, inv, cfg, mask, backend="cpu")
+    qn, kn, qs, ks = dpe_rope(q, k, pos, inv, cfg, mask, backend=rb)
     w = cfg.window
 
     def dpe_total():
-        a = dpe_rope(q, k, pos, inv, cfg, mask, backend="cpu")
-        return dpe_attention(a.q_normal, a.q_scaled, a.k_normal, a.k_scaled, v, w, backend="cpu")
+        a = dpe_rope(q, k, pos, inv, cfg, mask, backend=rb)
+        return dpe_attention(a.q_normal, a.q_scaled, a.k_normal, a.k_scaled, v, w, backend=ab)
 
     def plain_total():
         a, b = plain_rope(q, k, pos, inv)
@@ -126,7 +147,7 @@ def prefill_methods(case):
 
     return {
         "plain": lambda: sdpa(qr, kr, v, True),
-        "dpe": lambda: dpe_attention(qn, qs, kn, ks, v, w, backend="cpu"),
+        "dpe": lambda: dpe_attention(qn, qs, kn, ks, v, w, backend=ab),
         "plain_total": plain_total,
         "dpe_total": dpe_total,
     }
@@ -135,16 +156,17 @@ def prefill_methods(case):
 def decode_setup(case):
     """Caches holding the first L - 1 tokens; step functions that add the L-th (and roll back)."""
     q, k, v, pos, inv, cfg, mask = case
+    rb, ab = backends(q)
     L = k.shape[1]
     qt, kt, vt, pt = q[:, -1:], k[:, -1:], v[:, -1:], pos[:, -1:]
     # DPE: rotate-once cache, preallocated for L tokens.
     cache = DPEKVCache(1, initial_capacity=L)
     for i in range(0, L - 1, 4096):  # prefill in chunks: bounded temporaries at 64K
         j = min(i + 4096, L - 1)
-        a = dpe_rope(q[:, i:j], k[:, i:j], pos[:, i:j], inv, cfg, mask, backend="cpu")
+        a = dpe_rope(q[:, i:j], k[:, i:j], pos[:, i:j], inv, cfg, mask, backend=rb)
         cache.update(0, a.k_normal, a.k_scaled, v[:, i:j])
     del a
-    t = dpe_rope(qt, kt, pt, inv, cfg, mask, backend="cpu")
+    t = dpe_rope(qt, kt, pt, inv, cfg, mask, backend=rb)
     kn, ks, vv = cache.update(0, t.k_normal, t.k_scaled, vt)  # views over all L tokens
     cache.crop(L - 1)
     # Plain: a preallocated cache of RoPE'd keys and values.
@@ -159,14 +181,14 @@ def decode_setup(case):
         return sdpa(a, kbuf, vbuf, False)
 
     def dpe_step():
-        out = dpe_attention_step(qt, kt, vt, pt, inv, cfg, cache, 0, mask, rope_backend="cpu", backend="cpu")
+        out = dpe_attention_step(qt, kt, vt, pt, inv, cfg, cache, 0, mask, rope_backend=rb, backend=ab)
         cache.crop(L - 1)
         return out
 
     fns = {
         "plain": plain_step,
         "dpe": dpe_step,
-        "dpe_attn": lambda: dpe_attention(t.q_normal, t.q_scaled, kn, ks, vv, cfg.window, backend="cpu"),
+        "dpe_attn": lambda: dpe_attention(t.q_normal, t.q_scaled, kn, ks, vv, cfg.window, backend=ab),
         "rerotate": lambda: decode_rerotate_reference(qt, k, v, L - 1, inv, cfg, mask),
     }
     mib = {"plain": (kbuf.nbytes + vbuf.nbytes) / 2**20, "dpe": (kn.nbytes + ks.nbytes + vv.nbytes) / 2**20}
@@ -183,34 +205,46 @@ def _rss_kib(field):
 
 
 def memory_child(spec: dict) -> dict:
-    """Runs in a fresh process: peak RSS increase of one prefill method, in MiB."""
+    """Runs in a fresh process: peak memory increase of one prefill method, in MiB
+    (RSS on the CPU, the caching allocator's allocated bytes on a GPU)."""
     torch.set_num_threads(spec["threads"])
     dtype = getattr(torch, spec["dtype"])
     hq, hk, d = spec["config"]
-    # Warm-up on a small case: thread pools, kernels' first-call set-up, allocator arenas.
-    small = make_case(min(256, spec["s"]), hq, hk, d, dtype, spec["mask"], min(64, spec["window"]))
+    dev = torch.device(spec["device"])
+    # Warm-up on a small case: thread pools, kernels' first-call set-up (JIT), allocator arenas.
+    small = make_case(min(256, spec["s"]), hq, hk, d, dtype, spec["mask"], min(64, spec["window"]), device=dev)
     prefill_methods(small)[spec["method"]]()
     del small
-    case = make_case(spec["s"], hq, hk, d, dtype, spec["mask"], spec["window"])
+    case = make_case(spec["s"], hq, hk, d, dtype, spec["mask"], spec["window"], device=dev)
     q, k, v, pos, inv, cfg, mask = case
+    rb, ab = backends(q)
     if spec["method"] == "plain":
         qr, kr = plain_rope(q, k, pos, inv)
         inputs = (qr, kr, v)
         del q, k
         fn = lambda: sdpa(qr, kr, v, True)  # noqa: E731
     elif spec["method"] == "dpe":
-        qn, kn, qs, ks = dpe_rope(q, k, pos, inv, cfg, mask, backend="cpu")
+        qn, kn, qs, ks = dpe_rope(q, k, pos, inv, cfg, mask, backend=rb)
         inputs = (qn, kn, qs, ks, v)
         del q, k
-        fn = lambda: dpe_attention(qn, qs, kn, ks, v, cfg.window, backend="cpu")  # noqa: E731
+        fn = lambda: dpe_attention(qn, qs, kn, ks, v, cfg.window, backend=ab)  # noqa: E731
     else:  # dpe_total: from unrotated q, k (the rotated copies count as extra memory)
         inputs = (q, k, v)
 
         def fn():
-            a = dpe_rope(q, k, pos, inv, cfg, mask, backend="cpu")
-            return dpe_attention(a.q_normal, a.q_scaled, a.k_normal, a.k_scaled, v, cfg.window, backend="cpu")
+            a = dpe_rope(q, k, pos, inv, cfg, mask, backend=rb)
+            return dpe_attention(a.q_normal, a.q_scaled, a.k_normal, a.k_scaled, v, cfg.window, backend=ab)
     del case
     gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        out = fn()
+        torch.cuda.synchronize()
+        return {"extra_mib": (torch.cuda.max_memory_allocated(dev) - base) / 2**20,
+                "inputs_mib": sum(t.nbytes for t in inputs) / 2**20, "output_mib": out.nbytes / 2**20,
+                "exact": True}
     exact = True
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -224,9 +258,9 @@ def memory_child(spec: dict) -> dict:
             "output_mib": out.nbytes / 2**20, "exact": exact}
 
 
-def measure_memory(s, config, dtype, mask_kind, window, method):
+def measure_memory(s, config, dtype, mask_kind, window, method, device="cpu"):
     spec = dict(s=s, config=list(config), dtype=str(dtype).replace("torch.", ""), mask=mask_kind,
-                window=window, method=method, threads=torch.get_num_threads())
+                window=window, method=method, threads=torch.get_num_threads(), device=str(device))
     res = subprocess.run([sys.executable, os.path.abspath(__file__), "--_memory-child", json.dumps(spec)],
                          capture_output=True, text=True, env=os.environ.copy())
     if res.returncode != 0:
@@ -273,27 +307,28 @@ def fmt_memory(r):
             f"**{m['dpe']['extra_mib'] - m['dpe']['output_mib']:.0f}** |")
 
 
-def run_prefill(seqlens, configs, dtype, masks, window, repeats, budget):
+def run_prefill(seqlens, configs, dtype, masks, window, repeats, budget, device):
     rows = []
     for s in seqlens:
         for c in configs:
             for mk in masks:
-                fns = prefill_methods(make_case(s, *c, dtype, mk, window))
-                t = {n: time_min(fn, repeats, budget) for n, fn in fns.items()}
+                fns = prefill_methods(make_case(s, *c, dtype, mk, window, device=device))
+                t = {n: time_min(fn, repeats, budget, device, burst=3) for n, fn in fns.items()}
                 rows.append(dict(s=s, config=c, mask=mk, t=t))
                 print(fmt_prefill(rows[-1]), flush=True)
                 del fns
     return rows
 
 
-def run_decode(cache_lens, configs, dtype, masks, window, repeats, budget):
+def run_decode(cache_lens, configs, dtype, masks, window, repeats, budget, device):
     rows = []
     for L in cache_lens:
         for c in configs:
             for mk in masks:
-                fns, mib = decode_setup(make_case(L, *c, dtype, mk, window))
+                fns, mib = decode_setup(make_case(L, *c, dtype, mk, window, device=device))
                 err = (fns["dpe"]().double() - fns["rerotate"]().double()).abs().max().item()
-                t = {n: time_min(fn, repeats * (5 if n != "rerotate" else 1), budget) for n, fn in fns.items()}
+                t = {n: time_min(fn, repeats * (5 if n != "rerotate" else 1), budget, device)
+                     for n, fn in fns.items()}
                 rows.append(dict(L=L, config=c, mask=mk, t=t, err=err, mib=mib))
                 print(fmt_decode(rows[-1]), flush=True)
                 del fns
@@ -301,12 +336,13 @@ def run_decode(cache_lens, configs, dtype, masks, window, repeats, budget):
     return rows
 
 
-def run_memory(seqlens, configs, dtype, masks, window):
+def run_memory(seqlens, configs, dtype, masks, window, device):
     rows = []
     for s in seqlens:
         for c in configs:
             for mk in masks:
-                m = {meth: measure_memory(s, c, dtype, mk, window, meth) for meth in ("plain", "dpe", "dpe_total")}
+                m = {meth: measure_memory(s, c, dtype, mk, window, meth, device)
+                     for meth in ("plain", "dpe", "dpe_total")}
                 rows.append(dict(s=s, config=c, mask=mk, m=m))
                 print(fmt_memory(rows[-1]), flush=True)
     return rows
@@ -324,6 +360,7 @@ def main(argv=None):
     ap.add_argument("--window", type=int, help=f"DPE window (default {WINDOW})")
     ap.add_argument("--repeats", type=int, help="timed calls per method (default 3; decode: 5x this)")
     ap.add_argument("--budget", type=float, default=60.0, help="seconds per method before fewer repeats")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--quick", action="store_true",
                     help="tiny sizes for a CI smoke run (S 512, cache 1024, window 128, 1 repeat)")
     ap.add_argument("--out", help="write the markdown report here (e.g. bench/results/attention_cpu.md)")
@@ -332,29 +369,33 @@ def main(argv=None):
     if args.memory_child:
         print(json.dumps(memory_child(json.loads(args.memory_child))))
         return
-    if "cpu" not in dpe_kernels.available_backends("cpu"):
-        sys.exit(f"the CPU extension is not loaded: {dpe_kernels._ext.EXT_ERROR}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is visible")
+    if ("cpu" if args.device == "cpu" else "cuda") not in dpe_kernels.available_backends(args.device):
+        sys.exit(f"the extension has no {args.device} kernel: {dpe_kernels._ext.EXT_ERROR}")
     defaults = QUICK if args.quick else FULL
     for name, value in defaults.items():  # explicit flags win over --quick
         if getattr(args, name) is None:
             setattr(args, name, value)
     dtype = getattr(torch, args.dtype)
-    machine = machine_description()
+    machine = machine_description(args.device)
     print(machine)
     torch.set_grad_enabled(False)
     sections = []
     if args.seqlens:
         print(PREFILL_HEADER)
-        rows = run_prefill(args.seqlens, args.configs, dtype, args.masks, args.window, args.repeats, args.budget)
+        rows = run_prefill(args.seqlens, args.configs, dtype, args.masks, args.window, args.repeats, args.budget,
+                           args.device)
         sections.append(("Prefill (causal, B = 1)", PREFILL_HEADER, [fmt_prefill(r) for r in rows]))
     if args.cache_lens:
         print(DECODE_HEADER)
-        rows = run_decode(args.cache_lens, args.configs, dtype, args.masks, args.window, args.repeats, args.budget)
+        rows = run_decode(args.cache_lens, args.configs, dtype, args.masks, args.window, args.repeats, args.budget,
+                           args.device)
         sections.append(("Decode step (B = 1, one new token)", DECODE_HEADER, [fmt_decode(r) for r in rows]))
     if args.mem_seqlens:
         print(MEMORY_HEADER)
         mem_configs = args.configs[-1:] if args.quick else args.configs  # quick: one config (each child imports torch)
-        rows = run_memory(args.mem_seqlens, mem_configs, dtype, args.masks[:1], args.window)
+        rows = run_memory(args.mem_seqlens, mem_configs, dtype, args.masks[:1], args.window, args.device)
         sections.append((f"Peak memory of the prefill (fresh process per case, mask {args.masks[0]})", MEMORY_HEADER,
                          [fmt_memory(r) for r in rows]))
     if args.out:
@@ -363,18 +404,22 @@ def main(argv=None):
 
 def write_report(args, argv, machine, sections):
     with open(args.out, "w") as f:
-        f.write(report_preamble("DPE attention on the CPU: prefill, decode with the rotate-once cache, peak memory",
+        where = "the CPU" if args.device == "cpu" else "a GPU"
+        probe = torch.empty(0, device=args.device, dtype=getattr(torch, args.dtype))
+        rb, ab = backends(probe)
+        f.write(report_preamble(f"DPE attention on {where}: prefill, decode with the rotate-once cache, peak memory",
                                 __file__, argv, machine))
+        f.write(f"- Backends: dpe_rope `{rb}`, dpe_attention `{ab}`; plain = SDPA on the same device.\n")
         f.write(f"- Settings: {args.dtype}, B = 1, window {args.window}, scales {SCALES} (8 groups), "
                 f"rope base {ROPE_BASE:g}; mask `none` = every pair scaled, `per_q` = the paper's top 48 of 64 "
                 "pairs per query head (k_scaled then has H_q heads), `per_kv` = per KV head. "
-                "Plain = `F.scaled_dot_product_attention(enable_gqa=True)` (flash CPU kernel) on the same "
+                "Plain = `F.scaled_dot_product_attention(enable_gqa=True)` (PyTorch's own kernel choice) on the same "
                 "[B, S, H, D] storage. Each time is the best of several calls after a warm-up, all in this one "
                 "run.\n")
         f.write("- Targets: prefill dpe/plain <= 1.3; decode dpe/plain <= 1.15 (mask none / per_kv). "
                 "Decode `DPE step` = dpe_rope of the token + cache append + dpe_attention; `plain step` = RoPE + "
                 "append + SDPA; `re-rotate` = the authors' decode (every cached key rotated at every step). "
-                "Memory: RSS high-water mark minus RSS with the inputs allocated, in a fresh process per "
+                "Memory: RSS high-water mark (GPU: max_memory_allocated) minus the same with the inputs allocated, in a fresh process per "
                 "method after a small warm-up.\n\n")
         for title, header, lines in sections:
             f.write(f"## {title}\n\n{header}\n")

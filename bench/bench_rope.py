@@ -1,17 +1,20 @@
-"""Microbenchmark of the DPE rotary step on the CPU.
+"""Microbenchmark of the DPE rotary step (CPU, or a CUDA GPU with --device cuda).
 
 Two ways to run it:
 
     python bench/bench_rope.py [--tokens 4096 16384 65536] [--out bench/results/rope_cpu.md]
+    python bench/bench_rope.py --device cuda [--out bench/results/rope_h100.md]
         one run over every case, prints a table (time, GB/s, ratios) and
         writes it with the machine description and the command;
     pytest bench/bench_rope.py --benchmark-only
-        the same cases through pytest-benchmark.
+        the CPU cases through pytest-benchmark.
 
 Compared in the same run, on the same inputs:
     reference   dpe_rope(backend="reference"): unfused PyTorch, the authors' structure
     cpu         dpe_rope(backend="cpu"), outputs allocated by the call
     cpu_out     dpe_rope(backend="cpu", out=...) into preallocated buffers
+    (on a GPU: cuda / cuda_out, the same for the CUDA kernel, and triton, the Triton
+    kernel with outputs allocated by the call)
     plain_rope  one plain RoPE rotation of q and k in PyTorch (HF style), allocating
     copy_out    a memory copy of the same bytes into the same preallocated buffers:
                 q -> q_normal, q_scaled; k -> k_normal, k_scaled (broadcast over
@@ -21,7 +24,10 @@ Compared in the same run, on the same inputs:
                 that `cpu` pays for its fresh outputs)
 
 Bytes = read q and k once + write the four outputs. Ratios: reference/cpu
-(target >= 10), cpu_out/copy_out and cpu/copy (target <= 1.5).
+(target >= 10), cpu_out/copy_out and cpu/copy (target <= 1.5); on a GPU the same
+ratios for cuda and triton. GPU times are the best of several repeats of the mean
+over a burst of calls between two synchronisations (one call is tens of microseconds,
+so a single synchronised call would mostly time the launch).
 """
 from __future__ import annotations
 
@@ -44,7 +50,12 @@ WINDOW = 1024
 COPY_BLOCK_TOKENS = 128  # 128 tokens x 20 KiB of q/k = 2.5 MiB: stays in L2/L3 for the second read
 
 
-def make_case(tokens: int, dtype: torch.dtype, mask_kind: str, seed: int = 0):
+def make_case(tokens: int, dtype: torch.dtype, mask_kind: str, seed: int = 0, device="cpu"):
+    case = _make_case_cpu(tokens, dtype, mask_kind, seed)
+    return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in case)
+
+
+def _make_case_cpu(tokens, dtype, mask_kind, seed):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(tokens, H_Q, HEAD_DIM, generator=g).to(dtype)
     k = torch.randn(tokens, H_K, HEAD_DIM, generator=g).to(dtype)
@@ -77,6 +88,12 @@ def copy_into(out, q, k):
     """Copy q/k into the four outputs, token-blocked so each input row is read from DRAM once."""
     qn, kn, qs, ks = out
     rep = ks.shape[-2] // k.shape[-2]
+    if q.is_cuda:  # one copy kernel per output: no cache blocking on a GPU
+        qn.copy_(q)
+        qs.copy_(q)
+        kn.copy_(k)
+        ks.view(k.shape[0], k.shape[1], rep, k.shape[2]).copy_(k[:, :, None])
+        return out
     for t0 in range(0, q.shape[0], COPY_BLOCK_TOKENS):
         sl = slice(t0, t0 + COPY_BLOCK_TOKENS)
         qb, kb = q[sl], k[sl]
@@ -87,31 +104,51 @@ def copy_into(out, q, k):
     return out
 
 
+def fused_backends(device) -> list:
+    """The compiled backends benchmarked on this device: cpu; or cuda and triton."""
+    avail = dpe_kernels.available_backends(device)
+    want = ["cpu"] if torch.device(device).type == "cpu" else ["cuda", "triton"]
+    return [b for b in want if b in avail]
+
+
 def methods(q, k, pos, inv, cfg, mask):
-    bufs = dpe_rope(q, k, pos, inv, cfg, mask, backend="cpu")
+    fused = fused_backends(q.device)
+    bufs = dpe_rope(q, k, pos, inv, cfg, mask, backend=fused[0])
     copy_bufs = tuple(torch.empty_like(b) for b in bufs)
-    return {
-        "reference": lambda: dpe_rope(q, k, pos, inv, cfg, mask, backend="reference"),
-        "cpu": lambda: dpe_rope(q, k, pos, inv, cfg, mask, backend="cpu"),
-        "cpu_out": lambda: dpe_rope(q, k, pos, inv, cfg, mask, backend="cpu", out=bufs),
+    fns = {"reference": lambda: dpe_rope(q, k, pos, inv, cfg, mask, backend="reference")}
+    for b in fused:
+        fns[b] = lambda b=b: dpe_rope(q, k, pos, inv, cfg, mask, backend=b)
+        if b != "triton":  # the Triton path has no in-place output (out= would add a copy)
+            fns[b + "_out"] = lambda b=b: dpe_rope(q, k, pos, inv, cfg, mask, backend=b, out=bufs)
+    fns.update({
         "plain_rope": lambda: plain_rope(q, k, pos, inv),
         "copy_out": lambda: copy_into(copy_bufs, q, k),
         "copy": lambda: copy_into(tuple(torch.empty_like(b) for b in bufs), q, k),
-    }, bufs
+    })
+    return fns, bufs
 
 
 def moved_bytes(q, k, outs) -> int:
     return (q.numel() + k.numel() + sum(o.numel() for o in outs)) * q.element_size()
 
 
-def time_min(fn, repeats: int, budget_s: float) -> float:
-    """Best of `repeats` timed calls after one warm-up (fewer if past the time budget)."""
+def time_min(fn, repeats: int, budget_s: float, device="cpu", burst: int = 20) -> float:
+    """Best of `repeats` timed calls after one warm-up (fewer if past the time budget).
+
+    On a GPU one timed repeat is a burst of `burst` calls between two synchronisations
+    (the time is their mean): a single synchronised call would time mostly the launch."""
+    cuda = torch.device(device).type == "cuda"
+    n = burst if cuda else 1
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     fn()
+    sync()
     best, start = float("inf"), time.perf_counter()
     for i in range(repeats):
         t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
+        for _ in range(n):
+            fn()
+        sync()
+        best = min(best, (time.perf_counter() - t0) / n)
         if time.perf_counter() - start > budget_s and i >= 1:
             break
     return best
@@ -132,7 +169,7 @@ def report_preamble(title: str, script: str, argv, machine: str) -> str:
             f"- Command: `{cmd}`\n")
 
 
-def machine_description() -> str:
+def machine_description(device="cpu") -> str:
     cpu = platform.processor() or "unknown"
     try:
         for line in open("/proc/cpuinfo"):
@@ -148,42 +185,75 @@ def machine_description() -> str:
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{cpu}; {os.cpu_count()} logical cores; {mem:.0f} GiB RAM; ISA flags: {flags or 'n/a'}; "
+    gpu = ""
+    if torch.device(device).type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        gpu = (f"GPU {p.name} ({p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB, "
+               f"CUDA {torch.version.cuda}, triton {_version('triton')}); host: ")
+    return (f"{gpu}{cpu}; {os.cpu_count()} logical cores; {mem:.0f} GiB RAM; ISA flags: {flags or 'n/a'}; "
             f"torch {torch.__version__} ({torch.get_num_threads()} threads); "
             f"dpe_kernels {dpe_kernels.__version__}; Python {platform.python_version()}")
 
 
-def run_table(token_counts, dtypes, mask_kinds, repeats):
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except (ImportError, AttributeError):
+        return "n/a"
+
+
+def run_table(token_counts, dtypes, mask_kinds, repeats, device="cpu"):
     rows = []
     for tokens in token_counts:
         for dtype in dtypes:
             for mask_kind in mask_kinds:
-                q, k, pos, inv, cfg, mask = make_case(tokens, dtype, mask_kind)
+                q, k, pos, inv, cfg, mask = make_case(tokens, dtype, mask_kind, device=device)
                 fns, bufs = methods(q, k, pos, inv, cfg, mask)
                 nbytes = moved_bytes(q, k, bufs)
                 times = {}
                 for name, fn in fns.items():
                     times[name] = time_min(fn, repeats if name != "reference" else max(2, repeats // 2),
-                                           budget_s=20.0)
+                                           budget_s=20.0, device=device)
                 rows.append((tokens, dtype, mask_kind, nbytes, times))
                 print(format_row(rows[-1]), flush=True)
                 del q, k, bufs, fns
     return rows
 
 
-HEADER = ("| T | dtype | mask | MB moved | reference ms | cpu ms | cpu_out ms | plain_rope ms | "
-          "copy ms | copy_out ms | cpu_out GB/s | reference/cpu | cpu/copy | cpu_out/copy_out |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+def _columns(t: dict):
+    """(method names timed, fused backends) of one row, in table order."""
+    fused = [b for b in ("cpu", "cuda", "triton") if b in t]
+    timed = ["reference"] + [m for b in fused for m in (b, b + "_out") if m in t] + ["plain_rope", "copy", "copy_out"]
+    return timed, fused
+
+
+def header(device="cpu") -> str:
+    t = dict.fromkeys(["reference", "plain_rope", "copy", "copy_out"])
+    for b in (["cpu"] if torch.device(device).type == "cpu" else ["cuda", "triton"]):
+        t[b] = None
+        if b != "triton":
+            t[b + "_out"] = None
+    timed, fused = _columns(t)
+    cols = ["T", "dtype", "mask", "MB moved"] + [f"{m} ms" for m in timed]
+    for b in fused:
+        best = b + "_out" if b + "_out" in t else b
+        cols += [f"{best} GB/s", f"reference/{b}", f"{b}/copy"] + ([f"{best}/copy_out"] if best != b else [])
+    return "| " + " | ".join(cols) + " |\n" + "|---" * len(cols) + "|"
+
 
 
 def format_row(row) -> str:
     tokens, dtype, mask_kind, nbytes, t = row
-    ms = {k: v * 1e3 for k, v in t.items()}
-    return (f"| {tokens} | {str(dtype).replace('torch.', '')} | {mask_kind} | {nbytes / 1e6:.0f} | "
-            f"{ms['reference']:.1f} | {ms['cpu']:.1f} | {ms['cpu_out']:.1f} | {ms['plain_rope']:.1f} | "
-            f"{ms['copy']:.1f} | {ms['copy_out']:.1f} | {nbytes / t['cpu_out'] / 1e9:.1f} | "
-            f"{t['reference'] / t['cpu']:.1f}x | {t['cpu'] / t['copy']:.2f} | "
-            f"{t['cpu_out'] / t['copy_out']:.2f} |")
+    timed, fused = _columns(t)
+    ms_digits = 1 if "cpu" in fused else 3
+    cells = [str(tokens), str(dtype).replace("torch.", ""), mask_kind, f"{nbytes / 1e6:.0f}"]
+    cells += [f"{t[m] * 1e3:.{ms_digits}f}" for m in timed]
+    for b in fused:
+        best = b + "_out" if b + "_out" in t else b
+        cells += [f"{nbytes / t[best] / 1e9:.1f}", f"{t['reference'] / t[b]:.1f}x", f"{t[b] / t['copy']:.2f}"]
+        if best != b:
+            cells.append(f"{t[best] / t['copy_out']:.2f}")
+    return "| " + " | ".join(cells) + " |"
 
 
 def main(argv=None):
@@ -192,27 +262,32 @@ def main(argv=None):
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--masks", nargs="+", default=["none", "per_q"], choices=["none", "per_q"])
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--out", help="write the markdown report here (e.g. bench/results/rope_cpu.md)")
     args = ap.parse_args(argv)
-    if "cpu" not in dpe_kernels.available_backends("cpu"):
-        sys.exit(f"the CPU extension is not loaded: {dpe_kernels._ext.EXT_ERROR}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is visible")
+    if not fused_backends(args.device):
+        sys.exit(f"no compiled backend for {args.device} (extension: {dpe_kernels._ext.EXT_ERROR})")
     dtypes = [getattr(torch, d) for d in args.dtypes]
-    machine = machine_description()
+    machine = machine_description(args.device)
     print(machine)
-    print(HEADER)
-    rows = run_table(args.tokens, dtypes, args.masks, args.repeats)
+    print(header(args.device))
+    rows = run_table(args.tokens, dtypes, args.masks, args.repeats, args.device)
+    where = "the CPU" if args.device == "cpu" else "a GPU"
     if args.out:
         with open(args.out, "w") as f:
-            f.write(report_preamble("DPE rotary step on the CPU: fused kernel vs unfused reference vs memory copy",
+            f.write(report_preamble(f"DPE rotary step on {where}: fused kernel vs unfused reference vs memory copy",
                                     __file__, argv, machine))
             f.write(f"- Shapes: q [T, {H_Q}, {HEAD_DIM}], k [T, {H_K}, {HEAD_DIM}], positions 0..T-1, "
                     f"window {WINDOW}, scales {SCALES}; mask `per_q` = 48 of 64 pairs per query head "
                     f"(k_scaled then has {H_Q} heads), `none` = every pair scaled.\n")
-            f.write("- Each time is the best of several calls after a warm-up, all measured in this one run. "
-                    "`cpu`/`copy` allocate their outputs (and pay first-touch page faults); "
-                    "`cpu_out`/`copy_out` write preallocated buffers. GB/s counts q and k read once plus the "
-                    "four outputs written.\n\n")
-            f.write(HEADER + "\n")
+            f.write("- Each time is the best of several calls after a warm-up, all measured in this one run "
+                    "(on a GPU: the best of several bursts of 20 calls, each burst's mean). "
+                    "`cpu`/`cuda`/`triton`/`copy` allocate their outputs (on the CPU they pay first-touch page "
+                    "faults); `*_out`/`copy_out` write preallocated buffers. GB/s counts q and k read once plus "
+                    "the four outputs written.\n\n")
+            f.write(header(args.device) + "\n")
             for row in rows:
                 f.write(format_row(row) + "\n")
         print(f"wrote {args.out}")

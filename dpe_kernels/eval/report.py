@@ -117,8 +117,10 @@ def summary_markdown(records: Sequence[dict], title: str = "DPE evaluation", not
     if notes:
         out += [notes.rstrip(), ""]
     models = sorted({str(r.get("model")) for r in records})
+    devices = sorted({str(r["device"]) for r in records if r.get("device")})
     out += [f"Generated {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} on {platform.machine()} "
-            f"({os.cpu_count()} CPUs), model(s): {', '.join(models)}.", ""]
+            f"({os.cpu_count()} CPUs), model(s): {', '.join(models)}; samples run on: "
+            f"{'; '.join(devices) or 'not recorded'}.", ""]
     for task in ("passkey", "niah", "ppl"):
         for (model, fmt), recs in _groups(records, task).items():
             trains = {r.get("train_length") for r in recs}

@@ -159,6 +159,14 @@ def _run_one(model, tokenizer, spec: EvalSpec, length: int, depth, sample: int) 
             "seconds": round(dt, 3), "prompt_tokens": len(ids)}
 
 
+def device_name(model) -> str:
+    """Where the model runs, for the records: "cpu (N cores)" or the GPU's name."""
+    dev = next(model.parameters()).device
+    if dev.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(dev)}"
+    return f"{dev.type} ({os.cpu_count()} cores)"
+
+
 def run_eval(model, tokenizer, spec: EvalSpec, out_path, *, progress: bool = True, log=None) -> List[dict]:
     """Run (or resume) ``spec``; append one record per sample to ``out_path``; return the new records."""
     from tqdm.auto import tqdm
@@ -182,7 +190,7 @@ def run_eval(model, tokenizer, spec: EvalSpec, out_path, *, progress: bool = Tru
     write = log or bar.write
     base = {"task": spec.task, "model": spec.model_name,
             "format": "text" if spec.task == "ppl" else spec.fmt, "haystack": spec.haystack,
-            "train_length": T, "seed": spec.seed}
+            "train_length": T, "seed": spec.seed, "device": device_name(model)}
     try:
         # Length-major: every method at the shortest length first, so an interrupted run has
         # comparable rows for all methods (skip-after-0 only needs the shorter lengths done).

