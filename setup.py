@@ -37,7 +37,7 @@ def _extensions():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         ext = CUDAExtension(
             "dpe_kernels._C",
-            sources + ["csrc/rope.cu"],
+            sources + ["csrc/rope_cuda.cu"],
             include_dirs=include,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=["-fopenmp"],

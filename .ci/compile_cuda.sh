@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Compile-only check of the CUDA sources (no GPU needed, nothing is linked or run).
 #
-# CI has nvcc but a CPU build of torch, so setup.py never builds rope.cu there
+# CI has nvcc but a CPU build of torch, so setup.py never builds rope_cuda.cu there
 # (it needs torch.version.cuda). This script compiles, with `nvcc -c`, for
 # sm_80 and sm_90:
-#   1. csrc/rope.cu, the launcher, against the torch headers with the flags
+#   1. csrc/rope_cuda.cu, the launcher, against the torch headers with the flags
 #      torch's BuildExtension/CUDAExtension + our setup.py pass to nvcc;
 #   2. csrc/tests/rope_cuda_standalone.cu, which includes only
 #      dpe/rope_cuda.cuh (no torch) and instantiates the kernel for
@@ -12,7 +12,7 @@
 # Then it checks each object holds SASS for every arch, and that the kernel's
 # PTX has no sin.approx/cos.approx (the header promises accurate sincosf).
 #
-# rope.cu includes only c10/cuda stream/guard headers (not ATen/cuda/
+# rope_cuda.cu includes only c10/cuda stream/guard headers (not ATen/cuda/
 # CUDAContext.h, which pulls in cuBLAS/cuSPARSE/cuSOLVER headers that a bare
 # nvcc install lacks). The torch CPU wheel lacks one generated header,
 # c10/cuda/impl/cuda_cmake_macros.h. Its only content is
@@ -24,7 +24,7 @@
 #   PYTHON                 python with torch (default: python3)
 #   NVCC                   nvcc (default: nvcc on PATH)
 #   DPE_CUDA_ARCHS         space-separated SM numbers (default: "80 90")
-#   DPE_CUDA_STD           C++ standard of the rope.cu compile (default: c++20,
+#   DPE_CUDA_STD           C++ standard of the rope_cuda.cu compile (default: c++20,
 #                          what torch 2.13's BuildExtension adds when setup.py
 #                          passes no -std, as now)
 #   DPE_CUDA_KERNEL_STD    C++ standard of the torch-free kernel TU (default:
@@ -254,7 +254,7 @@ if [[ $FAILED == 0 ]]; then
 fi
 
 # 2. the launcher, with the torch headers and torch's extension flags.
-compile "launcher, torch headers, -std=${CXX_STD}" csrc/rope.cu "${TORCH_FLAGS[@]}"
+compile "launcher, torch headers, -std=${CXX_STD}" csrc/rope_cuda.cu "${TORCH_FLAGS[@]}"
 
 if [[ $FAILED != 0 ]]; then
   die "CUDA compile check failed after ${SECONDS} s"

@@ -6,7 +6,7 @@
 // torch.ops.dpe_kernels.rope_out(..., q_normal, k_normal, q_scaled, k_scaled)
 //   writes the same results into caller-provided contiguous outputs.
 // The fake (meta) implementation lives in dpe_kernels/_ops.py; the CUDA
-// implementation in rope.cu.
+// implementation in rope_cuda.cu.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/extension.h>

@@ -1,5 +1,5 @@
 // Tensor-side half of the rope op, shared by the CPU (rope.cpp) and CUDA
-// (rope.cu) launchers: argument checks, output allocation, and the fill of
+// (rope_cuda.cu) launchers: argument checks, output allocation, and the fill of
 // dpe::RopeParams. The Python layer (dpe_kernels/rope.py) validates first
 // and raises ValueError/TypeError naming the argument; these checks are the
 // same contract for callers that reach torch.ops.dpe_kernels.rope directly.

@@ -1,7 +1,7 @@
 // Torch-free compile check of the CUDA kernel header (.ci/compile_cuda.sh).
 //
 // Includes only dpe/rope_cuda.cuh and instantiates dpe::launch_rope_cuda for
-// every (scalar_t, pos_t) pair the launcher (csrc/rope.cu) dispatches, so the
+// every (scalar_t, pos_t) pair the launcher (csrc/rope_cuda.cu) dispatches, so the
 // kernel header is proven to build with no torch header on the include path.
 // Compiled with `nvcc -c` only; never linked or run.
 #include <cuda_bf16.h>
