@@ -154,7 +154,7 @@ def cmd_demo(args) -> int:
     from .eval import methods as M
     from .eval.generate import greedy_generate
     from .eval.passkey import PASSKEY_MAX_NEW_TOKENS, passkey_key, passkey_prompt, passkey_stop, score_passkey
-    from .models import train_length
+    from .models import sdpa_without_native_gqa, train_length
 
     model, tok = _load(args)
     T = train_length(model)
@@ -172,7 +172,9 @@ def cmd_demo(args) -> int:
         print(f"\n[{name}] {params} ... running", flush=True)
         handle = M.apply(model, name, kw)
         try:
-            text, _, secs = greedy_generate(model, tok, prompt.tensor(), PASSKEY_MAX_NEW_TOKENS, stop=passkey_stop)
+            with sdpa_without_native_gqa(model):
+                text, _, secs = greedy_generate(model, tok, prompt.tensor(), PASSKEY_MAX_NEW_TOKENS,
+                                                stop=passkey_stop)
         finally:
             handle.remove()
         ok = score_passkey(text, key) == 1.0
@@ -204,7 +206,10 @@ def cmd_eval(args) -> int:
                         dpe_config=_dpe_config(args), skip_zero=args.skip_zero, seed=args.seed,
                         bucket=args.bucket)
         model, tok = _load(args)
-        run_eval(model, tok, spec, jsonl, progress=args.progress)
+        from .models import sdpa_without_native_gqa
+
+        with sdpa_without_native_gqa(model):
+            run_eval(model, tok, spec, jsonl, progress=args.progress)
     records = read_records(jsonl)
     if not records:
         print(f"dpe: no records in {jsonl}", file=sys.stderr)

@@ -11,6 +11,7 @@ Every path sets ``HF_HUB_OFFLINE=1`` and passes ``local_files_only=True``.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 __all__ = [
+    "sdpa_without_native_gqa",
     "ModelNotAvailableError", "MODELS", "load_model", "load_smollm2", "smollm2_gguf_path",
     "tiny_random_llama", "ByteTokenizer", "train_length",
 ]
@@ -213,3 +215,32 @@ def train_length(model) -> int:
         if isinstance(rp, dict) and rp.get("original_max_position_embeddings"):
             return int(rp["original_max_position_embeddings"])
     return int(getattr(cfg, "max_position_embeddings", 0) or 0) or 4096
+
+
+@contextlib.contextmanager
+def sdpa_without_native_gqa(model):
+    """While the block runs, Hugging Face's SDPA attention repeats the K/V heads of a CUDA float32
+    ``model`` instead of passing ``enable_gqa=True`` to ``scaled_dot_product_attention``.
+
+    Why: on CUDA, float32 SDPA uses the memory-efficient kernel, which has no native GQA; with
+    ``enable_gqa=True`` PyTorch falls back to the math kernel, which materialises the S x S
+    scores (36 GiB per layer for SmolLM2 at 32K tokens: out of memory on an 80 GiB GPU). Repeating
+    K/V is the same arithmetic in O(S) memory. Used by the evaluation commands only (the DPE
+    attention path does not go through HF's SDPA); a no-op on the CPU and for 16-bit models.
+    Restores the original function on exit.
+    """
+    p = next(model.parameters())
+    if p.device.type != "cuda" or p.dtype != torch.float32:
+        yield
+        return
+    from transformers.integrations import sdpa_attention as sa
+
+    if not hasattr(sa, "use_gqa_in_sdpa"):
+        yield
+        return
+    original = sa.use_gqa_in_sdpa
+    sa.use_gqa_in_sdpa = lambda *args, **kwargs: False
+    try:
+        yield
+    finally:
+        sa.use_gqa_in_sdpa = original

@@ -426,3 +426,19 @@ def test_package_imports_without_transformers():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 0, r.stderr
+
+
+def test_sdpa_without_native_gqa_is_scoped():
+    """A no-op for CPU models; never leaves HF's function replaced after the block."""
+    from transformers.integrations import sdpa_attention as sa
+
+    from dpe_kernels.models import sdpa_without_native_gqa
+
+    original = sa.use_gqa_in_sdpa
+    model = torch.nn.Linear(2, 2)
+    with sdpa_without_native_gqa(model):
+        assert sa.use_gqa_in_sdpa is original  # CPU float32: untouched
+    with pytest.raises(RuntimeError, match="boom"):
+        with sdpa_without_native_gqa(model):
+            raise RuntimeError("boom")
+    assert sa.use_gqa_in_sdpa is original
