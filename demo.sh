@@ -26,5 +26,7 @@ fi
 
 echo "== dpe demo $*"
 # `python3 -m dpe_kernels.cli` is the `dpe` console script (works before a shell rehash too).
-HF_HUB_OFFLINE=1 python3 -m dpe_kernels.cli demo "$@"
+# Run from outside the checkout: from inside it, Python would import the source tree, which
+# holds no compiled extension after a (non-editable) `pip install .`.
+(cd "${TMPDIR:-/tmp}" && HF_HUB_OFFLINE=1 python3 -m dpe_kernels.cli demo "$@")
 echo "== demo.sh took $(( $(date +%s) - start )) s"

@@ -79,6 +79,60 @@ def format_choice(jsonl: str):
     return best, {f: tuple(c) for f, c in counts.items()}
 
 
+def _passkey_accuracy(jsonl: str, fmt: str):
+    """{(method, length): (correct, samples)} of the passkey records in prompt format fmt."""
+    acc = {}
+    with open(jsonl) as fh:
+        for line in fh:
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if r.get("task") != "passkey" or r.get("format") != fmt or r.get("skipped"):
+                continue
+            c = acc.setdefault((r["method"], int(r["length"])), [0, 0])
+            c[0] += int(bool(r.get("correct")))
+            c[1] += 1
+    return acc
+
+
+def verdict(jsonl: str, fmt: str) -> str:
+    """The issue's three passkey targets, checked against the records (markdown)."""
+    acc = _passkey_accuracy(jsonl, fmt)
+
+    def a(m, L):
+        c = acc.get((m, L))
+        return None if not c else c[0] / c[1]
+
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.0f}%"
+
+    ref = a("rope", 4096)
+    lines = ["## Targets (computed from the records by bench/eval_quality.py)", "",
+             "| target | measured | met |", "|---|---|---|"]
+    for L in (16384, 32768):
+        d = a("dpe", L)
+        ok = d is not None and ref is not None and d >= 0.9 * ref
+        lines.append(f"| DPE at {L // 1024}K >= 90% of plain RoPE at 4K ({pct(ref)}) | {pct(d)} | "
+                     f"{'yes' if ok else '**no**'} |")
+    for L in (4096, 8192):
+        d, r = a("dpe", L), a("rope", L)
+        ok = d is not None and r is not None and d >= r
+        lines.append(f"| DPE not below plain RoPE at {L // 1024}K | DPE {pct(d)}, RoPE {pct(r)} | "
+                     f"{'yes' if ok else '**no**'} |")
+    lengths = sorted({L for (m, L) in acc})
+    for L in lengths:
+        d = a("dpe", L)
+        others = {m: a(m, L) for m in METHODS if m != "dpe" and a(m, L) is not None}
+        best = max(others.items(), key=lambda kv: kv[1]) if others else None
+        ok = d is not None and (best is None or d >= best[1])
+        lines.append(f"| DPE at least as good as every baseline at {L // 1024}K | DPE {pct(d)}, best baseline "
+                     f"{best[0] + ' ' + pct(best[1]) if best else 'n/a'} | {'yes' if ok else '**no**'} |")
+    lines.append("")
+    lines.append("(A baseline skipped at a length after scoring 0 at a shorter one counts as below DPE there.)")
+    return "\n".join(lines) + "\n"
+
+
 def commands(name: str, gpu: bool, fmt: str, with_niah: bool, extra=()):
     out, jsonl, table = paths(name)
     io = ["--out-dir", out, "--jsonl", jsonl, *extra]
@@ -111,6 +165,8 @@ def main(argv=None):
                     help="also run the 4-needle NIAH (default: on a GPU only)")
     ap.add_argument("--report-only", action="store_true", help="only rebuild the table and plots")
     ap.add_argument("--notes", default=None, help="@file: extra text put above the generated notes")
+    ap.add_argument("--produced-by", default=None,
+                    help="command named in the report (default: this script's command line)")
     args = ap.parse_args(argv)
     sys.path.insert(0, os.path.dirname(HERE))
     import torch
@@ -148,7 +204,9 @@ def main(argv=None):
     format_line = ", ".join(f"{f} {c[0]}/{c[1]}" for f, c in counts.items()) + f" correct -> **{fmt}**"
     cmd = "python bench/eval_quality.py" + (f" --name {args.name}" if args.name != "quality_smollm2" else "") + \
         (f" --device {args.device}" if args.device != "auto" else "")
-    notes = NOTES.format(command=cmd, dpe_what=DPE_STARTING, format_line=format_line)
+    notes = NOTES.format(command=args.produced_by or cmd, dpe_what=DPE_STARTING, format_line=format_line)
+    if os.path.isfile(jsonl):
+        notes += "\n" + verdict(jsonl, fmt)
     if args.notes:
         notes = open(args.notes[1:] if args.notes.startswith("@") else args.notes).read().rstrip() + "\n\n" + notes
     return run(report + ["--notes", notes])

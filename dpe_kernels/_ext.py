@@ -16,8 +16,18 @@ try:
     HAS_EXT = True
     EXT_ERROR = None
 except Exception as e:  # ImportError, or OSError from an ABI mismatch
+    import os as _os
+
     HAS_EXT = False
     EXT_ERROR = f"{type(e).__name__}: {e}"
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    if isinstance(e, ImportError) and _os.path.isfile(_os.path.join(_here, "..", "setup.py")) and not any(
+            f.startswith("_C.") for f in _os.listdir(_here)):
+        # The usual cause: Python found the source checkout (the current directory) before the
+        # installed package, and a non-editable install builds _C only into site-packages.
+        EXT_ERROR = (f"dpe_kernels was imported from the source tree {_here}, which holds no built "
+                     "extension (dpe_kernels/_C*.so); run from another directory to use the installed "
+                     "package, or install in place with `pip install --no-build-isolation -e .`")
     warnings.warn(
         "dpe_kernels: the compiled extension could not be loaded "
         f"({EXT_ERROR}); falling back to the PyTorch reference (and Triton on CUDA). "
