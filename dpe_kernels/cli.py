@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="dpe", description="DPE: training-free long-context extension for RoPE models (demo, eval, bench).")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,eval,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,eval,bench,select-dims,detect}")
     sub.required = True
 
     d = sub.add_parser("demo", help="passkey retrieval beyond the pre-training length: plain RoPE vs DPE",
@@ -108,6 +108,49 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--help` lists them.")
     b.add_argument("which", choices=("rope", "attention"), help="which benchmark")
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
+
+    from .calibrate import SCORERS
+
+    s = sub.add_parser("select-dims", help="calibration step 1: score every (layer, head, pair), write top-k masks",
+                       description="Run the model over the essays at several lengths; forward hooks on every "
+                                   "layer's q_proj / k_proj accumulate C[l,h,i] = mean_t |q_t^(i)| |k_t^(i)| of the "
+                                   "pre-RoPE q and k (k from KV head h // n_rep) while streaming. Writes "
+                                   "safetensors: scores [L,H_q,P], mask (top-k per query head), scores_kv "
+                                   "[L,H_k,P], mask_kv. Pass it to `dpe detect --mask FILE`.")
+    s.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096],
+                   help="text lengths in tokens (default: 1024 2048 4096)")
+    s.add_argument("--samples", type=int, default=2, help="texts per length (default: 2)")
+    s.add_argument("--top-k", type=int, default=None, help="pairs kept per head (default: round(0.75 P), the "
+                                                          "paper's 48 of 64)")
+    s.add_argument("--layout", default="neox", choices=("neox", "gptj"), help="pair layout (default: neox, HF)")
+    s.add_argument("--out", default="dims.safetensors", help="output file (default: dims.safetensors)")
+    s.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    _add_model_args(s)
+
+    t = sub.add_parser("detect", help="calibration step 2: per-group scale sweep at the target length -> config JSON",
+                       description="Sweep one group's scale at a time over --scales while the other groups stay "
+                                   "at 2 x target / train (rounded up), score each configuration at the target "
+                                   "length, keep each group's best scale. Tie-break: higher mean score, then the "
+                                   "scale closest (log2) to the others' default, then the smaller scale. One "
+                                   "JSONL record per run: rerunning resumes. Writes a DPEConfig JSON (with the "
+                                   "mask when --mask is given).")
+    t.add_argument("--target-length", type=int, default=16384, help="target length in tokens (default: 16384)")
+    t.add_argument("--scales", nargs="+", type=int, default=[1, 2, 4, 8, 16],
+                   help="scales tried per group (default: 1 2 4 8 16)")
+    t.add_argument("--scorer", default="ppl", choices=SCORERS,
+                   help="ppl: minus the mean loss beyond the pre-training length (cheap proxy, one forward); "
+                        "passkey / niah: retrieval accuracy (default: ppl)")
+    t.add_argument("--samples", type=int, default=1, help="samples per configuration (default: 1)")
+    t.add_argument("--window", type=int, default=1024, help="DPE window (default: 1024)")
+    t.add_argument("--groups", type=int, default=8, help="groups of equal size (default: 8)")
+    t.add_argument("--mask", default=None, help="a `dpe select-dims` file; its per-query-head mask is used "
+                                                "(FILE:kv for the per-KV-head one)")
+    t.add_argument("--train-length", type=int, default=None, help="pre-training length (default: model config)")
+    t.add_argument("--out", default="dpe_config.json", help="config JSON (default: dpe_config.json)")
+    t.add_argument("--jsonl", default=None, help="sweep records (default: OUT with .jsonl)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the keys / needles (default: 0)")
+    t.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    _add_model_args(t)
     return parser
 
 
@@ -252,10 +295,49 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_select_dims(args) -> int:
+    from .calibrate import select_dims
+
+    _setup(args)
+    model, tok = _load(args)
+    t0 = time.perf_counter()
+    res = select_dims(model, tok, lengths=args.lengths, samples=args.samples, top_k=args.top_k, out=args.out,
+                      layout=args.layout, progress=args.progress)
+    L, hq, P = res["scores"].shape
+    print(f"wrote {args.out}: scores [{L}, {hq}, {P}], top-{int(res['mask'][0, 0].sum())} masks per query head "
+          f"and per KV head ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def cmd_detect(args) -> int:
+    from .calibrate import detect, load_dims_mask
+
+    _setup(args)
+    mask = None
+    if args.mask:
+        path, _, which = args.mask.partition(":")
+        mask = load_dims_mask(path, which or "q")
+    model, tok = _load(args)
+    from .models import sdpa_without_native_gqa
+
+    jsonl = args.jsonl or str(Path(args.out).with_suffix(".jsonl"))
+    with sdpa_without_native_gqa(model):
+        cfg, records = detect(model, tok, target_length=args.target_length, train_length=args.train_length,
+                              scales=args.scales, scorer=args.scorer, samples=args.samples, window=args.window,
+                              num_groups=args.groups, mask=mask, jsonl=jsonl, progress=args.progress,
+                              seed=args.seed)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    cfg.to_json(args.out)
+    print(f"wrote {args.out} (scales {list(cfg.scales)}, window {cfg.window}"
+          f"{', mask ' + args.mask if args.mask else ''}); {len(records)} sweep records in {jsonl}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return {"demo": cmd_demo, "eval": cmd_eval, "bench": cmd_bench}[args.command](args)
+    return {"demo": cmd_demo, "eval": cmd_eval, "bench": cmd_bench, "select-dims": cmd_select_dims,
+            "detect": cmd_detect}[args.command](args)
 
 
 if __name__ == "__main__":
