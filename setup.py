@@ -61,7 +61,7 @@ setup(
     packages=find_packages(include=["dpe_kernels", "dpe_kernels.*"]) + ["dpe_kernels._bench"],
     # bench/*.py ship inside the package as dpe_kernels._bench so an installed `dpe bench` can run them.
     package_dir={"dpe_kernels._bench": "bench"},
-    package_data={"dpe_kernels": ["data/*.json"]},
+    package_data={"dpe_kernels": ["data/*.json", "presets/*.json"]},
     include_package_data=True,
     entry_points={"console_scripts": ["dpe = dpe_kernels.cli:main"]},
     python_requires=">=3.9",

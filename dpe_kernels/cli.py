@@ -18,6 +18,7 @@ from typing import List, Optional
 __all__ = ["main", "build_parser"]
 
 _DTYPES = ("float32", "bfloat16", "float16")
+DEMO_PRESET = "smollm2-135m"  # the calibrated SmolLM2 preset the demo uses
 
 
 def _add_model_args(p: argparse.ArgumentParser):
@@ -30,12 +31,15 @@ def _add_model_args(p: argparse.ArgumentParser):
                    help="cpu, cuda, cuda:1, ... (default: auto = cuda when available, else cpu)")
 
 
-def _add_dpe_args(p: argparse.ArgumentParser):
-    p.add_argument("--preset", "--dpe-preset", dest="dpe_preset", default="auto",
-                   help="DPE scales: auto (from the model's frequencies and the extension factor, see "
-                        "dpe_kernels/eval/methods.py), uniform, or a published preset "
-                        "(llama3-8b, llama3-8b-config, llama3.1-8b, qwen2.5-7b, mistral-7b-v0.2; 64-pair "
-                        "models) (default: auto)")
+def _add_dpe_args(p: argparse.ArgumentParser, default_help: str = "auto"):
+    from .eval.methods import CALIBRATED_PRESETS, DPE_PRESETS
+
+    p.add_argument("--preset", "--dpe-preset", dest="dpe_preset", default=None,
+                   help="DPE configuration: auto (the uncalibrated starting scales from the model's frequencies "
+                        "and the extension factor, see dpe_kernels/eval/methods.py), uniform, a published preset "
+                        f"({', '.join(DPE_PRESETS)}; 64-pair models, scales only) or a calibrated preset shipped "
+                        f"with its key-dimension mask ({', '.join(CALIBRATED_PRESETS) or 'none'}) "
+                        f"(default: {default_help})")
     p.add_argument("--config", "--dpe-config", dest="dpe_config", default=None,
                    help="DPEConfig JSON file (DPEConfig.to_json); overrides --preset")
     p.add_argument("--target-length", type=int, default=None,
@@ -64,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--methods", nargs="+", default=["rope", "dpe"], choices=METHODS,
                    help="methods to run (default: rope dpe)")
     _add_model_args(d)
-    _add_dpe_args(d)
+    _add_dpe_args(d, default_help=f"{DEMO_PRESET} for SmolLM2 (calibrated), auto for other models")
 
     e = sub.add_parser("eval", help="passkey / niah / ppl over methods and lengths (resumable JSONL, table, plots)",
                        description="Evaluate methods x lengths x depths x samples. Every sample is one JSONL "
@@ -207,6 +211,11 @@ def cmd_demo(args) -> int:
           f"length), key {key} at depth {args.depth:.0%} (token {prompt.needle_positions[0]}), "
           f"format {args.fmt}", flush=True)
     cfg = _dpe_config(args)
+    if args.dpe_preset is None:
+        from .eval.methods import CALIBRATED_PRESETS
+
+        smol = str(args.model).lower() in ("smollm2", "smollm2-135m-instruct")
+        args.dpe_preset = DEMO_PRESET if smol and DEMO_PRESET in CALIBRATED_PRESETS else "auto"
     results = []
     for name in args.methods:
         kw = M.method_kwargs(model, name, args.length, T, target_length=args.target_length,
@@ -245,7 +254,7 @@ def cmd_eval(args) -> int:
         spec = EvalSpec(task=args.task, methods=args.methods, lengths=args.lengths,
                         depths=parse_depths(args.depths), samples=args.samples, fmt=args.fmt,
                         haystack=args.haystack, model_name=args.model, train_length=args.train_length,
-                        target_length=args.target_length, dpe_preset=args.dpe_preset,
+                        target_length=args.target_length, dpe_preset=args.dpe_preset or "auto",
                         dpe_config=_dpe_config(args), skip_zero=args.skip_zero, seed=args.seed,
                         bucket=args.bucket)
         model, tok = _load(args)

@@ -194,3 +194,27 @@ def test_cli_calibration_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main([cmd, "--help"])
     assert e.value.code == 0 and "usage" in capsys.readouterr().out
+
+
+def test_calibrated_presets(tiny, tmp_path, monkeypatch, capsys):
+    """A config JSON in dpe_kernels/presets/ is a --preset name (with its mask) for eval and demo."""
+    from dpe_kernels.eval import methods as M
+
+    model, _ = tiny
+    monkeypatch.setattr(M, "_PRESET_DIR", tmp_path)
+    mask = torch.zeros(2, 4, 8, dtype=torch.bool)
+    mask[..., :6] = True
+    DPEConfig.uniform(32, [1, 2, 2, 4, 4, 8, 8, 8], 8, mask=mask).to_json(tmp_path / "tiny-cal.json")
+    assert "tiny-cal" in M.preset_names() and "llama3-8b" in M.preset_names()
+    cfg = M.dpe_config_for(model, 300, 256, preset="tiny-cal")
+    assert list(cfg.scales) == [1, 2, 2, 4, 4, 8, 8, 8] and torch.equal(cfg.mask, mask)
+    with pytest.raises(ValueError, match="unknown DPE preset 'nope'"):
+        M.dpe_config_for(model, 300, 256, preset="nope")
+    with pytest.raises(ValueError, match="unknown calibrated preset"):
+        M.load_preset("nope")
+    DPEConfig.uniform(32, [2] * 4, 16).to_json(tmp_path / "wide.json")
+    with pytest.raises(ValueError, match="covers 16 pairs"):
+        M.dpe_config_for(model, 300, 256, preset="wide")
+    assert cli.main(["demo", "--model", "tiny-random-llama", "--length", "300", "--methods", "dpe",
+                     "--preset", "tiny-cal"]) == 0
+    assert "scales [1, 2, 2, 4, 4, 8, 8, 8], mask" in capsys.readouterr().out

@@ -23,13 +23,14 @@ at 16K, all 2 up to 8K.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..config import DPEConfig
 
-__all__ = ["METHODS", "DPE_PRESETS", "extension_factor", "dpe_auto_scales", "dpe_config_for",
+__all__ = ["METHODS", "DPE_PRESETS", "CALIBRATED_PRESETS", "preset_names", "load_preset", "extension_factor", "dpe_auto_scales", "dpe_config_for",
            "method_kwargs", "apply", "describe"]
 
 METHODS = ("rope", "pi", "ntk", "yarn", "self_extend", "dpe")
@@ -44,6 +45,32 @@ DPE_PRESETS: Dict[str, Tuple[int, ...]] = {
     "qwen2.5-7b": (2, 16, 8, 8, 32, 8, 2, 4),
     "mistral-7b-v0.2": (4, 16, 2, 16, 32, 16, 16, 2),
 }
+
+
+# Calibrated configurations shipped with the package (dpe_kernels/presets/NAME.json, written by
+# `dpe detect`; window, groups, scales and the key-dimension mask of every layer). How each was
+# made is in its README section and bench/results/calibration_smollm2.md.
+_PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+
+def _calibrated() -> Dict[str, Path]:
+    return {p.stem: p for p in sorted(_PRESET_DIR.glob("*.json"))} if _PRESET_DIR.is_dir() else {}
+
+
+CALIBRATED_PRESETS = tuple(_calibrated())
+
+
+def preset_names() -> List[str]:
+    """Every name --preset accepts."""
+    return ["auto", "uniform", *DPE_PRESETS, *_calibrated()]
+
+
+def load_preset(name: str) -> DPEConfig:
+    """A shipped calibrated preset as a :class:`DPEConfig` (with its mask)."""
+    found = _calibrated()
+    if name not in found:
+        raise ValueError(f"unknown calibrated preset {name!r}; shipped: {sorted(found)}")
+    return DPEConfig.from_json(found[name])
 
 
 def extension_factor(length: int, train_len: int, target_length: Optional[int] = None) -> float:
@@ -93,8 +120,13 @@ def dpe_config_for(model, length: int, train_len: int, *, target_length: Optiona
         scales = [2 * math.ceil(f)] * NUM_GROUPS
     elif preset in DPE_PRESETS:
         scales = list(DPE_PRESETS[preset])
+    elif preset in _calibrated():
+        cfg = load_preset(preset)
+        if cfg.num_pairs != p:
+            raise ValueError(f"preset {preset!r} covers {cfg.num_pairs} pairs, the model rotates {p}")
+        return cfg
     else:
-        raise ValueError(f"unknown DPE preset {preset!r}: choose auto, uniform or one of {sorted(DPE_PRESETS)}")
+        raise ValueError(f"unknown DPE preset {preset!r}: choose one of {preset_names()}")
     return DPEConfig.uniform(window=window, scales=scales, num_pairs=p)
 
 
