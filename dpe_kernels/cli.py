@@ -40,6 +40,9 @@ def _add_dpe_args(p: argparse.ArgumentParser, default_help: str = "auto"):
                         f"({', '.join(DPE_PRESETS)}; 64-pair models, scales only) or a calibrated preset shipped "
                         f"with its key-dimension mask ({', '.join(CALIBRATED_PRESETS) or 'none'}) "
                         f"(default: {default_help})")
+    p.add_argument("--mask", dest="dpe_mask", default=None,
+                   help="key-dimension mask from a `dpe select-dims` file, FILE (per query head) or FILE:kv "
+                        "(per KV head); replaces the mask of the preset / config")
     p.add_argument("--config", "--dpe-config", dest="dpe_config", default=None,
                    help="DPEConfig JSON file (DPEConfig.to_json); overrides --preset")
     p.add_argument("--target-length", type=int, default=None,
@@ -186,6 +189,16 @@ def _load(args):
     return model, tok
 
 
+def _dpe_mask(args):
+    """The --mask FILE[:q|kv] of a `dpe select-dims` file, or None."""
+    if not args.dpe_mask:
+        return None
+    from .calibrate import load_dims_mask
+
+    path, _, which = args.dpe_mask.partition(":")
+    return load_dims_mask(path, which or "q")
+
+
 def _dpe_config(args):
     if not args.dpe_config:
         return None
@@ -211,6 +224,7 @@ def cmd_demo(args) -> int:
           f"length), key {key} at depth {args.depth:.0%} (token {prompt.needle_positions[0]}), "
           f"format {args.fmt}", flush=True)
     cfg = _dpe_config(args)
+    mask = _dpe_mask(args)
     if args.dpe_preset is None:
         from .eval.methods import CALIBRATED_PRESETS
 
@@ -219,7 +233,7 @@ def cmd_demo(args) -> int:
     results = []
     for name in args.methods:
         kw = M.method_kwargs(model, name, args.length, T, target_length=args.target_length,
-                             dpe_preset=args.dpe_preset, dpe_config=cfg)
+                             dpe_preset=args.dpe_preset, dpe_config=cfg, dpe_mask=mask)
         params = M.describe(name, kw)
         print(f"\n[{name}] {params} ... running", flush=True)
         handle = M.apply(model, name, kw)
@@ -255,7 +269,7 @@ def cmd_eval(args) -> int:
                         depths=parse_depths(args.depths), samples=args.samples, fmt=args.fmt,
                         haystack=args.haystack, model_name=args.model, train_length=args.train_length,
                         target_length=args.target_length, dpe_preset=args.dpe_preset or "auto",
-                        dpe_config=_dpe_config(args), skip_zero=args.skip_zero, seed=args.seed,
+                        dpe_config=_dpe_config(args), dpe_mask=_dpe_mask(args), skip_zero=args.skip_zero, seed=args.seed,
                         bucket=args.bucket)
         model, tok = _load(args)
         from .models import sdpa_without_native_gqa

@@ -132,6 +132,7 @@ def dpe_config_for(model, length: int, train_len: int, *, target_length: Optiona
 
 def method_kwargs(model, name: str, length: int, train_len: int, *, target_length: Optional[int] = None,
                   dpe_preset: str = "auto", dpe_config: Optional[DPEConfig] = None,
+                  dpe_mask: Optional[torch.Tensor] = None,
                   window: int = WINDOW) -> dict:
     """Keyword arguments of :func:`dpe_kernels.baselines.apply_method` for ``name`` at ``length``."""
     f = extension_factor(length, train_len, target_length)
@@ -146,6 +147,8 @@ def method_kwargs(model, name: str, length: int, train_len: int, *, target_lengt
     if name == "dpe":
         cfg = dpe_config_for(model, length, train_len, target_length=target_length, preset=dpe_preset,
                              config=dpe_config, window=window)
+        if dpe_mask is not None:
+            cfg = cfg.with_mask(dpe_mask)
         return {"config": cfg}  # a key-dimension mask travels inside the config
     raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
 

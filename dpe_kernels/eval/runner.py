@@ -64,6 +64,7 @@ class EvalSpec:
     target_length: Optional[int] = None   # default: each length is its own target
     dpe_preset: str = "auto"
     dpe_config: Optional[DPEConfig] = None
+    dpe_mask: Optional[torch.Tensor] = None   # key-dimension mask [L, H, P] put on the DPE config
     skip_zero: bool = True
     seed: int = 0
     bucket: int = 1024                    # ppl bucket size in tokens
@@ -219,7 +220,8 @@ def run_eval(model, tokenizer, spec: EvalSpec, out_path, *, progress: bool = Tru
                         bar.update(len(todo))
                         continue
                 kw = M.method_kwargs(model, method, length, T, target_length=spec.target_length,
-                                     dpe_preset=spec.dpe_preset, dpe_config=spec.dpe_config)
+                                     dpe_preset=spec.dpe_preset, dpe_config=spec.dpe_config,
+                                     dpe_mask=spec.dpe_mask)
                 params = M.describe(method, kw)
                 handle = M.apply(model, method, kw)
                 scores, secs = [], []
