@@ -352,3 +352,16 @@ def test_nonfinite_inputs_propagate_like_reference(backend, dtype, mask_kind):
     for name, g, r in zip(RopeOutput._fields, got, ref):
         assert torch.equal(g.isnan(), r.isnan()), f"{name}: NaN pattern differs"
         assert torch.equal(g.isinf(), r.isinf()), f"{name}: inf pattern differs"
+
+
+def test_extension_sources_have_distinct_object_names():
+    """torch's ninja build names objects by source stem: csrc/rope.cpp and csrc/rope.cu would both
+    become rope.o and the CUDA build fails (it did once, on the first GPU machine)."""
+    import re
+    from pathlib import Path
+
+    setup = (Path(__file__).resolve().parent.parent / "setup.py").read_text()
+    sources = re.findall(r'"(csrc/[\w/]+\.(?:cpp|cu))"', setup)
+    assert "csrc/rope.cpp" in sources and any(s.endswith(".cu") for s in sources)
+    stems = [Path(s).with_suffix("").as_posix() for s in sources]
+    assert len(stems) == len(set(stems)), f"two sources build the same object: {sources}"
