@@ -27,7 +27,6 @@ skipping: about 15 h there. On one H100 the whole set takes minutes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -61,39 +60,28 @@ def paths(name: str):
     return out, os.path.join(out, "results.jsonl"), os.path.join(HERE, "results", name + ".md")
 
 
-def format_choice(jsonl: str):
-    """(chosen format, {format: (correct, samples)}) from the step-0 records: rope, passkey, 4K and 8K."""
-    counts = {f: [0, 0] for f in FORMATS}
-    if os.path.isfile(jsonl):
-        with open(jsonl) as fh:
-            for line in fh:
-                try:
-                    r = json.loads(line)
-                except ValueError:
-                    continue
-                if (r.get("task") == "passkey" and r.get("method") == "rope" and r.get("format") in counts
-                        and r.get("length") in (4096, 8192) and not r.get("skipped")):
-                    counts[r["format"]][0] += int(bool(r.get("correct")))
-                    counts[r["format"]][1] += 1
-    best = max(FORMATS, key=lambda f: (counts[f][0], f == "raw"))  # a tie keeps raw
-    return best, {f: tuple(c) for f, c in counts.items()}
-
-
 def _passkey_accuracy(jsonl: str, fmt: str):
     """{(method, length): (correct, samples)} of the passkey records in prompt format fmt."""
+    from dpe_kernels.eval.runner import read_records
+
     acc = {}
-    with open(jsonl) as fh:
-        for line in fh:
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue
-            if r.get("task") != "passkey" or r.get("format") != fmt or r.get("skipped"):
-                continue
-            c = acc.setdefault((r["method"], int(r["length"])), [0, 0])
-            c[0] += int(bool(r.get("correct")))
-            c[1] += 1
+    for r in read_records(jsonl) if os.path.isfile(jsonl) else []:
+        if r.get("task") != "passkey" or r.get("format") != fmt or r.get("skipped"):
+            continue
+        c = acc.setdefault((r["method"], int(r["length"])), [0, 0])
+        c[0] += int(bool(r.get("correct")))
+        c[1] += 1
     return acc
+
+
+def format_choice(jsonl: str):
+    """(chosen format, {format: (correct, samples)}) from the step-0 records: rope, passkey, 4K and 8K."""
+    counts = {}
+    for f in FORMATS:
+        acc = _passkey_accuracy(jsonl, f)
+        counts[f] = tuple(sum(acc.get(("rope", L), (0, 0))[i] for L in (4096, 8192)) for i in (0, 1))
+    best = max(FORMATS, key=lambda f: (counts[f][0], f == "raw"))  # a tie keeps raw
+    return best, counts
 
 
 def verdict(jsonl: str, fmt: str) -> str:

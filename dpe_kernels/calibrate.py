@@ -80,7 +80,6 @@ def key_dimension_scores(model, batches: Iterable[torch.Tensor], *, layout: str 
     total_scores = torch.zeros(L, hq, P, dtype=torch.float64)
     run = torch.zeros(L, hq, P, dtype=torch.float64)
     pending: Dict[int, torch.Tensor] = {}
-    tokens = [0]
     handles = []
 
     def q_hook(layer):
