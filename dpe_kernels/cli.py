@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--samples", type=int, default=1, help="samples per configuration (default: 1)")
     t.add_argument("--window", type=int, default=1024, help="DPE window (default: 1024)")
     t.add_argument("--groups", type=int, default=8, help="groups of equal size (default: 8)")
-    t.add_argument("--mask", default=None, help="a `dpe select-dims` file; its per-query-head mask is used "
+    t.add_argument("--mask", dest="dpe_mask", default=None, help="a `dpe select-dims` file; its per-query-head mask is used "
                                                 "(FILE:kv for the per-KV-head one)")
     t.add_argument("--train-length", type=int, default=None, help="pre-training length (default: model config)")
     t.add_argument("--out", default="dpe_config.json", help="config JSON (default: dpe_config.json)")
@@ -196,6 +196,10 @@ def _dpe_mask(args):
     from .calibrate import load_dims_mask
 
     path, _, which = args.dpe_mask.partition(":")
+    if not Path(path).is_file() or which not in ("", "q", "kv"):
+        print(f"dpe: --mask must be FILE or FILE:kv with FILE written by `dpe select-dims`; got "
+              f"{args.dpe_mask!r}", file=sys.stderr)
+        raise SystemExit(2)
     return load_dims_mask(path, which or "q")
 
 
@@ -333,13 +337,10 @@ def cmd_select_dims(args) -> int:
 
 
 def cmd_detect(args) -> int:
-    from .calibrate import detect, load_dims_mask
+    from .calibrate import detect
 
     _setup(args)
-    mask = None
-    if args.mask:
-        path, _, which = args.mask.partition(":")
-        mask = load_dims_mask(path, which or "q")
+    mask = _dpe_mask(args)
     model, tok = _load(args)
     from .models import sdpa_without_native_gqa
 
@@ -352,7 +353,7 @@ def cmd_detect(args) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     cfg.to_json(args.out)
     print(f"wrote {args.out} (scales {list(cfg.scales)}, window {cfg.window}"
-          f"{', mask ' + args.mask if args.mask else ''}); {len(records)} sweep records in {jsonl}")
+          f"{', mask ' + args.dpe_mask if args.dpe_mask else ''}); {len(records)} sweep records in {jsonl}")
     return 0
 
 

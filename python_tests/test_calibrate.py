@@ -218,3 +218,11 @@ def test_calibrated_presets(tiny, tmp_path, monkeypatch, capsys):
     assert cli.main(["demo", "--model", "tiny-random-llama", "--length", "300", "--methods", "dpe",
                      "--preset", "tiny-cal"]) == 0
     assert "scales [1, 2, 2, 4, 4, 8, 8, 8], mask" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cmd", ["eval", "detect"])
+def test_cli_bad_mask_argument(cmd, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([cmd, "--model", "tiny-random-llama", "--mask", str(tmp_path / "missing.safetensors"),
+                  "--out-dir" if cmd == "eval" else "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "--mask must be FILE" in capsys.readouterr().err
