@@ -20,7 +20,6 @@ Steps (each resumes from its files under bench/results/calibration_smollm2/):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -147,7 +146,7 @@ def report():
                   "`dpe_kernels/presets/smollm2-135m.json`.", ""]
     sweep = os.path.join(OUT, "detect.jsonl")
     if os.path.isfile(sweep):
-        sweep_recs = [json.loads(x) for x in open(sweep) if x.strip()]
+        sweep_recs = read_records(sweep)
         by = {}
         for r in sweep_recs:
             by.setdefault(tuple(r["scales"]), []).append(r)

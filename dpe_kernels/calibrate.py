@@ -258,6 +258,7 @@ def detect(model, tokenizer, *, target_length: int, train_length: Optional[int] 
     """Step 2: the per-group scale sweep at ``target_length``; returns (config, records)."""
     from tqdm.auto import tqdm
 
+    from .eval.runner import append_record, resume_records
     from .hf import apply_dpe
     from .models import train_length as model_train_length
 
@@ -279,15 +280,9 @@ def detect(model, tokenizer, *, target_length: int, train_length: Optional[int] 
             "masked": mask is not None, "seed": seed}
     done: Dict[tuple, dict] = {}
     records: List[dict] = []
-    path = Path(jsonl) if jsonl else None
-    if path is not None and path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue  # a line cut by an interruption
-            if all(r.get(k) == v for k, v in base.items()):
-                done[(tuple(r["scales"]), r["sample"])] = r
+    for r in resume_records(jsonl) if jsonl else []:
+        if all(r.get(k) == v for k, v in base.items()):
+            done[(tuple(r["scales"]), r["sample"])] = r
     plan = []
     seen = set()
     for g, s, sc in sweep_configs(num_groups, scales, default):
@@ -312,10 +307,8 @@ def detect(model, tokenizer, *, target_length: int, train_length: Optional[int] 
             rec = {**base, "group": g, "scale": s, "scales": list(sc), "sample": i, "score": score,
                    "seconds": round(time.perf_counter() - t0, 2)}
             records.append(rec)
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with open(path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+            if jsonl:
+                append_record(jsonl, rec)
             bar.update(1)
     finally:
         bar.close()

@@ -153,6 +153,16 @@ def test_detect_resumes_and_scores_each_config_once(tiny, tmp_path, monkeypatch)
     calls.clear()
     cfg2, recs2 = C.detect(model, tok, **kw)
     assert calls == [] and list(cfg2.scales) == list(cfg.scales)
+    # an interruption cut the last record mid-line: it is scored again, and the new record is
+    # not glued onto the cut line (all 6 configurations read back on the next run)
+    text = jsonl.read_text()
+    jsonl.write_text(text[:-20])
+    calls.clear()
+    C.detect(model, tok, **kw)
+    assert len(calls) == 1
+    calls.clear()
+    C.detect(model, tok, **kw)
+    assert calls == []
     # a default that is swept too: (3, 3) is met by both groups, scored once
     calls.clear()
     C.detect(model, tok, **{**kw, "scales": [1, 3], "jsonl": tmp_path / "b.jsonl"})

@@ -29,7 +29,8 @@ from .niah import NIAH_MAX_NEW_TOKENS, niah_prompt, niah_sample, score_niah
 from .passkey import PASSKEY_MAX_NEW_TOKENS, passkey_key, passkey_prompt, passkey_stop, score_passkey
 from .perplexity import bucket_means, loss_by_position, ppl_tokens
 
-__all__ = ["TASKS", "EvalSpec", "run_eval", "read_records", "record_key", "parse_depths", "DEFAULT_FORMAT"]
+__all__ = ["TASKS", "EvalSpec", "run_eval", "read_records", "resume_records", "append_record", "record_key",
+           "parse_depths", "DEFAULT_FORMAT"]
 
 TASKS = ("passkey", "niah", "ppl")
 # Chosen by measurement on SmolLM2-135M-Instruct with plain RoPE at 4K and 8K (see the README).
@@ -104,7 +105,21 @@ def read_records(path) -> List[dict]:
     return out
 
 
-def _append(path: Path, rec: dict):
+def resume_records(path) -> List[dict]:
+    """The records of a JSONL file about to be appended to: a last line cut by an interruption is
+    ended first, so the next record does not join it (and get lost with it)."""
+    p = Path(path)
+    if p.is_file() and p.stat().st_size:
+        with open(p, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+    return read_records(p)
+
+
+def append_record(path, rec: dict):
+    """Append one record (one line, flushed to disk) to a JSONL file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(rec) + "\n")
@@ -175,12 +190,7 @@ def run_eval(model, tokenizer, spec: EvalSpec, out_path, *, progress: bool = Tru
     from ..models import train_length as model_train_length
 
     out_path = Path(out_path)
-    if out_path.is_file() and out_path.stat().st_size:
-        with open(out_path, "rb+") as f:  # a line cut by an interruption must not swallow the next record
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
-    existing = read_records(out_path)
+    existing = resume_records(out_path)
     done = {record_key(r) for r in existing}
     all_records = list(existing)
     T = spec.train_length or model_train_length(model)
@@ -212,7 +222,7 @@ def run_eval(model, tokenizer, spec: EvalSpec, out_path, *, progress: bool = Tru
                     if z is not None:
                         rec = {**base, "method": method, "length": length, "depth": None, "sample": None,
                                "skipped": True, "reason": f"scored 0 at {z}"}
-                        _append(out_path, rec)
+                        append_record(out_path, rec)
                         done.add(skip_key)
                         all_records.append(rec)
                         new.append(rec)
@@ -231,7 +241,7 @@ def run_eval(model, tokenizer, spec: EvalSpec, out_path, *, progress: bool = Tru
                         res = _run_one(model, tokenizer, spec, length, depth, sample)
                         rec = {**base, "method": method, "params": params, "length": length, "depth": depth,
                                "sample": sample, **res, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-                        _append(out_path, rec)
+                        append_record(out_path, rec)
                         done.add(record_key(rec))
                         all_records.append(rec)
                         new.append(rec)
