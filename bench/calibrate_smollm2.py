@@ -129,14 +129,26 @@ def agreement(quality_jsonl: str, length: int = 32768, train: int = 8192, bucket
     return rows, rho
 
 
+NOTES_FILE = os.path.join(OUT, "RUN_NOTES.md")  # how the committed run went (interruptions, shared CPU)
+
+
+def _machine() -> str:
+    sys.path.insert(0, HERE)
+    from bench_rope import machine_description
+
+    return machine_description("cpu")
+
+
 def report():
     from dpe_kernels import DPEConfig
     from dpe_kernels.eval.runner import read_records
 
     variants, dims, cal = _variants()
     lines = ["# DPE calibration on SmolLM2-135M-Instruct (8K trained), target 16K", "",
-             "Produced by `python bench/calibrate_smollm2.py` (steps in its docstring); CPU, float32. "
-             "Each sample's device is in its JSONL.", ""]
+             "Produced by `python bench/calibrate_smollm2.py` (steps in its docstring); float32 on "
+             f"{_machine()}. Each sample's device is in its JSONL.", ""]
+    if os.path.isfile(NOTES_FILE):
+        lines += [open(NOTES_FILE).read().strip(), ""]
     if os.path.isfile(cal):
         c = DPEConfig.from_json(cal)
         m = c.mask
