@@ -25,8 +25,8 @@ if [ "${DPE_DEMO_SKIP_INSTALL:-0}" = "0" ]; then
 fi
 
 echo "== dpe demo $*"
-# `python3 -m dpe_kernels.cli` is the `dpe` console script (works before a shell rehash too).
+# `python3 -m dpe_kernels.tools.cli` is the `dpe` console script (works before a shell rehash too).
 # Run from outside the checkout: from inside it, Python would import the source tree, which
 # holds no compiled extension after a (non-editable) `pip install .`.
-(cd "${TMPDIR:-/tmp}" && HF_HUB_OFFLINE=1 python3 -m dpe_kernels.cli demo "$@")
+(cd "${TMPDIR:-/tmp}" && HF_HUB_OFFLINE=1 python3 -m dpe_kernels.tools.cli demo "$@")
 echo "== demo.sh took $(( $(date +%s) - start )) s"

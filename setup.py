@@ -54,16 +54,14 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     name="dpe-kernels",
-    version="0.1.0",
+    version="0.2.0",
     description="Fused dimension-wise RoPE (DPE) kernels for training-free long-context extension",
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["dpe_kernels", "dpe_kernels.*"]) + ["dpe_kernels._bench"],
-    # bench/*.py ship inside the package as dpe_kernels._bench so an installed `dpe bench` can run them.
-    package_dir={"dpe_kernels._bench": "bench"},
+    packages=find_packages(include=["dpe_kernels", "dpe_kernels.*"]),
     package_data={"dpe_kernels": ["data/*.json", "presets/*.json"]},
     include_package_data=True,
-    entry_points={"console_scripts": ["dpe = dpe_kernels.cli:main"]},
+    entry_points={"console_scripts": ["dpe = dpe_kernels.tools.cli:main"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
     extras_require={
@@ -71,7 +69,7 @@ setup(
         "test": ["pytest", "hypothesis", "pytest-benchmark", "numpy"],
         "flash": ["flash-attn>=2.6"],
         "eval": ["matplotlib", "tqdm"],
-        # Hugging Face integration (dpe_kernels.hf / .baselines); tested with transformers 5.23.0
+        # Hugging Face integration (dpe_kernels.integrations.hf / .baselines); tested with transformers 5.23.0
         "hf": ["transformers>=5.0,<5.24", "gguf", "accelerate", "safetensors"],
     },
     ext_modules=ext_modules,

@@ -105,7 +105,7 @@ def agreement(quality_jsonl: str, length: int = 32768, train: int = 8192, bucket
     """Proxy vs retrieval across the methods of the quality run at ``length``: (rows, rho passkey, rho niah).
     Proxy = minus the mean loss of the positions beyond ``train`` (the detect scorer); a method skipped
     after scoring 0 at a shorter length counts as 0."""
-    from dpe_kernels.eval.runner import read_records
+    from dpe_kernels.tools.eval.runner import read_records
 
     recs = read_records(quality_jsonl)
     rows = []
@@ -133,15 +133,14 @@ NOTES_FILE = os.path.join(OUT, "RUN_NOTES.md")  # how the committed run went (in
 
 
 def _machine() -> str:
-    sys.path.insert(0, HERE)
-    from bench_rope import machine_description
+    from dpe_kernels.tools.benchmarks.common import machine_description
 
     return machine_description("cpu")
 
 
 def report():
     from dpe_kernels import DPEConfig
-    from dpe_kernels.eval.runner import read_records
+    from dpe_kernels.tools.eval.runner import read_records
 
     variants, dims, cal = _variants()
     lines = ["# DPE calibration on SmolLM2-135M-Instruct (8K trained), target 16K", "",
@@ -225,10 +224,9 @@ def main(argv=None):
     ap.add_argument("--keys", type=int, default=1, help="passkey keys per depth in step 3 (default: 1)")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
-    sys.path.insert(0, ROOT)
     os.makedirs(OUT, exist_ok=True)
     if not args.report_only:
-        from dpe_kernels.cli import main as dpe_main
+        from dpe_kernels.tools.cli import main as dpe_main
 
         rc = run(args, dpe_main)
         if rc:

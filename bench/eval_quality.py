@@ -62,7 +62,7 @@ def paths(name: str):
 
 def _passkey_accuracy(jsonl: str, fmt: str):
     """{(method, length): (correct, samples)} of the passkey records in prompt format fmt."""
-    from dpe_kernels.eval.runner import read_records
+    from dpe_kernels.tools.eval.runner import read_records
 
     acc = {}
     for r in read_records(jsonl) if os.path.isfile(jsonl) else []:
@@ -156,7 +156,6 @@ def main(argv=None):
     ap.add_argument("--produced-by", default=None,
                     help="command named in the report (default: this script's command line)")
     args = ap.parse_args(argv)
-    sys.path.insert(0, os.path.dirname(HERE))
     import torch
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -173,7 +172,7 @@ def main(argv=None):
         for c in commands(args.name, gpu, "FORMAT", with_niah, extra)[1] + [report]:
             print("dpe " + " ".join(shlex.quote(x) for x in c))
         return 0
-    from dpe_kernels.cli import main as dpe_main
+    from dpe_kernels.tools.cli import main as dpe_main
 
     def run(c):
         print("\n$ dpe " + " ".join(shlex.quote(x) for x in c[:14]) + (" ..." if len(c) > 14 else ""), flush=True)

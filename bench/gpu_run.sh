@@ -46,14 +46,14 @@ stage_setup() {
 
 stage_tests() {
   log "test suite on $GPU"
-  local cmd="$PY -m pytest python_tests -q -n 8 -p no:cacheprovider --timeout 600 -rfEs"
+  local cmd="$PY -m pytest tests -q -n 8 -p no:cacheprovider --timeout 600 -rfEs"
   local t0=$SECONDS
   $cmd 2>&1 | tee /tmp/gpu_tests.log
   local rc=${PIPESTATUS[0]}
   {
     echo "# Test suite on a GPU ($GPU)"
     echo
-    echo "- Machine: $($PY -c "import sys; sys.path.insert(0, 'bench'); from bench_rope import machine_description; print(machine_description('cuda'))")"
+    echo "- Machine: $($PY -c "from dpe_kernels.tools.benchmarks.common import machine_description; print(machine_description('cuda'))")"
     echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
     echo "- Command: \`bash bench/gpu_run.sh setup tests\` (pytest: \`${cmd#"$PY" }\`), $((SECONDS - t0)) s"
     echo "- pytest exit status $rc"

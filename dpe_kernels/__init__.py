@@ -1,20 +1,30 @@
 """dpe-kernels: fused dimension-wise RoPE (DPE) and DPE attention for training-free long-context extension.
 
-Public API:
-    DPEConfig          window, groups of pairs, per-group scales, optional key-dimension mask
-    dpe_rope           the fused DPE rotary step (backends: reference, cpu, cuda, triton)
-    available_backends which backends run on a device in this process
+Layout:
+    dpe_kernels/            core: config (DPEConfig, presets), rope, attention, cache, reference
+                            (the float64 oracles), _ops (the compiled library and every op's fake)
+    dpe_kernels/backends/   cpu / flash / Triton implementations behind backend=
+    dpe_kernels/integrations/  Hugging Face (hf, baselines) and the vLLM plugin (vllm)
+    dpe_kernels/tools/      the `dpe` CLI, evaluation, calibration, model loading, benchmarks
 
+Public API:
+    DPEConfig          window, groups of pairs, per-group scales, optional key-dimension mask;
+                       DPEConfig.from_preset(name, ...) for the paper's, the calibrated and the starting presets
+    dpe_rope           the fused DPE rotary step (ROPE_BACKENDS: reference, cpu, cuda, triton)
+    available_rope_backends  which rope backends run on a device in this process
     dpe_attention      causal DPE attention: normal logits inside the window, scaled beyond, one
-                       softmax (backends: reference, cpu, flash, triton)
+                       softmax (ATTENTION_BACKENDS: reference, cpu, flash, triton)
+    available_attention_backends  which attention backends run on a device in this process
     merge_attention    merge two partial attentions by their natural-log lse
     lse_from_flash_attn2 / lse_from_flash_attn3 / lse_from_flashinfer
                        convert another library's lse to that convention
-    available_attention_backends  which attention backends run on a device in this process
+    DPEKVCache, dpe_attention_step   the rotate-once key/value cache and one decode step
+    rope_reference, attention_reference, decode_rerotate_reference   the float64-capable oracles
+    apply_dpe, remove_dpe, apply_method   the Hugging Face integration (imported on first use)
 """
-from . import _ext
-from .config import DPEConfig
+from . import _ops
 from .attention import (
+    ATTENTION_BACKENDS,
     available_attention_backends,
     dpe_attention,
     lse_from_flash_attn2,
@@ -22,18 +32,38 @@ from .attention import (
     lse_from_flashinfer,
     merge_attention,
 )
-from .rope import BACKENDS, RopeOutput, available_backends, dpe_rope, rope_reference
+from .cache import DPEKVCache, dpe_attention_step
+from .config import DPEConfig
+from .reference import attention_reference, decode_rerotate_reference, rope_reference
+from .rope import (BACKENDS, MAX_EXACT_POSITION, ROPE_BACKENDS, RopeOutput, available_backends,
+                   available_rope_backends, dpe_rope)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
-    "DPEConfig", "dpe_rope", "RopeOutput", "available_backends", "rope_reference", "BACKENDS",
-    "dpe_attention", "merge_attention", "lse_from_flash_attn2", "lse_from_flash_attn3",
-    "lse_from_flashinfer", "available_attention_backends",
+    "DPEConfig", "dpe_rope", "RopeOutput", "ROPE_BACKENDS", "available_rope_backends", "MAX_EXACT_POSITION",
+    "dpe_attention", "ATTENTION_BACKENDS", "available_attention_backends", "merge_attention",
+    "lse_from_flash_attn2", "lse_from_flash_attn3", "lse_from_flashinfer",
+    "DPEKVCache", "dpe_attention_step",
+    "rope_reference", "attention_reference", "decode_rerotate_reference",
+    "has_extension", "extension_error",
+    # first-release names, kept as aliases
+    "BACKENDS", "available_backends",
 ]
 
-# Hugging Face integration, imported on first use (dpe_kernels.hf / dpe_kernels.baselines; they need no
-# transformers import themselves, but stay out of `import dpe_kernels`).
-_LAZY = {"apply_dpe": "hf", "remove_dpe": "hf", "apply_method": "baselines"}
+
+def has_extension() -> bool:
+    """True when the compiled extension (CPU kernels, and CUDA ones in a CUDA build) loaded."""
+    return _ops.HAS_EXT
+
+
+def extension_error():
+    """Why the compiled extension did not load (a string), or None when it did."""
+    return _ops.EXT_ERROR
+
+
+# Hugging Face integration, imported on first use (it needs no transformers import itself, but
+# stays out of `import dpe_kernels`).
+_LAZY = {"apply_dpe": "integrations.hf", "remove_dpe": "integrations.hf", "apply_method": "integrations.baselines"}
 __all__ += list(_LAZY)
 
 

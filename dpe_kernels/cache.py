@@ -14,22 +14,22 @@ tokens, an append, and ``dpe_attention`` with ``S_q`` = the new tokens.
   there is no ``torch.cat`` of the whole cache per step).
 * :func:`dpe_attention_step`: rope the new tokens, append, attend (a thin
   composition of the three public pieces).
-* :func:`decode_rerotate_reference`: the authors' formulation, vectorised
-  over keys; the equivalence oracle of the tests and the baseline of
-  ``bench/bench_attention.py``.
+* the authors' formulation, :func:`dpe_kernels.reference.decode_rerotate_reference`,
+  is the equivalence oracle of the tests and the baseline of the attention
+  benchmark (re-exported here for the first release's import path).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Tuple
 
 import torch
 
-from .config import DPEConfig, _is_int
-from .rope import _cos_sin, _rotate, check_inference_only, dpe_rope
+from .config import DPEConfig
+from .reference import decode_rerotate_reference  # noqa: F401  (re-exported: the first release's path)
+from .rope import dpe_rope
+from .utils import REFERENCE_DTYPES, check_inference_only, is_int
 
-__all__ = ["DPEKVCache", "dpe_attention_step", "decode_rerotate_reference"]
-
-_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+__all__ = ["DPEKVCache", "dpe_attention_step"]
 
 
 class _LayerCache:
@@ -78,11 +78,11 @@ class DPEKVCache:
     """
 
     def __init__(self, num_layers: int, *, initial_capacity: int = 256):
-        if not _is_int(num_layers):
+        if not is_int(num_layers):
             raise TypeError(f"num_layers must be an int, got {type(num_layers).__name__}")
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-        if not _is_int(initial_capacity):
+        if not is_int(initial_capacity):
             raise TypeError(f"initial_capacity must be an int, got {type(initial_capacity).__name__}")
         if initial_capacity < 1:
             raise ValueError(f"initial_capacity must be >= 1, got {initial_capacity}")
@@ -92,7 +92,7 @@ class DPEKVCache:
 
     # ------------------------------------------------------------------ queries
     def _layer(self, layer) -> _LayerCache:
-        if not _is_int(layer):
+        if not is_int(layer):
             raise TypeError(f"layer must be an int, got {type(layer).__name__}")
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
@@ -147,7 +147,7 @@ class DPEKVCache:
 
     def crop(self, length: int) -> None:
         """Keep the first ``length`` tokens of every layer (e.g. after rejected draft tokens)."""
-        if not _is_int(length):
+        if not is_int(length):
             raise TypeError(f"length must be an int, got {type(length).__name__}")
         if length < 0:
             raise ValueError(f"length must be >= 0, got {length}")
@@ -179,7 +179,7 @@ class DPEKVCache:
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
             if t.dim() != 4:
                 raise ValueError(f"{name} must be [B, S_new, H, D], got shape {list(t.shape)}")
-        if k_normal.dtype not in _CACHE_DTYPES:
+        if k_normal.dtype not in REFERENCE_DTYPES:
             raise TypeError(f"k_normal must be a float32, float16, bfloat16 or float64 tensor, got {k_normal.dtype}")
         for name, t in (("k_scaled", k_scaled), ("v", v)):
             if t.dtype != k_normal.dtype:
@@ -263,125 +263,3 @@ def dpe_attention_step(
     k_n, k_s, v = cache.update(layer, k_n, k_s, v)
     return dpe_attention(q_n, q_s, k_n, k_s, v, config.window, softmax_scale=softmax_scale,
                          key_padding_mask=key_padding_mask, return_lse=return_lse, backend=backend)
-
-
-# ------------------------------------------------------------------------------- authors' decode
-def decode_rerotate_reference(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    position: Union[int, torch.Tensor, None],
-    inv_freq: torch.Tensor,
-    config: DPEConfig,
-    mask: Optional[torch.Tensor] = None,
-    *,
-    softmax_scale: Optional[float] = None,
-    layout: str = "neox",
-    rotary_dim: Optional[int] = None,
-) -> torch.Tensor:
-    """One DPE decode step as the authors' code computes it (re-rotating the cache).
-
-    The cache holds UNROTATED keys; the new query is left unrotated, and
-    every cached key is rotated, at every step, by minus its relative
-    distance to the query (SPEC "Attention"): for a query at ``m`` and a key
-    at ``n``, pair ``i`` of group scale ``s``:
-
-    * normal keys: ``-(m - n)``;
-    * scaled keys, key dimension (mask True): ``-((m // s + w - w // s) - n // s)``;
-    * scaled keys, other dims (mask False): ``-(m - n)``;
-
-    then logits ``<q, k_normal> * scale`` where ``m - n < w``, else
-    ``<q, k_scaled> * scale``, one softmax, and the output. With a
-    per-query-head mask the KV heads are copied to every query head, as the
-    authors do. Vectorised over keys (no Python loop over tokens); memory
-    ``O(S_k * H * D)`` per call. Test oracle and benchmark baseline only.
-
-    Args:
-        q: ``[B, 1, H_q, D]``, unrotated.
-        k_cache: ``[B, S_k, H_k, D]``, unrotated; the last key is the query's own token.
-        v_cache: ``[B, S_k, H_k, Dv]``.
-        position: the query's absolute position ``m`` (int, or int tensor
-            ``[B]`` per row); key ``j`` sits at ``m - (S_k - 1 - j)``, and keys
-            at negative positions (left padding) are ignored. None: ``S_k - 1``.
-        inv_freq, config, mask, layout, rotary_dim: as for ``dpe_rope``
-            (``mask`` is this layer's ``[H_q or H_k, P]``).
-        softmax_scale: default ``1 / sqrt(D)``.
-
-    Returns:
-        ``[B, 1, H_q, Dv]`` in the dtype of ``q`` (computed in float64 for
-        float64 inputs, else float32). Angles are ``float32(index) * inv_freq``
-        as in :func:`~dpe_kernels.rope_reference`.
-    """
-    if q.dim() != 4 or q.shape[1] != 1:
-        raise ValueError(f"q must be [B, 1, H_q, D], got shape {list(q.shape)}")
-    if k_cache.dim() != 4 or k_cache.shape[0] != q.shape[0] or k_cache.shape[3] != q.shape[3]:
-        raise ValueError(f"k_cache must be [B, S_k, H_k, D] with the B and D of q, got {list(k_cache.shape)}")
-    if v_cache.dim() != 4 or v_cache.shape[:3] != k_cache.shape[:3]:
-        raise ValueError(f"v_cache must be [B, S_k, H_k, Dv] like k_cache, got {list(v_cache.shape)}")
-    if not isinstance(config, DPEConfig):
-        raise TypeError(f"config must be a DPEConfig, got {type(config).__name__}")
-    if layout not in ("neox", "gptj"):
-        raise ValueError(f"layout must be 'neox' or 'gptj', got {layout!r}")
-    b, s_k, hk, d = k_cache.shape
-    hq = q.shape[2]
-    if hk == 0 or hq % hk:
-        raise ValueError(f"the number of q heads ({hq}) must be a multiple of the number of k_cache heads ({hk})")
-    rep = hq // hk
-    rotary_dim = d if rotary_dim is None else rotary_dim
-    npairs = rotary_dim // 2
-    if config.num_pairs != npairs or inv_freq.shape != (npairs,):
-        raise ValueError(f"config and inv_freq must cover the {npairs} pairs of rotary_dim={rotary_dim}")
-    if mask is None and config.mask is not None:
-        raise ValueError("config has a per-layer mask: pass this layer's mask=")
-    if mask is not None and (mask.dim() != 2 or mask.shape[1] != npairs or mask.shape[0] not in (hq, hk)):
-        raise ValueError(f"mask must be [H_q={hq} or H_k={hk}, P={npairs}], got {list(mask.shape)}")
-    dev = q.device
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scale = d ** -0.5 if softmax_scale is None else float(softmax_scale)
-    w, neox = config.window, layout == "neox"
-
-    if position is None:
-        position = s_k - 1
-    m = torch.as_tensor(position, dtype=torch.int64, device=dev).reshape(-1)
-    if m.numel() not in (1, b):
-        raise ValueError(f"position must be an int or [B={b}] ints, got {list(m.shape)}")
-    m = m.expand(b)[:, None]                                            # [B, 1]
-    n = m - (s_k - 1) + torch.arange(s_k, device=dev)[None]             # [B, S_k] key positions
-    dist = m - n                                                        # >= 0
-
-    # Rotation of every cached key by minus its relative distance: one cos/sin
-    # table per group scale, sliced to the group's pairs (the authors' layout).
-    cos_n, sin_n = _cos_sin(-dist, inv_freq, compute)                   # [B, S_k, P]
-    cs, ss = [], []
-    for s, b0, b1 in zip(config.scales, config.group_boundaries, config.group_boundaries[1:]):
-        c, si = _cos_sin(n // s - (m // s + (w - w // s)), inv_freq, compute)
-        cs.append(c[..., b0:b1])
-        ss.append(si[..., b0:b1])
-    cos_s, sin_s = torch.cat(cs, -1), torch.cat(ss, -1)
-
-    kr = k_cache[..., :rotary_dim].to(compute)
-    k_pass = k_cache[..., rotary_dim:].to(compute)
-    k_norm = torch.cat([_rotate(kr, cos_n, sin_n, neox), k_pass], -1)   # [B, S_k, H_k, D]
-    k_scal = torch.cat([_rotate(kr, cos_s, sin_s, neox), k_pass], -1)
-    if mask is not None:
-        mask_dims = torch.cat([mask, mask], -1) if neox else mask.repeat_interleave(2, -1)
-        mask_dims = torch.cat([mask_dims, mask_dims.new_zeros(mask.shape[0], d - rotary_dim)], -1)
-        if mask.shape[0] != hk:  # per query head: KV heads copied to every query head
-            k_norm_h = k_norm.repeat_interleave(rep, dim=2)
-            k_scal = torch.where(mask_dims, k_scal.repeat_interleave(rep, dim=2), k_norm_h)
-        else:
-            k_scal = torch.where(mask_dims, k_scal, k_norm)
-    hs = k_scal.shape[2]
-
-    qc = q[:, 0].to(compute)                                            # [B, H_q, D], unrotated
-    # Logits per query head against its KV head, without copying KV for the normal pass.
-    ln = torch.einsum("bkrd,bskd->bkrs", qc.view(b, hk, rep, d), k_norm).reshape(b, hq, s_k)
-    if hs == hk:
-        ls = torch.einsum("bkrd,bskd->bkrs", qc.view(b, hk, rep, d), k_scal).reshape(b, hq, s_k)
-    else:
-        ls = torch.einsum("bhd,bshd->bhs", qc, k_scal)
-    logits = torch.where((dist < w)[:, None], ln, ls) * scale           # [B, H_q, S_k]
-    logits = logits.masked_fill((n < 0)[:, None], float("-inf"))
-    p = torch.softmax(logits, -1).nan_to_num(0.0)
-    out = torch.einsum("bkrs,bskd->bkrd", p.view(b, hk, rep, s_k), v_cache.to(compute))
-    return out.reshape(b, 1, hq, v_cache.shape[3]).to(q.dtype)

@@ -1,19 +1,96 @@
 """DPEConfig: window, groups of frequency pairs with integer scales, optional
-key-dimension mask. See ../shared/SPEC.md, "Configuration"."""
+key-dimension mask (SPEC "Configuration"), and every preset in one place:
+
+* the paper's published scales (:data:`PAPER_PRESETS`, for 64-pair models);
+* the calibrated configurations shipped as ``dpe_kernels/presets/NAME.json``
+  (written by ``dpe detect``, with their key-dimension mask);
+* the starting scales computed from a model's frequencies
+  (:func:`starting_scales`, preset ``"auto"``) and ``"uniform"``.
+
+:meth:`DPEConfig.from_preset` builds any of them, so an engine needs nothing
+from the evaluation tools."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence, Tuple, Union
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["DPEConfig"]
+from .utils import is_int as _is_int
+
+__all__ = ["DPEConfig", "WINDOW", "NUM_GROUPS", "PAPER_PRESETS", "PRESET_DIR", "calibrated_presets",
+           "preset_names", "extension_factor", "starting_scales", "uniform_scale"]
+
+# The paper's setting: window 1024 and 8 equal groups of pairs.
+WINDOW = 1024
+NUM_GROUPS = 8
+
+# Published settings (SPEC "Finding the configuration"), group 0 (high frequency) .. 7, for
+# 64-pair models; other pair counts split into the same 8 groups.
+PAPER_PRESETS: Dict[str, Tuple[int, ...]] = {
+    "llama3-8b": (4, 4, 2, 16, 32, 32, 16, 128),
+    "llama3-8b-config": (2, 8, 2, 8, 32, 32, 32, 4),
+    "llama3.1-8b": (2, 32, 32, 2, 2, 2, 2, 1),
+    "qwen2.5-7b": (2, 16, 8, 8, 32, 8, 2, 4),
+    "mistral-7b-v0.2": (4, 16, 2, 16, 32, 16, 16, 2),
+}
+
+# Calibrated configurations shipped with the package (DPEConfig JSON with its mask).
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+def calibrated_presets() -> Dict[str, Path]:
+    """Name -> JSON file of every shipped calibrated preset."""
+    return {p.stem: p for p in sorted(PRESET_DIR.glob("*.json"))} if PRESET_DIR.is_dir() else {}
+
+
+def preset_names() -> List[str]:
+    """Every name :meth:`DPEConfig.from_preset` (and the CLI's ``--preset``) accepts."""
+    return ["auto", "uniform", *PAPER_PRESETS, *calibrated_presets()]
+
+
+def extension_factor(length: int, train_length: int, target_length: Optional[int] = None) -> float:
+    """``f = max(1, target / train)`` with ``target = target_length or length``."""
+    target = target_length or length
+    return max(1.0, target / float(train_length))
+
+
+def uniform_scale(factor: float) -> int:
+    """The one scale of Self-Extend and of the ``"uniform"`` preset: ``2 * ceil(f)``."""
+    return 2 * math.ceil(factor)
+
+
+def starting_scales(inv_freq: torch.Tensor, factor: float, train_length: int, window: int = WINDOW,
+                    num_groups: int = NUM_GROUPS) -> List[int]:
+    """Per-group scales of DPE's starting configuration (preset ``"auto"``).
+
+    SPEC's detection step 2 keeps every group it is not sweeping at ``2 * target / train``;
+    that is the scale here for the groups whose longest wavelength ``2 pi / inv_freq`` exceeds
+    the pre-training length (they have never seen a full period). Groups that complete a
+    period inside the window keep scale 2, the paper's smallest, and groups that complete
+    one inside the pre-training length get half the large scale (at least 2). For SmolLM2
+    (theta 1e5, 32 pairs): [2, 2, 2, 4, 4, 8, 8, 8] at 32K, [2, 2, 2, 2, 2, 4, 4, 4] at 16K,
+    all 2 up to 8K.
+    """
+    p = inv_freq.shape[-1]
+    if p % num_groups:
+        raise ValueError(f"{p} pairs do not split into {num_groups} equal groups")
+    big = uniform_scale(factor)
+    wavelength = 2 * math.pi / inv_freq.double()
+    scales = []
+    for g in range(num_groups):
+        longest = float(wavelength[(g + 1) * (p // num_groups) - 1])
+        if longest <= window:
+            scales.append(2)
+        elif longest <= train_length:
+            scales.append(max(2, big // 2))
+        else:
+            scales.append(big)
+    return scales
 
 
 @dataclass(frozen=True)
@@ -81,6 +158,51 @@ class DPEConfig:
             raise ValueError(f"num_pairs ({num_pairs}) must be divisible by the number of groups ({g})")
         bounds = tuple(i * (num_pairs // g) for i in range(g + 1))
         return cls(window=window, group_boundaries=bounds, scales=tuple(scales), mask=mask)
+
+    @classmethod
+    def from_preset(cls, name: str, *, inv_freq: Optional[torch.Tensor] = None,
+                    num_pairs: Optional[int] = None, train_length: Optional[int] = None,
+                    target_length: Optional[int] = None, window: int = WINDOW) -> "DPEConfig":
+        """A named configuration (:func:`preset_names`).
+
+        * a shipped calibrated preset (``dpe_kernels/presets/NAME.json``): loaded as
+          written, window and mask included (``num_pairs`` / ``inv_freq``, if
+          given, must match its pairs);
+        * a paper preset (:data:`PAPER_PRESETS`): its 8 scales over ``num_pairs``
+          pairs (or ``inv_freq``'s length), window ``window``;
+        * ``"auto"``: :func:`starting_scales` for ``target_length`` from ``inv_freq``
+          (float32 ``[P]``, the model's frequencies) and ``train_length``;
+        * ``"uniform"``: every group at ``2 * ceil(target_length / train_length)``.
+        """
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
+        if inv_freq is not None:
+            if not isinstance(inv_freq, torch.Tensor) or inv_freq.dim() != 1:
+                raise ValueError("inv_freq must be a 1-D tensor of the model's frequencies")
+            if num_pairs is not None and num_pairs != inv_freq.shape[0]:
+                raise ValueError(f"num_pairs ({num_pairs}) disagrees with inv_freq ({inv_freq.shape[0]} pairs)")
+            num_pairs = inv_freq.shape[0]
+        calibrated = calibrated_presets()
+        if name in calibrated:
+            cfg = cls.from_json(calibrated[name])
+            if num_pairs is not None and cfg.num_pairs != num_pairs:
+                raise ValueError(f"preset {name!r} covers {cfg.num_pairs} pairs, the model rotates {num_pairs}")
+            return cfg
+        if name not in preset_names():
+            raise ValueError(f"unknown DPE preset {name!r}: choose one of {preset_names()}")
+        if num_pairs is None:
+            raise ValueError(f"preset {name!r} needs num_pairs or inv_freq (the model's rotary pairs)")
+        if name in PAPER_PRESETS:
+            return cls.uniform(window, PAPER_PRESETS[name], num_pairs)
+        for arg, val in (("train_length", train_length), ("target_length", target_length)):
+            if not _is_int(val) or val < 1:
+                raise ValueError(f"preset {name!r} needs {arg}, a positive int, got {val!r}")
+        factor = extension_factor(target_length, train_length)
+        if name == "uniform":
+            return cls.uniform(window, [uniform_scale(factor)] * NUM_GROUPS, num_pairs)
+        if inv_freq is None:
+            raise ValueError("preset 'auto' needs inv_freq (the model's frequencies)")
+        return cls.uniform(window, starting_scales(inv_freq, factor, train_length, window), num_pairs)
 
     # -------------------------------------------------------------- derived
     @property

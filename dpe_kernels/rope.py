@@ -14,20 +14,24 @@ and round once to the input dtype.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 from typing import NamedTuple, Optional
 
 import torch
 
-from . import _ext
+from . import _ops
 from .config import DPEConfig
+from .reference import rope_reference
+from .utils import FLOAT_DTYPES, check_inference_only, is_int, scaled_key_heads, triton_usable
 
-__all__ = ["dpe_rope", "RopeOutput", "BACKENDS", "available_backends", "rope_reference"]
+__all__ = ["dpe_rope", "RopeOutput", "ROPE_BACKENDS", "available_rope_backends", "LAYOUTS",
+           "MAX_EXACT_POSITION", "BACKENDS", "available_backends"]
 
-BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_LAYOUTS = ("neox", "gptj")
+ROPE_BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+LAYOUTS = ("neox", "gptj")
+# The angle is float32(position) * inv_freq (as Hugging Face computes it): from
+# 2^24 on, float32 no longer holds every integer, so neighbouring positions
+# share one angle. check_positions=True refuses positions at or above this.
+MAX_EXACT_POSITION = 1 << 24
 
 
 class RopeOutput(NamedTuple):
@@ -36,34 +40,24 @@ class RopeOutput(NamedTuple):
     q_scaled: torch.Tensor  # like q
     k_scaled: torch.Tensor  # like k, with H_q heads when the mask is per query head
 
-
 # --------------------------------------------------------------------------- backends
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
-
-
-def _triton_usable(device: torch.device) -> bool:
-    if not _HAS_TRITON:
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def available_backends(device: torch.device | str = "cpu") -> list:
+def available_rope_backends(device: torch.device | str = "cpu") -> list:
     """Backends that can run on tensors of ``device`` in this process."""
     device = torch.device(device)
     out = ["reference"]
-    if device.type == "cpu" and _ext.has_kernel("rope", "CPU"):
+    if device.type == "cpu" and _ops.has_kernel("rope", "CPU"):
         out.append("cpu")
-    if device.type == "cuda" and _ext.has_kernel("rope", "CUDA"):
+    if device.type == "cuda" and _ops.has_kernel("rope", "CUDA"):
         out.append("cuda")
-    if _triton_usable(device):
+    if triton_usable(device):
         out.append("triton")
     return out
 
 
 def _pick_backend(backend: str, device: torch.device) -> str:
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    avail = available_backends(device)
+    if not isinstance(backend, str) or backend not in ROPE_BACKENDS:
+        raise ValueError(f"backend must be one of {ROPE_BACKENDS}, got {backend!r}")
+    avail = available_rope_backends(device)
     if backend == "auto":
         for name in ("cuda", "cpu", "triton"):
             if name in avail and (name != "triton" or device.type == "cuda"):
@@ -71,7 +65,7 @@ def _pick_backend(backend: str, device: torch.device) -> str:
         return "reference"
     if backend not in avail:
         why = {
-            "cpu": "the compiled extension is not loaded" if not _ext.HAS_EXT else "q is not a CPU tensor",
+            "cpu": "the compiled extension is not loaded" if not _ops.HAS_EXT else "q is not a CPU tensor",
             "cuda": "q is not a CUDA tensor or the extension was built without CUDA",
             "triton": "triton needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU) and the triton package",
         }.get(backend, "")
@@ -79,26 +73,20 @@ def _pick_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+
+# Names of the first release, kept as aliases.
+BACKENDS = ROPE_BACKENDS
+available_backends = available_rope_backends
+
+
 # --------------------------------------------------------------------------- validation
-def check_inference_only(op: str, named_tensors) -> None:
-    """The package has no autograd formulas: with grad mode on, an input that
-    requires grad raises ValueError naming it (under no_grad / inference_mode
-    such inputs are accepted and the outputs do not require grad)."""
-    if torch.is_grad_enabled():
-        for name, t in named_tensors:
-            if t.requires_grad:
-                raise ValueError(
-                    f"{op} is inference-only (no autograd) and {name} requires grad: call it under "
-                    "torch.no_grad() or torch.inference_mode(), or pass detached tensors")
-
-
 def _check_inputs(q, k, positions, inv_freq, config, mask, layout, rotary_dim, check_positions):
     for name, t in (("q", q), ("k", k), ("positions", positions), ("inv_freq", inv_freq)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not isinstance(config, DPEConfig):
         raise TypeError(f"config must be a DPEConfig, got {type(config).__name__}")
-    if q.dtype not in _FLOAT_DTYPES:
+    if q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
     if k.dtype != q.dtype:
         raise TypeError(f"k must have the dtype of q ({q.dtype}), got {k.dtype}")
@@ -117,11 +105,11 @@ def _check_inputs(q, k, positions, inv_freq, config, mask, layout, rotary_dim, c
     for name, t in (("k", k), ("positions", positions), ("inv_freq", inv_freq)):
         if t.device != q.device:
             raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
-    if layout not in _LAYOUTS:
+    if layout not in LAYOUTS:
         raise ValueError(f"layout must be 'neox' or 'gptj', got {layout!r}")
     if rotary_dim is None:
         rotary_dim = d
-    if not isinstance(rotary_dim, int) or isinstance(rotary_dim, bool):
+    if not is_int(rotary_dim):
         raise TypeError(f"rotary_dim must be an int, got {type(rotary_dim).__name__}")
     if rotary_dim < 2 or rotary_dim % 2 or rotary_dim > d:
         raise ValueError(f"rotary_dim must be even and in [2, head_dim={d}], got {rotary_dim}")
@@ -154,9 +142,20 @@ def _check_inputs(q, k, positions, inv_freq, config, mask, layout, rotary_dim, c
         if mask.device != q.device:
             raise ValueError(f"mask must be on the device of q ({q.device}), got {mask.device}")
     check_inference_only("dpe_rope", (("q", q), ("k", k)))
-    if check_positions and positions.numel() and not torch.compiler.is_compiling():
-        if int(positions.min()) < 0:  # one reduction over T ints (a sync on CUDA)
-            raise ValueError("positions must be non-negative")
+    if check_positions and not torch.compiler.is_compiling():
+        # Reads tensor values on the host (a device sync on CUDA): skipped with
+        # check_positions=False, as an engine's hot path wants.
+        if positions.numel():
+            lo, hi = torch.aminmax(positions)
+            if int(lo) < 0:
+                raise ValueError(f"positions must be non-negative, got a minimum of {int(lo)}")
+            if int(hi) >= MAX_EXACT_POSITION:
+                raise ValueError(
+                    f"positions must be below 2^24 = {MAX_EXACT_POSITION} (float32 holds every integer "
+                    f"only up to there, so neighbouring positions would share one angle), got {int(hi)}; "
+                    "pass check_positions=False to rotate them anyway, rounded as Hugging Face rounds them")
+        if not bool(torch.isfinite(inv_freq).all()):
+            raise ValueError("inv_freq must be finite (no NaN or inf)")
     return rotary_dim
 
 
@@ -197,8 +196,14 @@ def dpe_rope(
         rotary_dim: rotated leading dims (default ``D``); the rest pass through.
         backend: ``"auto"`` (cuda > cpu > triton on CUDA > reference), or one
             of ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"`` to force it.
-        check_positions: verify ``positions >= 0`` (one reduction; a device
-            sync on CUDA). Skipped while torch.compile traces.
+        check_positions: verify ``0 <= positions < 2^24`` (:data:`MAX_EXACT_POSITION`)
+            and that ``inv_freq`` is finite: reductions read back on the host
+            (a device sync on CUDA). Skipped while torch.compile traces. With
+            ``False`` nothing reads tensor values on the host; positions at or
+            above 2^24 are then rotated at ``float32(position)``, which rounds
+            them to a multiple of 2, 4, ... (as Hugging Face does, so
+            neighbouring positions may share one angle); negative positions
+            or a non-finite ``inv_freq`` then give meaningless outputs.
         out: optional preallocated ``(q_normal, k_normal, q_scaled, k_scaled)``,
             contiguous, dtype and device of q, shapes as returned; written in
             place (no allocation, as an engine with persistent buffers wants).
@@ -239,7 +244,7 @@ def dpe_rope(
         args = (q, k, positions, inv_freq, config.pair_scales(q.device), mask, config.window,
                 rotary_dim, neox)
         if name == "triton":
-            from .rope_triton import rope_triton
+            from .backends.triton_rope import rope_triton
 
             res = rope_triton(*args)
         elif out is not None:
@@ -257,9 +262,8 @@ def dpe_rope(
 def _check_out(out, q, k, positions, mask) -> RopeOutput:
     if not isinstance(out, (tuple, list)) or len(out) != 4:
         raise TypeError("out must be a tuple (q_normal, k_normal, q_scaled, k_scaled)")
-    heads_ks = mask.shape[0] if mask is not None else k.shape[-2]
     lead = tuple(q.shape[:-2])
-    want = (q.shape[-2], k.shape[-2], q.shape[-2], heads_ks)
+    want = (q.shape[-2], k.shape[-2], q.shape[-2], scaled_key_heads(k.shape[-2], mask))
     for name, o, h in zip(RopeOutput._fields, out, want):
         if not isinstance(o, torch.Tensor):
             raise TypeError(f"out.{name} must be a torch.Tensor, got {type(o).__name__}")
@@ -271,88 +275,3 @@ def _check_out(out, q, k, positions, mask) -> RopeOutput:
             if o.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
                 raise ValueError(f"out.{name} shares memory with {iname}: in-place rotation is not supported")
     return RopeOutput(*out)
-
-
-# --------------------------------------------------------------------------- reference
-def _cos_sin(index: torch.Tensor, inv_freq: torch.Tensor, compute_dtype: torch.dtype):
-    # The angle is float32(index) * inv_freq in float32, as Hugging Face does;
-    # only then is it widened (to float64 for the float64 oracle).
-    angle = (index.to(torch.float32)[..., None] * inv_freq).to(compute_dtype)
-    return angle.cos(), angle.sin()
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
-    """x: [..., H, R]; cos/sin: [..., P] per token, broadcast over heads."""
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    if neox:
-        x1, x2 = x.chunk(2, dim=-1)
-        cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
-        rotated = torch.cat([-x2, x1], -1)
-    else:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        cos, sin = cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1)
-        rotated = torch.stack([-x2, x1], -1).flatten(-2)
-    return x * cos + rotated * sin
-
-
-def rope_reference(q, k, positions, inv_freq, config: DPEConfig, mask=None, *, layout="neox",
-                   rotary_dim=None, compute_dtype: torch.dtype = torch.float32):
-    """Unfused PyTorch DPE rotary step, structured like the authors' code.
-
-    One cos/sin table per group scale over all pairs, sliced to the group's
-    pairs and concatenated; both rotations computed for every head; the
-    scaled result selected per key dimension with ``where``; KV heads copied
-    to every query head for a per-query-head mask. Computes in
-    ``compute_dtype`` (float64 makes it the test oracle) and returns that
-    dtype if it is float64, else the dtype of q. No input validation: call
-    :func:`dpe_rope` with ``backend="reference"`` for that.
-    """
-    out_dtype = torch.float64 if compute_dtype == torch.float64 else q.dtype
-    d = q.shape[-1]
-    rotary_dim = d if rotary_dim is None else rotary_dim
-    neox = layout == "neox"
-    w = config.window
-    pos = positions.to(torch.int64)
-    if q.dim() == 4 and pos.dim() == 1:
-        pos = pos[None]
-
-    cos_n, sin_n = _cos_sin(pos, inv_freq, compute_dtype)
-    cq, sq, ck, sk = [], [], [], []
-    for s, b0, b1 in zip(config.scales, config.group_boundaries, config.group_boundaries[1:]):
-        c, si = _cos_sin(pos // s + (w - w // s), inv_freq, compute_dtype)
-        cq.append(c[..., b0:b1])
-        sq.append(si[..., b0:b1])
-        c, si = _cos_sin(pos // s, inv_freq, compute_dtype)
-        ck.append(c[..., b0:b1])
-        sk.append(si[..., b0:b1])
-    cos_qs, sin_qs = torch.cat(cq, -1), torch.cat(sq, -1)
-    cos_ks, sin_ks = torch.cat(ck, -1), torch.cat(sk, -1)
-
-    hq, hk = q.shape[-2], k.shape[-2]
-    if mask is not None:
-        mask_dims = torch.cat([mask, mask], -1) if neox else mask.repeat_interleave(2, -1)  # [H_m, R]
-        if mask.shape[0] != hk:  # per query head: the authors copy KV heads to every query head
-            k = k.repeat_interleave(hq // hk, dim=-2)
-    qr, q_pass = q[..., :rotary_dim].to(compute_dtype), q[..., rotary_dim:].to(compute_dtype)
-    kr = k[..., :rotary_dim].to(compute_dtype)
-    k_pass = k[..., rotary_dim:].to(compute_dtype)
-
-    q_normal = _rotate(qr, cos_n, sin_n, neox)
-    q_scaled = _rotate(qr, cos_qs, sin_qs, neox)
-    k_normal_all = _rotate(kr, cos_n, sin_n, neox)
-    k_scaled = _rotate(kr, cos_ks, sin_ks, neox)
-    if mask is not None:
-        q_mask = mask_dims if mask.shape[0] == hq else mask_dims.repeat_interleave(hq // hk, 0)
-        q_scaled = torch.where(q_mask, q_scaled, q_normal)
-        k_scaled = torch.where(mask_dims, k_scaled, k_normal_all)
-        # k_normal keeps H_k heads: take one copy per KV head.
-        k_normal = k_normal_all if mask.shape[0] == hk else k_normal_all[..., :: hq // hk, :]
-        k_pass_n = k_pass if mask.shape[0] == hk else k_pass[..., :: hq // hk, :]
-    else:
-        k_normal, k_pass_n = k_normal_all, k_pass
-
-    def finish(rot, rest):
-        return torch.cat([rot, rest], -1).to(out_dtype)
-
-    return (finish(q_normal, q_pass), finish(k_normal, k_pass_n), finish(q_scaled, q_pass),
-            finish(k_scaled, k_pass))

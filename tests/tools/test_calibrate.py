@@ -7,10 +7,11 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from dpe_kernels import DPEConfig, cli  # noqa: E402
-from dpe_kernels import calibrate as C  # noqa: E402
-from dpe_kernels.hf import apply_dpe, find_attention_modules  # noqa: E402
-from dpe_kernels.models import tiny_random_llama  # noqa: E402
+from dpe_kernels import DPEConfig  # noqa: E402
+from dpe_kernels.tools import cli  # noqa: E402
+from dpe_kernels.tools import calibrate as C  # noqa: E402
+from dpe_kernels.integrations.hf import apply_dpe, find_attention_modules  # noqa: E402
+from dpe_kernels.tools.models import tiny_random_llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -208,10 +209,11 @@ def test_cli_calibration_help(cmd, capsys):
 
 def test_calibrated_presets(tiny, tmp_path, monkeypatch, capsys):
     """A config JSON in dpe_kernels/presets/ is a --preset name (with its mask) for eval and demo."""
-    from dpe_kernels.eval import methods as M
+    import dpe_kernels.config
+    from dpe_kernels.tools.eval import methods as M
 
     model, _ = tiny
-    monkeypatch.setattr(M, "_PRESET_DIR", tmp_path)
+    monkeypatch.setattr(dpe_kernels.config, "PRESET_DIR", tmp_path)
     mask = torch.zeros(2, 4, 8, dtype=torch.bool)
     mask[..., :6] = True
     DPEConfig.uniform(32, [1, 2, 2, 4, 4, 8, 8, 8], 8, mask=mask).to_json(tmp_path / "tiny-cal.json")

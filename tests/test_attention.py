@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import dpe_kernels
-import dpe_kernels.attention as attn
+import dpe_kernels.backends.cpu_attention as cpu_backend
+import dpe_kernels.backends.flash_attention as flash_backend
 from conftest import assert_attention_close
 from dpe_kernels import (
     available_attention_backends,
@@ -22,7 +23,7 @@ from dpe_kernels import (
     lse_from_flashinfer,
     merge_attention,
 )
-from dpe_kernels.attention import attention_reference
+from dpe_kernels.reference import attention_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NEG_INF = float("-inf")
@@ -119,7 +120,10 @@ def make_fake_flash_attn(calls):
 def fake_flash(monkeypatch):
     calls = []
     monkeypatch.setitem(sys.modules, "flash_attn", make_fake_flash_attn(calls))
-    monkeypatch.setattr(attn, "_FLASH_DEVICE_TYPES", ("cuda", "cpu"))
+    # The test seam: the flash backend, normally CUDA-only, accepts CPU tensors here.
+    monkeypatch.setattr(flash_backend, "available",
+                        lambda device: torch.device(device).type in ("cuda", "cpu") and
+                        flash_backend.flash_module() is not None)
     return calls
 
 
@@ -223,7 +227,7 @@ def test_prefill(backend, heads, s, window):
 @pytest.mark.parametrize("heads", HEADS, ids=lambda h: "x".join(map(str, h)))
 def test_cpu_blocks(monkeypatch, rows, heads):
     """Long prefill (S >> w) through many window blocks, block size not dividing S."""
-    monkeypatch.setattr(attn, "CPU_WINDOW_ROWS", rows)
+    monkeypatch.setattr(cpu_backend, "CPU_WINDOW_ROWS", rows)
     h_q, h_k, h_ks = heads
     for dtype in DTYPES:
         ins = make(2, 301, 301, h_q, h_k, 16, dtype, h_ks=h_ks)
@@ -234,7 +238,7 @@ def test_cpu_blocks(monkeypatch, rows, heads):
 @pytest.mark.parametrize("s_q", [120, 50, 2])
 def test_cpu_blocks_padded_and_varlen(monkeypatch, s_q):
     """Many window blocks inside padded rows and packed sequences (block views at storage offsets)."""
-    monkeypatch.setattr(attn, "CPU_WINDOW_ROWS", 16)
+    monkeypatch.setattr(cpu_backend, "CPU_WINDOW_ROWS", 16)
     s_k, window, lengths = 120, 9, [120, 77, 5]
     ins = make(len(lengths), s_q, s_k, 4, 2, 16, h_ks=4)
     kpm = torch.zeros(len(lengths), s_k, dtype=torch.bool)
@@ -406,18 +410,18 @@ def test_cpu_backend_memory_is_linear(monkeypatch):
     op gets at most a (rows x (rows + w - 1)) band mask, and K/V that are views
     of the caller's k_normal / k_scaled / v storage with H_k heads."""
     seen = []
-    real = attn._CPU_OP
+    real = cpu_backend._CPU_OP
 
     def spy(q, k, v, dropout_p, causal, attn_mask=None, scale=None):
         seen.append((tuple(q.shape), k, v, None if attn_mask is None else tuple(attn_mask.shape)))
         return real(q, k, v, dropout_p, causal, attn_mask=attn_mask, scale=scale)
 
-    monkeypatch.setattr(attn, "_CPU_OP", spy)
+    monkeypatch.setattr(cpu_backend, "_CPU_OP", spy)
     s, w = 700, 64
     ins = make(1, s, s, 8, 2, 16)
     out, lse = run(ins, w, "cpu")
     storages = {t.untyped_storage().data_ptr() for t in ins[2:]}
-    rows = attn.CPU_WINDOW_ROWS
+    rows = cpu_backend.CPU_WINDOW_ROWS
     for q_shape, k, v, mask_shape in seen:
         assert k.shape[1] == 2 and v.shape[1] == 2, "KV heads were repeated"
         assert k.untyped_storage().data_ptr() in storages and v.untyped_storage().data_ptr() in storages
@@ -595,8 +599,8 @@ def test_triton_dispatch(monkeypatch):
     """backend='triton' validates, then hands everything to attention_triton."""
     if "triton" not in available_attention_backends("cpu"):
         pytest.skip("triton backend not available here (needs triton, TRITON_INTERPRET=1 and "
-                    "dpe_kernels.attention_triton)")
-    import dpe_kernels.attention_triton as at
+                    "dpe_kernels.backends.triton_attention)")
+    import dpe_kernels.backends.triton_attention as at
 
     got = {}
 

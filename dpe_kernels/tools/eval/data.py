@@ -8,7 +8,7 @@ from pathlib import Path
 
 __all__ = ["DATA_DIR", "load_essays", "PASSKEY_FILLER"]
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"  # dpe_kernels/data
 
 # The classic passkey filler (Landmark Attention / Self-Extend / LongLM).
 PASSKEY_FILLER = (" The grass is green. The sky is blue. The sun is yellow. Here we go."

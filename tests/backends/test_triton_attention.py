@@ -16,8 +16,8 @@ if "triton" not in available_attention_backends(DEVICE):
     pytest.skip("the triton attention backend does not run here (needs triton, and CUDA or "
                 "TRITON_INTERPRET=1)", allow_module_level=True)
 
-import dpe_kernels.attention_triton as at  # noqa: E402
-from dpe_kernels.attention_triton import attention_triton  # noqa: E402
+import dpe_kernels.backends.triton_attention as at  # noqa: E402
+from dpe_kernels.backends.triton_attention import attention_triton  # noqa: E402
 
 NEG_INF = float("-inf")
 # (H_q, H_k, heads of k_scaled): per-KV-head k_scaled (query heads packed
@@ -234,7 +234,7 @@ import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import dpe_kernels.attention_triton as at
+import dpe_kernels.backends.triton_attention as at
 
 assert not at._INTERPRETED
 K = at._dpe_attn_fwd_kernel

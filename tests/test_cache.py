@@ -14,7 +14,8 @@ import torch
 from conftest import ATOL, llama_inv_freq
 from dpe_kernels import DPEConfig, rope_reference
 from dpe_kernels.attention import dpe_attention
-from dpe_kernels.cache import DPEKVCache, decode_rerotate_reference, dpe_attention_step
+from dpe_kernels.cache import DPEKVCache, dpe_attention_step
+from dpe_kernels.reference import decode_rerotate_reference
 
 F64 = torch.float64
 

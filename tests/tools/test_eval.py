@@ -10,17 +10,17 @@ import torch
 
 pytest.importorskip("transformers")
 
-from dpe_kernels import cli  # noqa: E402
-from dpe_kernels import models  # noqa: E402
-from dpe_kernels.eval import methods as M  # noqa: E402
-from dpe_kernels.eval import runner as R  # noqa: E402
-from dpe_kernels.eval.data import PASSKEY_FILLER, load_essays  # noqa: E402
-from dpe_kernels.eval.niah import NEEDLE as NIAH_NEEDLE, niah_prompt, niah_sample, score_niah  # noqa: E402
-from dpe_kernels.eval.passkey import (  # noqa: E402
+from dpe_kernels.tools import cli  # noqa: E402
+from dpe_kernels.tools import models  # noqa: E402
+from dpe_kernels.tools.eval import methods as M  # noqa: E402
+from dpe_kernels.tools.eval import runner as R  # noqa: E402
+from dpe_kernels.tools.eval.data import PASSKEY_FILLER, load_essays  # noqa: E402
+from dpe_kernels.tools.eval.niah import NEEDLE as NIAH_NEEDLE, niah_prompt, niah_sample, score_niah  # noqa: E402
+from dpe_kernels.tools.eval.passkey import (  # noqa: E402
     NEEDLE as PK_NEEDLE, passkey_key, passkey_prompt, passkey_stop, score_passkey)
-from dpe_kernels.eval.perplexity import bucket_means, loss_by_position, ppl_tokens  # noqa: E402
-from dpe_kernels.eval.prompts import format_pieces  # noqa: E402
-from dpe_kernels.eval.report import write_report  # noqa: E402
+from dpe_kernels.tools.eval.perplexity import bucket_means, loss_by_position, ppl_tokens  # noqa: E402
+from dpe_kernels.tools.eval.prompts import format_pieces  # noqa: E402
+from dpe_kernels.tools.eval.report import write_report  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +201,7 @@ def test_runner_end_to_end_and_resume(tiny, tmp_path):
                                                          for l in lines[4:6]]
     assert len(R.read_records(out)) == 6
     # the model is left unpatched
-    from dpe_kernels.hf import get_handle
+    from dpe_kernels.integrations.hf import get_handle
     assert get_handle(model) is None
 
 
@@ -296,9 +296,13 @@ def test_cli_help(cmd, capsys):
 
 
 def test_cli_module_entry_point():
-    r = subprocess.run([sys.executable, "-m", "dpe_kernels.cli", "--help"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "dpe_kernels.tools.cli", "--help"], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0 and "demo" in r.stdout and "bench" in r.stdout
+    # the first release's module path still runs, with a DeprecationWarning
+    r = subprocess.run([sys.executable, "-W", "always::DeprecationWarning", "-m", "dpe_kernels.cli", "--help"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "demo" in r.stdout and "DeprecationWarning" in r.stderr
 
 
 def test_cli_eval_tiny_end_to_end(tmp_path, capsys):
@@ -318,6 +322,8 @@ def test_cli_demo_tiny(capsys):
     assert "[rope] answer:" in out and "[dpe] answer:" in out and "summary" in out
 
 
-def test_bench_scripts_found():
-    assert cli._bench_script("rope").name == "bench_rope.py"
-    assert cli._bench_script("attention").name == "bench_attention.py"
+def test_bench_modules_run_from_the_cli(capsys):
+    """`dpe bench NAME` imports dpe_kernels.tools.benchmarks.NAME and calls its main(argv)."""
+    for which in ("rope", "attention"):
+        assert cli.main(["bench", which, "--", "--help"]) == 0
+        assert "usage:" in capsys.readouterr().out

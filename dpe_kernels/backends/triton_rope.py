@@ -1,0 +1,346 @@
+"""The DPE rotary step (SPEC "Position remapping") as one Triton kernel.
+
+``rope_triton`` is the ``backend="triton"`` implementation behind
+:func:`dpe_kernels.dpe_rope`. It computes exactly what the CPU kernel
+(``csrc/include/dpe/rope_cpu.h``, math in ``csrc/include/dpe/rope.h``)
+computes:
+
+* q ``[B, S, H_q, D]`` / k ``[B, S, H_k, D]`` addressed by strides (a view of
+  a packed qkv tensor is read in place), or packed ``[T, H, D]`` (B = 1, S = T);
+  the last dimension has stride 1;
+* positions int32/int64 ``[T]``, ``[B, S]`` or ``[1, S]`` (stride 0 on batch);
+* angle ``float32(index) * inv_freq`` in float32, index ``m`` (normal),
+  ``m // s + (w - w // s)`` (scaled query) or ``m // s`` (scaled key), all
+  index arithmetic in int64; full-range accurate sin/cos;
+* the scaled outputs use the scaled angle on key-dimension pairs (mask True,
+  or every pair without a mask) and the normal angle elsewhere;
+* with a mask ``[H_m, P]``, query head ``h`` uses row ``h // (H_q // H_m)``;
+  ``k_scaled`` has ``H_m`` heads, head ``j`` reads KV head ``j // (H_m // H_k)``
+  and uses row ``j``; without a mask ``k_scaled`` has ``H_k`` heads;
+* dims ``[rotary_dim, D)`` pass through unchanged to every output;
+* outputs contiguous, leading shape of the inputs, dtype of q; math in float32,
+  one rounding to the output dtype.
+
+The op is registered with :func:`torch.library.triton_op` as
+``torch.ops.dpe_kernels.rope_triton`` and launches through
+:func:`torch.library.wrap_triton`, so ``torch.compile`` traces into the kernel.
+"""
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+from ..utils import scaled_key_heads
+from .triton_utils import INTERPRETED as _INTERPRETED, load_f32, next_pow2, register_triton_op, round_out
+
+__all__ = ["rope_triton"]
+
+
+# --------------------------------------------------------------------------- kernel
+@triton.jit
+def _accurate_sincos(x, USE_LIBDEVICE: tl.constexpr):
+    # Angles reach 2^24 rad and more for long contexts, so sin/cos must be
+    # full-range accurate. libdevice's sinf / cosf are, by contract (Payne-Hanek
+    # reduction for large arguments, like sincosf in the CUDA backend); what
+    # tl.sin / tl.cos lower to is up to the Triton version and backend (older
+    # NVIDIA lowerings used the approximate sin.approx.f32, which is useless
+    # far from [-pi, pi]; Triton 3.9 for sm_90 emits the same full-range code).
+    # The Triton interpreter (TRITON_INTERPRET=1) cannot call libdevice (its
+    # functions are extern stubs there), but its tl.sin / tl.cos are numpy's
+    # float32 sin / cos, which are full-range accurate (<= 1 ulp).
+    if USE_LIBDEVICE:
+        s = libdevice.sin(x)
+        c = libdevice.cos(x)
+    else:
+        s = tl.sin(x)
+        c = tl.cos(x)
+    return s, c
+
+
+@triton.jit
+def _dpe_rope_kernel(
+    q_ptr, k_ptr, pos_ptr, inv_freq_ptr, scale_ptr, mask_ptr,
+    qn_ptr, kn_ptr, qs_ptr, ks_ptr,
+    T, S, H_q, H_k, D, P, window, q_mask_div,
+    q_sb, q_ss, q_sh, k_sb, k_ss, k_sh, pos_sb, pos_ss,
+    IS_NEOX: tl.constexpr,       # pairs (i, i + P) if True, else (2i, 2i + 1)
+    HAS_MASK: tl.constexpr,      # mask_ptr holds a [H_m, P] uint8 mask
+    HAS_PASS: tl.constexpr,      # rotary_dim < D: dims [2P, D) pass through
+    KS_REP: tl.constexpr,        # scaled key heads per KV head (H_ks // H_k)
+    USE_LIBDEVICE: tl.constexpr,
+    BF16_BY_BITS: tl.constexpr,  # interpreter with bfloat16 data (see triton_utils.load_f32)
+    BLOCK_T: tl.constexpr,       # tokens per program
+    BLOCK_HQ: tl.constexpr,      # query heads per inner-loop step
+    BLOCK_HK: tl.constexpr,      # KV heads per inner-loop step
+    BLOCK_P: tl.constexpr,       # next_power_of_2(P)
+    BLOCK_PASS: tl.constexpr,    # next_power_of_2(D - 2P) (1 when HAS_PASS is False)
+):
+    # Grid: one program per BLOCK_T consecutive tokens of the flattened B * S
+    # axis. A program holds every pair of its tokens and walks all heads, so
+    # the three sin/cos pairs of a (token, pair) are computed once and reused
+    # by every query and key head: trigonometry costs O(T * P), not
+    # O(T * (H_q + H_k) * P), as in the CPU and CUDA backends.
+    pid = tl.program_id(0).to(tl.int64)  # int64 before any multiplication by a stride
+    t = pid * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)  # [BT] flattened token
+    t_ok = t < T
+    b = t // S
+    s = t - b * S
+
+    # --- per (token, pair): the three angles, once --------------------------------
+    m = tl.load(pos_ptr + b * pos_sb + s * pos_ss, mask=t_ok, other=0).to(tl.int64)
+    i = tl.arange(0, BLOCK_P).to(tl.int64)  # pair index
+    p_ok = i < P
+    inv = tl.load(inv_freq_ptr + i, mask=p_ok, other=0.0)
+    sc = tl.load(scale_ptr + i, mask=p_ok, other=1).to(tl.int64)
+    m2 = m[:, None]                                  # [BT, 1]
+    sc2 = sc[None, :]                                # [1, BP]
+    idx_ks = m2 // sc2                               # scaled key index (int64; m >= 0, s >= 1)
+    idx_qs = idx_ks + (window - window // sc2)       # scaled query index
+    inv2 = inv[None, :]
+    # angle = float32(index) * inv_freq, rounded to float32 once (as HF does)
+    sin_n, cos_n = _accurate_sincos(m2.to(tl.float32) * inv2, USE_LIBDEVICE)
+    sin_qs, cos_qs = _accurate_sincos(idx_qs.to(tl.float32) * inv2, USE_LIBDEVICE)
+    sin_ks, cos_ks = _accurate_sincos(idx_ks.to(tl.float32) * inv2, USE_LIBDEVICE)
+    # broadcast over the head axis: [BT, 1, BP]
+    cos_n = cos_n[:, None, :]
+    sin_n = sin_n[:, None, :]
+    cos_qs = cos_qs[:, None, :]
+    sin_qs = sin_qs[:, None, :]
+    cos_ks = cos_ks[:, None, :]
+    sin_ks = sin_ks[:, None, :]
+
+    # Element offsets of the two members of each pair inside a head vector.
+    # neox: two contiguous half-vectors. gptj: two stride-2 accesses over the
+    # same cache lines (the second is served from L1), so DRAM still reads
+    # each element once.
+    if IS_NEOX:
+        off1 = i
+        off2 = i + P
+    else:
+        off1 = 2 * i
+        off2 = 2 * i + 1
+    off1 = off1[None, None, :]
+    off2 = off2[None, None, :]
+    p_ok3 = p_ok[None, None, :]
+    if HAS_PASS:
+        jd = 2 * P + tl.arange(0, BLOCK_PASS).to(tl.int64)  # pass-through dims
+        jd_ok3 = (jd < D)[None, None, :]
+        jd3 = jd[None, None, :]
+
+    out_dtype = qn_ptr.dtype.element_ty
+    q_tok = b * q_sb + s * q_ss                      # [BT] input offset of the token
+    k_tok = b * k_sb + s * k_ss
+
+    # --- query heads ------------------------------------------------------------
+    # Each q element is loaded once (x1 and x2 of a pair are disjoint) and feeds
+    # both q_normal and q_scaled.
+    for h0 in range(0, H_q, BLOCK_HQ):
+        h = h0 + tl.arange(0, BLOCK_HQ).to(tl.int64)
+        h_ok = h < H_q
+        ok2 = t_ok[:, None] & h_ok[None, :]                       # [BT, BH]
+        ok3 = ok2[:, :, None] & p_ok3
+        src = (q_tok[:, None] + h[None, :] * q_sh)[:, :, None]    # [BT, BH, 1]
+        dst = ((t[:, None] * H_q + h[None, :]) * D)[:, :, None]   # contiguous output
+        x1 = load_f32(q_ptr + src + off1, ok3, BF16_BY_BITS)
+        x2 = load_f32(q_ptr + src + off2, ok3, BF16_BY_BITS)
+        # rotate_pair of rope.h. (Compiled Triton may contract these into FMAs,
+        # as nvcc does for the CUDA backend: rounding-level differences only.)
+        n1 = x1 * cos_n - x2 * sin_n
+        n2 = x1 * sin_n + x2 * cos_n
+        tl.store(qn_ptr + dst + off1, round_out(n1, out_dtype, BF16_BY_BITS), mask=ok3)
+        tl.store(qn_ptr + dst + off2, round_out(n2, out_dtype, BF16_BY_BITS), mask=ok3)
+        s1 = x1 * cos_qs - x2 * sin_qs
+        s2 = x1 * sin_qs + x2 * cos_qs
+        if HAS_MASK:
+            # Non-key-dimension pairs keep the normal angle. Selecting between
+            # the two rotated values equals rotating by the selected angle
+            # (same arithmetic per element), as the CPU kernel does.
+            mrow = h // q_mask_div
+            kd = tl.load(mask_ptr + mrow[:, None] * P + i[None, :],
+                         mask=h_ok[:, None] & p_ok[None, :], other=0) != 0  # [BH, BP]
+            kd = kd[None, :, :]
+            s1 = tl.where(kd, s1, n1)
+            s2 = tl.where(kd, s2, n2)
+        tl.store(qs_ptr + dst + off1, round_out(s1, out_dtype, BF16_BY_BITS), mask=ok3)
+        tl.store(qs_ptr + dst + off2, round_out(s2, out_dtype, BF16_BY_BITS), mask=ok3)
+        if HAS_PASS:
+            okp = ok2[:, :, None] & jd_ok3
+            v = tl.load(q_ptr + src + jd3, mask=okp, other=0.0)
+            tl.store(qn_ptr + dst + jd3, v, mask=okp)  # exact copy, same dtype
+            tl.store(qs_ptr + dst + jd3, v, mask=okp)
+
+    # --- key heads --------------------------------------------------------------
+    # Each KV head is loaded once and rotated once at the normal and once at the
+    # scaled-key angle; with a per-query-head mask it then feeds its KS_REP
+    # scaled key heads (only a select and a store each), never re-read.
+    H_ks = H_k * KS_REP
+    for h0 in range(0, H_k, BLOCK_HK):
+        hk = h0 + tl.arange(0, BLOCK_HK).to(tl.int64)
+        hk_ok = hk < H_k
+        ok2 = t_ok[:, None] & hk_ok[None, :]
+        ok3 = ok2[:, :, None] & p_ok3
+        src = (k_tok[:, None] + hk[None, :] * k_sh)[:, :, None]
+        dst = ((t[:, None] * H_k + hk[None, :]) * D)[:, :, None]
+        x1 = load_f32(k_ptr + src + off1, ok3, BF16_BY_BITS)
+        x2 = load_f32(k_ptr + src + off2, ok3, BF16_BY_BITS)
+        n1 = x1 * cos_n - x2 * sin_n
+        n2 = x1 * sin_n + x2 * cos_n
+        tl.store(kn_ptr + dst + off1, round_out(n1, out_dtype, BF16_BY_BITS), mask=ok3)
+        tl.store(kn_ptr + dst + off2, round_out(n2, out_dtype, BF16_BY_BITS), mask=ok3)
+        s1 = x1 * cos_ks - x2 * sin_ks
+        s2 = x1 * sin_ks + x2 * cos_ks
+        if HAS_PASS:
+            okp = ok2[:, :, None] & jd_ok3
+            v = tl.load(k_ptr + src + jd3, mask=okp, other=0.0)
+            tl.store(kn_ptr + dst + jd3, v, mask=okp)
+        for r in range(KS_REP):  # a loop, not unrolled: KS_REP reaches H_q for MQA
+            j = hk * KS_REP + r                                       # scaled key head
+            dst_s = ((t[:, None] * H_ks + j[None, :]) * D)[:, :, None]
+            if HAS_MASK:
+                kd = tl.load(mask_ptr + j[:, None] * P + i[None, :],
+                             mask=hk_ok[:, None] & p_ok[None, :], other=0) != 0
+                kd = kd[None, :, :]
+                y1 = tl.where(kd, s1, n1)
+                y2 = tl.where(kd, s2, n2)
+            else:
+                y1 = s1
+                y2 = s2
+            tl.store(ks_ptr + dst_s + off1, round_out(y1, out_dtype, BF16_BY_BITS), mask=ok3)
+            tl.store(ks_ptr + dst_s + off2, round_out(y2, out_dtype, BF16_BY_BITS), mask=ok3)
+            if HAS_PASS:
+                tl.store(ks_ptr + dst_s + jd3, v, mask=okp)
+
+
+# --------------------------------------------------------------------------- launcher
+# Elements of one [BLOCK_T, BLOCK_H, BLOCK_P] tile (per operand: x1, x2 and the
+# rotated values each hold this many float32).
+# GPU: one token per program (BLOCK_T = 1) and up to 2048 (head, pair)
+# elements per step, with one warp per 256 elements (8 values per thread per
+# operand). Compiled for sm_90, a 32-head x 64-pair step needs 124 registers
+# per thread with 8 warps and no spills (227 with 4 warps, halving occupancy);
+# the only stack is libdevice's 32-byte Payne-Hanek buffer.
+# Interpreter: its cost is per program and per op (numpy calls), not per
+# element, so it packs many tokens into one large tile: small test shapes run
+# as a single program.
+_TILE_GPU = 2048
+_TILE_INTERPRET = 1 << 16
+_ELEMS_PER_WARP = 256
+_MAX_WARPS = 8
+
+
+def _check(q, k, rotary_dim):
+    if q.dim() not in (3, 4) or k.dim() != q.dim():
+        raise ValueError("q and k must both be [T, H, D] or [B, S, H, D]")
+    if rotary_dim < 2 or rotary_dim % 2 or rotary_dim > q.shape[-1]:
+        raise ValueError("rotary_dim must be even and in [2, head_dim]")
+
+
+def _empty_outputs(q, k, mask):
+    """Contiguous outputs with the leading shape of q and the dtype of q;
+    k_scaled has H_m heads with a mask, else H_k."""
+    hq, hk, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    hks = scaled_key_heads(hk, mask)
+    lead = q.shape[:-2]
+    return (q.new_empty((*lead, hq, d)), q.new_empty((*lead, hk, d)),
+            q.new_empty((*lead, hq, d)), q.new_empty((*lead, hks, d)))
+
+
+def _launch(q, k, positions, inv_freq, pair_scale, mask, window, rotary_dim, is_neox, outs):
+    q_normal, k_normal, q_scaled, k_scaled = outs
+    hq, hk, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    npairs = rotary_dim // 2
+    if q.dim() == 3:  # packed [T, H, D]: one sequence of T tokens
+        batch, seqlen = 1, q.shape[0]
+        q_sb, k_sb = 0, 0
+        pos_sb, pos_ss = 0, positions.stride(0)
+    else:
+        batch, seqlen = q.shape[0], q.shape[1]
+        q_sb, k_sb = q.stride(0), k.stride(0)
+        pos_sb = 0 if positions.shape[0] == 1 else positions.stride(0)  # [1, S]: shared positions
+        pos_ss = positions.stride(1)
+    ntok = batch * seqlen
+    if ntok == 0:  # nothing to rotate: no launch (a zero-size grid is invalid)
+        return
+
+    inv_freq = inv_freq.contiguous()
+    pair_scale = pair_scale.contiguous()
+    if mask is not None:
+        hm = mask.shape[0]
+        # bool is stored as one byte: read it as uint8 (1 = key dimension)
+        mask_arg = mask.contiguous().view(torch.uint8)
+        q_mask_div = hq // hm
+        ks_rep = hm // hk  # 1 for a per-KV-head mask
+    else:
+        mask_arg = pair_scale  # never read (HAS_MASK=False)
+        q_mask_div = 1
+        ks_rep = 1
+
+    tile = _TILE_INTERPRET if _INTERPRETED else _TILE_GPU
+    block_p = next_pow2(npairs)  # P need not be a power of two (masked lanes)
+    npass = d - rotary_dim
+    block_pass = next_pow2(npass) if npass > 0 else 1
+    # Heads per step: all of them when they fit in the tile, else a loop over
+    # head blocks inside the program (sin/cos stay computed once per token).
+    head_cap = max(1, tile // block_p)
+    block_hq = min(next_pow2(hq), head_cap)
+    block_hk = min(next_pow2(hk), head_cap)
+    # Tokens per program: one on a GPU (the grid is the token count, which
+    # fills the machine for prefill and batched decode); as many as fit in
+    # the tile under the interpreter.
+    if _INTERPRETED:
+        block_t = max(1, min(next_pow2(ntok), tile // (block_hq * block_p)))
+    else:
+        block_t = 1
+    num_warps = min(_MAX_WARPS, max(1, block_t * block_hq * block_p // _ELEMS_PER_WARP))
+    grid = (triton.cdiv(ntok, block_t),)
+
+    torch.library.wrap_triton(_dpe_rope_kernel)[grid](
+        q, k, positions, inv_freq, pair_scale, mask_arg,
+        q_normal, k_normal, q_scaled, k_scaled,
+        ntok, seqlen, hq, hk, d, npairs, window, q_mask_div,
+        q_sb, q.stride(-3), q.stride(-2), k_sb, k.stride(-3), k.stride(-2), pos_sb, pos_ss,
+        IS_NEOX=bool(is_neox),
+        HAS_MASK=mask is not None,
+        HAS_PASS=npass > 0,
+        KS_REP=ks_rep,
+        USE_LIBDEVICE=not _INTERPRETED,
+        BF16_BY_BITS=_INTERPRETED and q.dtype == torch.bfloat16,
+        BLOCK_T=block_t,
+        BLOCK_HQ=block_hq,
+        BLOCK_HK=block_hk,
+        BLOCK_P=block_p,
+        BLOCK_PASS=block_pass,
+        num_warps=num_warps,
+    )
+
+
+def _rope_triton_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    pair_scale: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    window: int,
+    rotary_dim: int,
+    is_neox: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPE rotary step on Triton: ``(q_normal, k_normal, q_scaled, k_scaled)``.
+
+    Same contract as ``torch.ops.dpe_kernels.rope`` (see
+    ``csrc/rope_launch.h``); :func:`dpe_kernels.dpe_rope` validates the
+    arguments before calling it.
+    """
+    _check(q, k, rotary_dim)
+    outs = _empty_outputs(q, k, mask)
+    _launch(q, k, positions, inv_freq, pair_scale, mask, window, rotary_dim, is_neox, outs)
+    return outs
+
+
+def _rope_triton_fake(q, k, positions, inv_freq, pair_scale, mask, window, rotary_dim, is_neox):
+    _check(q, k, rotary_dim)
+    return _empty_outputs(q, k, mask)
+
+
+rope_triton = register_triton_op("rope_triton", _rope_triton_impl, _rope_triton_fake)

@@ -1,0 +1,94 @@
+"""What the Triton kernels share: the interpreter flag, the bfloat16 helpers the
+interpreter needs, ``next_pow2``, and the one registration pattern of a Triton
+op (a ``torch.library.triton_op``, its opaque eager twin and the twin's fake),
+written once here for every kernel module."""
+import functools
+from typing import Callable
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.jit import JITFunction
+
+__all__ = ["INTERPRETED", "next_pow2", "load_f32", "round_out", "bf16_bits_to_f32", "round_bf16_bits",
+           "register_triton_op"]
+
+
+@triton.jit
+def _probe():
+    pass
+
+
+# True when TRITON_INTERPRET=1 was set when Triton kernels were defined: triton.jit
+# then returns an InterpretedFunction that runs on CPU tensors with numpy.
+INTERPRETED = not isinstance(_probe, JITFunction)
+
+
+def next_pow2(n: int) -> int:
+    n = int(n)
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+# The Triton interpreter (TRITON_INTERPRET=1) converts between float32 and
+# bfloat16 wrongly: float32 -> bfloat16 truncates instead of rounding to
+# nearest even, and bfloat16 subnormals come out wrong in both directions.
+# With BF16_BY_BITS (interpreter and bfloat16 only) both conversions are done
+# on the bits, exactly as compiled Triton and torch do them; compiled Triton
+# takes the plain casts (round to nearest even, exact widening).
+@triton.jit
+def load_f32(ptrs, mask, BF16_BY_BITS: tl.constexpr):
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if BF16_BY_BITS:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def round_out(x, out_dtype: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    # float32 -> output dtype, one rounding to nearest even (as the CPU and
+    # CUDA backends do).
+    if BF16_BY_BITS:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        bits = tl.where(x != x, 0x7FC0, bits)  # NaN stays a (quiet) NaN
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(out_dtype)
+
+
+# (Separate functions because every call of a jit function costs the
+# interpreter a few milliseconds: hot loops call none on the other paths.)
+@triton.jit
+def bf16_bits_to_f32(x):
+    return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def round_bf16_bits(p):
+    return bf16_bits_to_f32(round_out(p, tl.bfloat16, True))
+
+
+def register_triton_op(name: str, impl: Callable, fake: Callable):
+    """Register ``impl`` (type-annotated, launching its kernel through
+    ``torch.library.wrap_triton``) as ``torch.ops.dpe_kernels.<name>``.
+
+    On a GPU the op is a ``torch.library.triton_op``, so ``torch.compile``
+    traces into the kernel. Under TRITON_INTERPRET=1, ``wrap_triton`` hands
+    back the raw interpreted function, which cannot be captured into a graph
+    nor run on fake or functional tensors; so while the op is traced there
+    (fake-tensor propagation, AOTDispatcher / torch.compile) it goes through an
+    opaque twin, ``torch.ops.dpe_kernels._<name>_eager`` (the same ``impl``,
+    launched eagerly), whose shapes come from ``fake``. Returns the op.
+    """
+    eager = torch.library.custom_op(f"dpe_kernels::_{name}_eager", mutates_args=())(impl)
+    eager.register_fake(fake)
+
+    @functools.wraps(impl)
+    def op(*args, **kwargs):
+        if INTERPRETED and any(isinstance(a, torch.Tensor) and type(a) is not torch.Tensor
+                               for a in (*args, *kwargs.values())):
+            return eager(*args, **kwargs)
+        return impl(*args, **kwargs)
+
+    return torch.library.triton_op(f"dpe_kernels::{name}", mutates_args=())(op)

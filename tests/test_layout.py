@@ -1,0 +1,129 @@
+"""The package layout's promises: one home per shared piece, no module reaching into
+another's underscore names, public names beside their first-release aliases, and the
+first release's import paths working with a DeprecationWarning."""
+import ast
+import importlib
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import dpe_kernels
+from dpe_kernels import DPEConfig, dpe_rope
+from dpe_kernels._compat import MOVED
+
+PKG = Path(dpe_kernels.__file__).resolve().parent
+
+
+def _sources():
+    return [p for p in PKG.rglob("*.py") if "__pycache__" not in p.parts]
+
+
+def test_no_module_imports_another_modules_underscore_names():
+    bad = []
+    for path in _sources():
+        for node in ast.walk(ast.parse(path.read_text())):
+            # (`from . import _ops` imports a private MODULE of the package, not a name of another module)
+            if isinstance(node, ast.ImportFrom) and node.module not in (None, "__future__"):
+                for alias in node.names:
+                    if alias.name.startswith("_") and alias.name != "__version__":
+                        bad.append(f"{path.relative_to(PKG)}: from {node.module} import {alias.name}")
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("literal", [
+    "(4, 4, 2, 16, 32, 32, 16, 128)",             # the paper's Llama-3-8B scales
+    "(torch.float32, torch.float16, torch.bfloat16)",  # the kernels' dtype set
+    "mask.shape[0] if mask is not None else",     # the heads of k_scaled
+])
+def test_shared_rules_are_written_once(literal):
+    homes = [str(p.relative_to(PKG)) for p in _sources() if literal in p.read_text()]
+    assert len(homes) == 1, homes
+
+
+def test_public_names_and_aliases():
+    assert dpe_kernels.ROPE_BACKENDS is dpe_kernels.BACKENDS
+    assert dpe_kernels.available_rope_backends is dpe_kernels.available_backends
+    assert "reference" in dpe_kernels.available_rope_backends("cpu")
+    for name in ("DPEKVCache", "rope_reference", "attention_reference", "decode_rerotate_reference",
+                 "ATTENTION_BACKENDS", "dpe_attention_step"):
+        assert name in dpe_kernels.__all__ and getattr(dpe_kernels, name) is not None
+
+
+@pytest.mark.parametrize("old", sorted(MOVED))
+def test_old_import_paths_warn_and_are_the_new_modules(old):
+    for name in [n for n in sys.modules if n == old or n.startswith(old + ".")]:
+        del sys.modules[name]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mod = importlib.import_module(old)
+    assert any(issubclass(w.category, DeprecationWarning) and MOVED[old] in str(w.message) for w in caught)
+    assert mod is importlib.import_module(MOVED[old])
+
+
+def test_old_eval_submodule_path_is_the_same_module():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from dpe_kernels.eval import runner as old_runner  # noqa: F401
+        from dpe_kernels.hf import apply_dpe as old_apply
+    from dpe_kernels.integrations.hf import apply_dpe
+    from dpe_kernels.tools.eval import runner
+    assert old_runner is runner and old_apply is apply_dpe
+
+
+# --------------------------------------------------------------------------- presets in the core
+def test_from_preset_every_kind():
+    inv = 1.0 / (100000.0 ** (torch.arange(32, dtype=torch.float32) / 32))
+    auto = DPEConfig.from_preset("auto", inv_freq=inv, train_length=8192, target_length=32768)
+    assert list(auto.scales) == [2, 2, 2, 4, 4, 8, 8, 8] and auto.window == 1024
+    uni = DPEConfig.from_preset("uniform", num_pairs=32, train_length=8192, target_length=16384)
+    assert list(uni.scales) == [4] * 8
+    paper = DPEConfig.from_preset("llama3-8b", num_pairs=64)
+    assert list(paper.scales) == [4, 4, 2, 16, 32, 32, 16, 128] and paper.group_boundaries[1] == 8
+    cal = DPEConfig.from_preset("smollm2-135m", inv_freq=inv)
+    assert cal.mask is not None and cal.num_pairs == 32
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(name="nope", num_pairs=32), "unknown DPE preset 'nope'"),
+    (dict(name="auto", num_pairs=32, train_length=8192, target_length=16384), "needs inv_freq"),
+    (dict(name="auto", inv_freq=torch.ones(32), target_length=16384), "train_length"),
+    (dict(name="uniform", num_pairs=32, train_length=8192, target_length=0), "target_length"),
+    (dict(name="llama3-8b"), "num_pairs or inv_freq"),
+    (dict(name="smollm2-135m", num_pairs=64), "covers 32 pairs"),
+])
+def test_from_preset_bad_input(kwargs, match):
+    name = kwargs.pop("name")
+    with pytest.raises(ValueError, match=match):
+        DPEConfig.from_preset(name, **kwargs)
+
+
+# --------------------------------------------------------------------------- position limits
+def _rope_args(positions):
+    q = torch.randn(len(positions), 2, 8)
+    k = torch.randn(len(positions), 1, 8)
+    inv = 1.0 / (10000.0 ** (torch.arange(4, dtype=torch.float32) / 4))
+    return q, k, torch.tensor(positions, dtype=torch.int64), inv, DPEConfig.uniform(4, [2, 2], 4)
+
+
+def test_positions_at_2_pow_24_are_refused_by_default():
+    q, k, pos, inv, cfg = _rope_args([0, (1 << 24) - 1])
+    dpe_rope(q, k, pos, inv, cfg)  # the last exact position is fine
+    q, k, pos, inv, cfg = _rope_args([0, 1 << 24])
+    with pytest.raises(ValueError, match=r"2\^24"):
+        dpe_rope(q, k, pos, inv, cfg)
+    # check_positions=False rotates them, rounded as float32(position) (HF's angle)
+    q, k, pos, inv, cfg = _rope_args([1 << 24, (1 << 24) + 1])
+    out = dpe_rope(q[:1].expand(2, -1, -1).contiguous(), k[:1].expand(2, -1, -1).contiguous(), pos, inv, cfg,
+                   check_positions=False, backend="reference")
+    assert torch.equal(out.q_normal[0], out.q_normal[1])  # 2^24 + 1 rounds to 2^24 in float32
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inv_freq_is_refused(bad):
+    q, k, pos, inv, cfg = _rope_args([0, 1, 2])
+    inv[1] = bad
+    with pytest.raises(ValueError, match="inv_freq must be finite"):
+        dpe_rope(q, k, pos, inv, cfg)
