@@ -15,6 +15,8 @@ Public API:
     dpe_attention      causal DPE attention: normal logits inside the window, scaled beyond, one
                        softmax (ATTENTION_BACKENDS: reference, cpu, flash, triton)
     available_attention_backends  which attention backends run on a device in this process
+    dpe_paged_attention  DPE attention of packed queries over a paged KV cache (block table, as vLLM
+                       keeps it; PAGED_BACKENDS: reference, cpu, triton); available_paged_backends
     merge_attention    merge two partial attentions by their natural-log lse
     lse_from_flash_attn2 / lse_from_flash_attn3 / lse_from_flashinfer
                        convert another library's lse to that convention
@@ -34,6 +36,7 @@ from .attention import (
 )
 from .cache import DPEKVCache, dpe_attention_step
 from .config import DPEConfig
+from .paged_attention import PAGED_BACKENDS, available_paged_backends, dpe_paged_attention
 from .reference import attention_reference, decode_rerotate_reference, rope_reference
 from .rope import (BACKENDS, MAX_EXACT_POSITION, ROPE_BACKENDS, RopeOutput, available_backends,
                    available_rope_backends, dpe_rope)
@@ -44,6 +47,7 @@ __all__ = [
     "dpe_attention", "ATTENTION_BACKENDS", "available_attention_backends", "merge_attention",
     "lse_from_flash_attn2", "lse_from_flash_attn3", "lse_from_flashinfer",
     "DPEKVCache", "dpe_attention_step",
+    "dpe_paged_attention", "PAGED_BACKENDS", "available_paged_backends",
     "rope_reference", "attention_reference", "decode_rerotate_reference",
     "has_extension", "extension_error",
     # first-release names, kept as aliases
