@@ -53,22 +53,15 @@ _BOTH = tl.constexpr(2)
 
 # --------------------------------------------------------------------------- kernels
 @triton.jit
-def _page_offsets(bt_row, n0, offs_n, n_ok, blk_s, tok_s,
-                  PAGE_SIZE: tl.constexpr, TILE_IN_PAGE: tl.constexpr, MASKED: tl.constexpr):
-    """Element offsets (int64 scalar base, in-tile part) of keys n0 + offs_n of
-    one cache whose block / token strides are blk_s / tok_s."""
+def _key_ptrs(head, blk, in_page, offs_n, blk_s, tok_s, TILE_IN_PAGE: tl.constexpr):
+    """Pointers [BLOCK_N] to a tile's keys in one cache (block / token strides
+    blk_s / tok_s; ``head`` already points at the head). In one page: the
+    64-bit scalar base is added to the pointer first, so the per-key part
+    stays 32-bit; else 64-bit per key."""
     if TILE_IN_PAGE:
-        # the whole tile is in one page: one block-table load, contiguous rows
-        blk = tl.load(bt_row + n0 // PAGE_SIZE).to(tl.int64)
-        base = blk * blk_s + (n0 % PAGE_SIZE).to(tl.int64) * tok_s
-        return base, offs_n * tok_s
+        return (head + (blk * blk_s + in_page.to(tl.int64) * tok_s)) + offs_n * tok_s
     else:
-        n = n0 + offs_n
-        if MASKED:
-            blk = tl.load(bt_row + n // PAGE_SIZE, mask=n_ok, other=0).to(tl.int64)
-        else:
-            blk = tl.load(bt_row + n // PAGE_SIZE).to(tl.int64)
-        return 0, blk * blk_s + (n % PAGE_SIZE).to(tl.int64) * tok_s
+        return head + (blk * blk_s + in_page.to(tl.int64) * tok_s)
 
 
 @triton.jit
@@ -120,15 +113,26 @@ def _paged_tiles(
             else:
                 v_mask = vd_ok
                 v_other = 0.0
+        # physical block of the tile's keys: one block-table load per tile
+        # (TILE_IN_PAGE: the tile lies in one page), else one per key
+        if TILE_IN_PAGE:
+            blk = tl.load(bt_row + n0 // PAGE_SIZE).to(tl.int64)
+            in_page = n0 % PAGE_SIZE
+        else:
+            if MASKED:
+                blk = tl.load(bt_row + n // PAGE_SIZE, mask=n_ok, other=0).to(tl.int64)
+            else:
+                blk = tl.load(bt_row + n // PAGE_SIZE).to(tl.int64)
+            in_page = n % PAGE_SIZE
         if MODE != _SCALED:
-            kb, ko = _page_offsets(bt_row, n0, offs_n, n_ok, kn_bs, kn_ts, PAGE_SIZE, TILE_IN_PAGE, MASKED)
-            kn = tl.load(kn_head + kb + (ko[None, :] + offs_d[:, None]), mask=k_mask, other=k_other)
+            kp = _key_ptrs(kn_head, blk, in_page, offs_n, kn_bs, kn_ts, TILE_IN_PAGE)
+            kn = tl.load(kp[None, :] + offs_d[:, None], mask=k_mask, other=k_other)
             if BF16_BY_BITS:
                 kn = bf16_bits_to_f32(kn)
             qk = tl.dot(q_n, kn, input_precision=DOT_PRECISION)
         if MODE != _NORMAL:
-            kb, ko = _page_offsets(bt_row, n0, offs_n, n_ok, ks_bs, ks_ts, PAGE_SIZE, TILE_IN_PAGE, MASKED)
-            ks = tl.load(ks_head + kb + (ko[None, :] + offs_d[:, None]), mask=k_mask, other=k_other)
+            kp = _key_ptrs(ks_head, blk, in_page, offs_n, ks_bs, ks_ts, TILE_IN_PAGE)
+            ks = tl.load(kp[None, :] + offs_d[:, None], mask=k_mask, other=k_other)
             if BF16_BY_BITS:
                 ks = bf16_bits_to_f32(ks)
             qk_s = tl.dot(q_s, ks, input_precision=DOT_PRECISION)
@@ -151,8 +155,8 @@ def _paged_tiles(
         p = tl.math.exp2(qk - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        vb, vo = _page_offsets(bt_row, n0, offs_n, n_ok, v_bs, v_ts, PAGE_SIZE, TILE_IN_PAGE, MASKED)
-        vt = tl.load(v_head + vb + (vo[:, None] + offs_dv[None, :]), mask=v_mask, other=v_other)
+        vp = _key_ptrs(v_head, blk, in_page, offs_n, v_bs, v_ts, TILE_IN_PAGE)
+        vt = tl.load(vp[:, None] + offs_dv[None, :], mask=v_mask, other=v_other)
         # p is rounded to v's dtype for the p @ v product (as FlashAttention does)
         if BF16_BY_BITS:
             vt = bf16_bits_to_f32(vt)
