@@ -11,7 +11,7 @@ import torch
 
 __all__ = [
     "FLOAT_DTYPES", "REFERENCE_DTYPES", "is_int", "check_inference_only", "scaled_key_heads",
-    "HAS_TRITON", "triton_usable", "dtype_by_name", "DTYPE_NAMES",
+    "HAS_TRITON", "triton_usable", "dtype_by_name", "DTYPE_NAMES", "host_ints",
 ]
 
 # The dtypes every compiled / Triton kernel takes; the float64 oracle adds float64.
@@ -61,3 +61,8 @@ def triton_usable(device: torch.device) -> bool:
     if not HAS_TRITON:
         return False
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def host_ints(t: torch.Tensor) -> list:
+    """An int tensor as a list of Python ints (reads it on the host: a sync on CUDA)."""
+    return [int(x) for x in t.tolist()]

@@ -6,9 +6,15 @@ mask; GQA without copying KV heads. Called after validation
 (:class:`dpe_kernels.attention.AttentionInfo`)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from ..attention import AttentionInfo, merge_partials_nonempty, seqlens_list
+from ..merge import merge_partials_nonempty
+from ..utils import host_ints
+
+if TYPE_CHECKING:  # (the dispatcher imports this module: no import back at run time)
+    from ..attention import AttentionInfo
 
 __all__ = ["cpu_attention", "available", "CPU_WINDOW_ROWS"]
 
@@ -201,7 +207,7 @@ def _as_last_dim_contiguous(t):
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-def cpu_attention(qn, qs, kn, ks, v, window, scale, key_padding_mask, info: AttentionInfo):
+def cpu_attention(qn, qs, kn, ks, v, window, scale, key_padding_mask, info: "AttentionInfo"):
     """``(out, lse)`` of DPE attention on CPU tensors (validated by dpe_attention)."""
     qn, qs, kn, ks, v = (_as_last_dim_contiguous(t) for t in (qn, qs, kn, ks, v))
     if info.Dv != info.D:
@@ -229,7 +235,7 @@ def cpu_attention(qn, qs, kn, ks, v, window, scale, key_padding_mask, info: Atte
     s_q, s_k = info.S_q, info.S_k
     lengths = None
     if key_padding_mask is not None and s_k > 0:
-        lengths = seqlens_list(key_padding_mask.sum(1))
+        lengths = host_ints(key_padding_mask.sum(1))
         if all(n == s_k for n in lengths):
             lengths = None
     if lengths is None:

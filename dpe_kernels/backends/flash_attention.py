@@ -4,12 +4,18 @@ on the scaled keys cut ``w`` short, merged by log-sum-exp. Called after
 validation (:class:`dpe_kernels.attention.AttentionInfo`)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import importlib.util
 import sys
 
 import torch
 
-from ..attention import AttentionInfo, lse_from_flash_attn2, merge_partials, seqlens_list
+from ..merge import lse_from_flash_attn2, merge_partials
+from ..utils import host_ints
+
+if TYPE_CHECKING:  # (the dispatcher imports this module: no import back at run time)
+    from ..attention import AttentionInfo
 
 __all__ = ["flash_attention", "available", "supports", "flash_module"]
 
@@ -60,7 +66,7 @@ def _flash_heads_loop(call, q, k, v):
     return out, lse
 
 
-def flash_attention(qn, qs, kn, ks, v, window, scale, key_padding_mask, cu_q, cu_k, info: AttentionInfo):
+def flash_attention(qn, qs, kn, ks, v, window, scale, key_padding_mask, cu_q, cu_k, info: "AttentionInfo"):
     """``(out, lse)`` of DPE attention with FlashAttention 2 (validated by dpe_attention)."""
     fa = flash_module()
     if not info.varlen:
@@ -114,7 +120,7 @@ def _flash_batched(fa, qn, qs, kn, ks, v, window, scale, info):
 
 
 def _flash_varlen(fa, qn, qs, kn, ks, v, cu_q, cu_k, window, scale):
-    cq, ck = seqlens_list(cu_q), seqlens_list(cu_k)
+    cq, ck = host_ints(cu_q), host_ints(cu_k)
     if qn.shape[0] == 0:
         return (qn.new_zeros((0, qn.shape[1], v.shape[-1])),
                 torch.full((0, qn.shape[1]), -_INF, dtype=torch.float32, device=qn.device))
