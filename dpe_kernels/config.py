@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -22,7 +23,7 @@ import torch
 
 from .utils import is_int as _is_int
 
-__all__ = ["DPEConfig", "WINDOW", "NUM_GROUPS", "PAPER_PRESETS", "PRESET_DIR", "calibrated_presets",
+__all__ = ["DPEConfig", "PresetLengthWarning", "WINDOW", "NUM_GROUPS", "PAPER_PRESETS", "PRESET_DIR", "calibrated_presets",
            "preset_names", "extension_factor", "starting_scales", "uniform_scale"]
 
 # The paper's setting: window 1024 and 8 equal groups of pairs.
@@ -39,8 +40,13 @@ PAPER_PRESETS: Dict[str, Tuple[int, ...]] = {
     "mistral-7b-v0.2": (4, 16, 2, 16, 32, 16, 16, 2),
 }
 
-# Calibrated configurations shipped with the package (DPEConfig JSON with its mask).
+# Calibrated configurations shipped with the package (DPEConfig JSON with its mask and the
+# context length it was calibrated for).
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+
+class PresetLengthWarning(UserWarning):
+    """A calibrated configuration is used past the context length it was calibrated for."""
 
 
 def calibrated_presets() -> Dict[str, Path]:
@@ -105,6 +111,10 @@ class DPEConfig:
         mask: optional bool tensor ``[num_layers, H_m, P]``; ``H_m`` is the
             number of query heads (per query head, as in the paper) or of KV
             heads. True marks a key dimension (scaled beyond the window).
+        calibrated_length: optional context length (tokens) the scales were
+            calibrated for (``dpe detect``'s target). Metadata: it changes no
+            number, but :meth:`from_preset` and :meth:`check_length` warn
+            (:class:`PresetLengthWarning`) when the config is used past it.
 
     Use :meth:`uniform` for ``G`` equal groups (the paper uses 8).
     """
@@ -113,6 +123,7 @@ class DPEConfig:
     group_boundaries: Tuple[int, ...]
     scales: Tuple[int, ...]
     mask: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
+    calibrated_length: Optional[int] = field(default=None, compare=False)
 
     def __post_init__(self):
         if not _is_int(self.window):
@@ -144,12 +155,15 @@ class DPEConfig:
             if m.dim() != 3 or m.shape[-1] != self.num_pairs:
                 raise ValueError(
                     f"mask must have shape [num_layers, H_m, {self.num_pairs}], got {list(m.shape)}")
+        if self.calibrated_length is not None and (not _is_int(self.calibrated_length)
+                                                   or self.calibrated_length < 1):
+            raise ValueError(f"calibrated_length must be a positive int or None, got {self.calibrated_length!r}")
         object.__setattr__(self, "_pair_scale_cache", {})
 
     # ------------------------------------------------------------------ build
     @classmethod
     def uniform(cls, window: int, scales: Sequence[int], num_pairs: int,
-                mask: Optional[torch.Tensor] = None) -> "DPEConfig":
+                mask: Optional[torch.Tensor] = None, calibrated_length: Optional[int] = None) -> "DPEConfig":
         """``len(scales)`` equal groups over ``num_pairs`` pairs."""
         if not _is_int(num_pairs) or num_pairs < 1:
             raise ValueError(f"num_pairs must be a positive int, got {num_pairs!r}")
@@ -157,7 +171,8 @@ class DPEConfig:
         if g < 1 or num_pairs % g != 0:
             raise ValueError(f"num_pairs ({num_pairs}) must be divisible by the number of groups ({g})")
         bounds = tuple(i * (num_pairs // g) for i in range(g + 1))
-        return cls(window=window, group_boundaries=bounds, scales=tuple(scales), mask=mask)
+        return cls(window=window, group_boundaries=bounds, scales=tuple(scales), mask=mask,
+                   calibrated_length=calibrated_length)
 
     @classmethod
     def from_preset(cls, name: str, *, inv_freq: Optional[torch.Tensor] = None,
@@ -166,8 +181,9 @@ class DPEConfig:
         """A named configuration (:func:`preset_names`).
 
         * a shipped calibrated preset (``dpe_kernels/presets/NAME.json``): loaded as
-          written, window and mask included (``num_pairs`` / ``inv_freq``, if
-          given, must match its pairs);
+          written, window, mask and calibrated length included (``num_pairs`` /
+          ``inv_freq``, if given, must match its pairs); a ``target_length`` past
+          its calibrated length warns (:class:`PresetLengthWarning`);
         * a paper preset (:data:`PAPER_PRESETS`): its 8 scales over ``num_pairs``
           pairs (or ``inv_freq``'s length), window ``window``;
         * ``"auto"``: :func:`starting_scales` for ``target_length`` from ``inv_freq``
@@ -187,6 +203,8 @@ class DPEConfig:
             cfg = cls.from_json(calibrated[name])
             if num_pairs is not None and cfg.num_pairs != num_pairs:
                 raise ValueError(f"preset {name!r} covers {cfg.num_pairs} pairs, the model rotates {num_pairs}")
+            if target_length is not None:
+                cfg.check_length(target_length, name=f"preset {name!r}", stacklevel=3)
             return cfg
         if name not in preset_names():
             raise ValueError(f"unknown DPE preset {name!r}: choose one of {preset_names()}")
@@ -234,12 +252,30 @@ class DPEConfig:
         return self.mask[layer]
 
     def with_mask(self, mask: Optional[torch.Tensor]) -> "DPEConfig":
-        return DPEConfig(self.window, self.group_boundaries, self.scales, mask)
+        return DPEConfig(self.window, self.group_boundaries, self.scales, mask, self.calibrated_length)
+
+    def exceeds_calibration(self, length: int) -> bool:
+        """True when ``length`` tokens is past :attr:`calibrated_length` (False when that is None)."""
+        if not _is_int(length) or length < 1:
+            raise ValueError(f"length must be a positive int, got {length!r}")
+        return self.calibrated_length is not None and length > self.calibrated_length
+
+    def check_length(self, length: int, *, name: str = "this DPE config", stacklevel: int = 2) -> bool:
+        """Warn (:class:`PresetLengthWarning`) when ``length`` is past :attr:`calibrated_length`;
+        returns True when the config covers ``length`` (or says nothing about it)."""
+        if not self.exceeds_calibration(length):
+            return True
+        warnings.warn(f"{name} was calibrated for {self.calibrated_length} tokens and is used at {length}: "
+                      f"its scales were not chosen for this length (calibrate for it with `dpe detect "
+                      f"--target-length {length}`)", PresetLengthWarning, stacklevel=stacklevel)
+        return False
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict:
         d = {"window": self.window, "group_boundaries": list(self.group_boundaries),
              "scales": list(self.scales)}
+        if self.calibrated_length is not None:
+            d["calibrated_length"] = self.calibrated_length
         if self.mask is not None:
             # One string of 0/1 per (layer, head): compact and diff-friendly.
             m = self.mask.to("cpu", torch.uint8)
@@ -250,7 +286,7 @@ class DPEConfig:
     def from_dict(cls, d: dict) -> "DPEConfig":
         if not isinstance(d, dict):
             raise TypeError(f"a DPE config must be a JSON object, got {type(d).__name__}")
-        unknown = set(d) - {"window", "group_boundaries", "scales", "mask"}
+        unknown = set(d) - {"window", "group_boundaries", "scales", "mask", "calibrated_length"}
         if unknown:
             raise ValueError(f"unknown DPE config keys: {sorted(unknown)}")
         for key in ("window", "group_boundaries", "scales"):
@@ -268,7 +304,7 @@ class DPEConfig:
             if not ok:
                 raise ValueError("mask strings may hold only '0' and '1'")
         return cls(window=d["window"], group_boundaries=tuple(d["group_boundaries"]),
-                   scales=tuple(d["scales"]), mask=mask)
+                   scales=tuple(d["scales"]), mask=mask, calibrated_length=d.get("calibrated_length"))
 
     def to_json(self, path: Optional[Union[str, os.PathLike]] = None) -> str:
         """The config as JSON text; also written to ``path`` when given."""

@@ -11,35 +11,42 @@ Written to safetensors: ``scores`` ``[L, H_q, P]``, ``mask`` (top-k per query he
 ``scores_kv`` ``[L, H_k, P]`` (mean of the scores of a KV head's query heads) and ``mask_kv``.
 
 Step 2, effective length per group (:func:`detect`): with the window and the mask fixed,
-sweep one group's scale at a time over ``{1, 2, 4, ...}`` while every other group stays at
-``2 * target / train`` (rounded up to an integer); each configuration is scored at the target
-length, one JSONL record per (group, scale, sample) so an interrupted sweep resumes. Each
-group keeps its best scale. Tie-break (documented, deterministic): the highest mean score
-wins; among equal scores the scale closest to the others' default ``2 * target / train``
-(in log2 distance) wins, and among those the smaller scale. A configuration met twice (every
-group at the default scale) is scored once.
+coordinate ascent from the Self-Extend point (every group at ``2 * ceil(target / train)``, the
+paper's sweep default) at the target length: each group's scale is swept over ``{1, 2, 4, ...}``
+with the other groups at their current best; a change is accepted only when the mean paired
+gain on the same samples exceeds its standard error; passes repeat while anything changes
+(bounded); the final configuration and the start are then scored on fresh samples and the
+better one is kept, so the result cannot be worse than Self-Extend on fresh samples of its own
+objective. One JSONL record per scored (configuration, sample): an interrupted calibration
+resumes. (This replaced the first per-group sweep, which fixed the other groups at the default
+and combined the per-group picks without scoring the combination.)
 
-Scorers: ``passkey`` (exact key), ``niah`` (4-needle recall fraction), ``ppl`` (minus the mean
-next-token loss over the positions beyond the pre-training length: a cheap proxy, one forward
-pass per sample, no generation).
+Scorers: ``passkey-logprob`` / ``niah-logprob`` (teacher-forced log-probability of the answer,
+one forward pass per sample: a score with information in every sample), ``passkey`` (exact
+key) and ``niah`` (4-needle recall fraction) by greedy generation, ``ppl`` (minus the mean
+next-token loss beyond the pre-training length: a cheap proxy).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import time
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from ..config import DPEConfig
+from ..config import DPEConfig, extension_factor, uniform_scale
+from ..utils import is_int as _is_int
+from .eval.stats import mean_se, paired_gain
 
 __all__ = ["key_dimension_scores", "top_k_masks", "select_dims", "load_dims_mask", "default_top_k",
-           "sweep_configs", "pick_scales", "detect", "SCORERS"]
+           "self_extend_scales", "scorer_sample", "score_sample", "coordinate_ascent", "replay", "detect",
+           "DetectResult", "MissingScore", "SCORERS"]
 
-SCORERS = ("ppl", "passkey", "niah")
+SCORERS = ("passkey-logprob", "niah-logprob", "passkey", "niah", "ppl")
 
 
 # --------------------------------------------------------------------------- step 1
@@ -188,74 +195,226 @@ def load_dims_mask(path: os.PathLike, which: str = "q") -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- step 2
-def default_sweep_scale(target_length: int, train_length: int) -> int:
-    """The scale of the groups not being swept: 2 * target / train, rounded up, at least 1."""
-    return max(1, math.ceil(2 * target_length / train_length))
+class DetectResult(NamedTuple):
+    config: DPEConfig       # the kept scales, window, mask, calibrated_length = target
+    records: List[dict]     # one per scored (configuration, sample), resumed ones included
+    trace: dict             # the ascent's decisions (see :func:`coordinate_ascent`)
 
 
-def sweep_configs(num_groups: int, scales: Sequence[int], default: int) -> List[Tuple[int, int, Tuple[int, ...]]]:
-    """(group, scale, all scales) of the sweep, in order; a repeated configuration appears once per
-    (group, scale) but :func:`detect` scores it once."""
-    out = []
-    for g in range(num_groups):
-        for s in scales:
-            sc = [default] * num_groups
-            sc[g] = s
-            out.append((g, s, tuple(sc)))
-    return out
+def self_extend_scales(target_length: int, train_length: int, num_groups: int) -> List[int]:
+    """The ascent's start: every group at Self-Extend's scale ``2 * ceil(target / train)``."""
+    return [uniform_scale(extension_factor(target_length, train_length))] * num_groups
 
 
-def pick_scales(records: Iterable[dict], num_groups: int, scales: Sequence[int], default: int) -> List[int]:
-    """Best scale per group from sweep records (see the module docstring for the tie-break)."""
-    by_cfg: Dict[tuple, List[float]] = {}
-    for r in records:
-        by_cfg.setdefault(tuple(r["scales"]), []).append(float(r["score"]))
-    best = []
-    for g in range(num_groups):
-        cands = []
-        for s in scales:
-            sc = [default] * num_groups
-            sc[g] = s
-            vals = by_cfg.get(tuple(sc))
-            if vals:
-                cands.append((sum(vals) / len(vals), -abs(math.log2(s) - math.log2(default)), -s, s))
-        if not cands:
-            raise ValueError(f"no sweep records for group {g}")
-        best.append(max(cands)[3])
-    return best
+def scorer_sample(scorer: str, sample: int, seed: int = 0) -> dict:
+    """What sample ``sample`` of ``scorer`` is: passkey depth ``(i % 5) / 4`` and key
+    ``passkey_key(i, seed)``; NIAH depth ``(i % 3) / 2`` and ``niah_sample(i, seed)``; ppl essay
+    text ``i``. The same index is the same prompt for every configuration (paired scores)."""
+    if scorer not in SCORERS:
+        raise ValueError(f"scorer must be one of {SCORERS}, got {scorer!r}")
+    if scorer == "ppl":
+        return {"text": sample}
+    if scorer.startswith("passkey"):
+        from .eval.passkey import passkey_key
+
+        return {"depth": (sample % 5) / 4, "key": passkey_key(sample, seed)}
+    from .eval.niah import niah_sample
+
+    key, values = niah_sample(sample, seed)
+    return {"depth": (sample % 3) / 2, "needle_key": key, "values": values}
 
 
-def _score_one(model, tokenizer, scorer: str, length: int, sample: int, train_length: int, seed: int) -> float:
-    from .eval.generate import greedy_generate
+def score_sample(model, tokenizer, scorer: str, length: int, sample: int, train_length: int,
+                 seed: int = 0) -> dict:
+    """One sample of ``scorer`` at ``length`` tokens on the model as it is patched now:
+    ``{"score": float, ...}`` (higher is better) with what is needed to recompute it.
 
+    * ``passkey-logprob`` / ``niah-logprob``: the teacher-forced log-probability of the answer
+      (:mod:`.eval.logprob`: one forward, no generation); ``exact`` is the exact-match score of
+      the same pass;
+    * ``passkey`` / ``niah``: greedy generation, exact key / fraction of the 4 values recalled;
+    * ``ppl``: minus the mean next-token loss of the positions beyond ``train_length``.
+    """
+    spec = scorer_sample(scorer, sample, seed)
+    t0 = time.perf_counter()
     if scorer == "ppl":
         from .eval.perplexity import loss_by_position, ppl_tokens
 
         ids = torch.tensor([ppl_tokens(tokenizer, length, sample)])
         losses = loss_by_position(model, ids)
-        return -float(losses[train_length:].mean()) if losses.shape[0] > train_length else -float(losses.mean())
-    depth = (sample % 5) / 4 if scorer == "passkey" else (sample % 3) / 2
+        tail = losses[train_length:] if losses.shape[0] > train_length else losses
+        return {"score": -float(tail.mean()), "seconds": round(time.perf_counter() - t0, 2)}
+    if scorer.endswith("-logprob"):
+        from .eval.logprob import niah_logprob, passkey_logprob
+
+        if scorer == "passkey-logprob":
+            res = passkey_logprob(model, tokenizer, length, spec["depth"], spec["key"], "raw")
+        else:
+            res = niah_logprob(model, tokenizer, length, spec["depth"], spec["needle_key"], spec["values"], "raw")
+        exact = res.pop("score")
+        return {"depth": spec["depth"], **res, "score": res["logprob"], "exact": exact}
+    from .eval.generate import greedy_generate
+
     if scorer == "passkey":
-        from .eval.passkey import PASSKEY_MAX_NEW_TOKENS, passkey_key, passkey_prompt, passkey_stop, score_passkey
+        from .eval.passkey import PASSKEY_MAX_NEW_TOKENS, passkey_prompt, passkey_stop, score_passkey
 
-        key = passkey_key(sample, seed)
-        p = passkey_prompt(tokenizer, length, depth, key, "raw")
+        p = passkey_prompt(tokenizer, length, spec["depth"], spec["key"], "raw")
         text, _, _ = greedy_generate(model, tokenizer, p.tensor(), PASSKEY_MAX_NEW_TOKENS, stop=passkey_stop)
-        return score_passkey(text, key)
-    from .eval.niah import NIAH_MAX_NEW_TOKENS, niah_prompt, niah_sample, score_niah
+        score = score_passkey(text, spec["key"])
+        answer = str(spec["key"])
+    else:
+        from .eval.niah import NIAH_MAX_NEW_TOKENS, niah_prompt, score_niah
 
-    key, values = niah_sample(sample, seed)
-    p = niah_prompt(tokenizer, length, depth, key, values, "raw", None)
-    text, _, _ = greedy_generate(model, tokenizer, p.tensor(), NIAH_MAX_NEW_TOKENS)
-    return score_niah(text, values)
+        p = niah_prompt(tokenizer, length, spec["depth"], spec["needle_key"], spec["values"], "raw", None)
+        text, _, _ = greedy_generate(model, tokenizer, p.tensor(), NIAH_MAX_NEW_TOKENS)
+        score = score_niah(text, spec["values"])
+        answer = spec["values"]
+    return {"depth": spec["depth"], "answer": answer, "output": text, "score": score,
+            "seconds": round(time.perf_counter() - t0, 2), "prompt_tokens": len(p)}
+
+
+class MissingScore(LookupError):
+    """:func:`replay` met a configuration / sample that the records do not hold."""
+
+
+def coordinate_ascent(score: Callable[[Tuple[int, ...], Sequence[int]], List[float]], start: Sequence[int],
+                      scales: Sequence[int], samples: Sequence[int], fresh_samples: Sequence[int],
+                      max_passes: int = 3, log: Optional[Callable[[str], None]] = None,
+                      trace: Optional[dict] = None) -> dict:
+    """Coordinate ascent over the groups' scales from ``start`` (the Self-Extend point).
+
+    ``score(scales, samples)`` returns one score per sample (higher is better; the same sample
+    index is the same prompt for every configuration). Each pass sweeps the groups in order;
+    group ``g`` tries every scale of ``scales`` with the other groups at their CURRENT scales,
+    and a candidate is accepted only when its mean paired gain over the incumbent on the same
+    samples exceeds the gain's standard error (``mean(d) > sd(d) / sqrt(n)``); among accepted
+    candidates the largest gain wins (tie: the scale closest in log2 to the incumbent's, then the
+    smaller). Passes repeat while a pass changed something, at most ``max_passes``. Then the
+    final configuration and ``start`` are scored on ``fresh_samples`` (not used above) and the
+    one with the higher mean is kept (a tie keeps ``start``); when nothing changed there is
+    nothing to compare and ``start`` is kept.
+
+    Returns (and fills ``trace``, so a caller holds the decisions made before an exception):
+    ``{"start", "final", "kept", "passes", "converged", "steps": [...], "fresh": {...} | None}``.
+    """
+    if len(samples) < 2:
+        raise ValueError(f"the acceptance rule needs a standard error: at least 2 samples, got {len(samples)}")
+    if not _is_int(max_passes) or max_passes < 1:
+        raise ValueError(f"max_passes must be a positive int, got {max_passes!r}")
+    trace = {} if trace is None else trace
+    cur = tuple(int(s) for s in start)
+    trace.update({"start": list(cur), "final": None, "kept": None, "passes": 0, "converged": False,
+                  "samples": list(samples), "fresh_samples": list(fresh_samples), "steps": [], "fresh": None})
+    cur_scores = score(cur, samples)
+    changed = False
+    for p in range(1, max_passes + 1):
+        trace["passes"] = p
+        changed = False
+        for g in range(len(cur)):
+            inc_mean = mean_se(cur_scores)[0]
+            cands = []
+            for s in scales:
+                if s == cur[g]:
+                    continue
+                cfg = cur[:g] + (int(s),) + cur[g + 1:]
+                sc = score(cfg, samples)
+                gain, se = paired_gain(sc, cur_scores)
+                cands.append({"scale": int(s), "mean": mean_se(sc)[0], "gain": gain, "se": se,
+                              "accepted": bool(gain > se)})  # nan se (cannot happen for n >= 2) rejects
+            ok = [c for c in cands if c["accepted"]]
+            step = {"pass": p, "group": g, "incumbent": list(cur), "incumbent_mean": inc_mean,
+                    "candidates": cands, "chosen": None}
+            if ok:
+                best = max(ok, key=lambda c: (c["gain"], -abs(math.log2(c["scale"]) - math.log2(cur[g])),
+                                              -c["scale"]))
+                step["chosen"] = best["scale"]
+                cur = cur[:g] + (best["scale"],) + cur[g + 1:]
+                cur_scores = score(cur, samples)
+                changed = True
+            trace["steps"].append(step)
+            if log:
+                tried = ", ".join(f"{c['scale']}: {c['gain']:+.3f}±{c['se']:.3f}{'*' if c['accepted'] else ''}"
+                                  for c in cands)
+                log(f"pass {p} group {g}: incumbent {step['incumbent']} (mean {inc_mean:.4f}); gains {tried}"
+                    f" -> {'scale ' + str(step['chosen']) if ok else 'kept'}")
+        if not changed:
+            break
+    trace["converged"] = not changed
+    trace["final"] = list(cur)
+    start_t = tuple(trace["start"])
+    kept = start_t
+    if cur != start_t and fresh_samples:
+        f_final, f_start = score(cur, fresh_samples), score(start_t, fresh_samples)
+        gain, se = paired_gain(f_final, f_start)
+        m_final, m_start = mean_se(f_final)[0], mean_se(f_start)[0]
+        kept = cur if m_final > m_start else start_t
+        trace["fresh"] = {"final_mean": m_final, "start_mean": m_start, "gain": gain, "se": se,
+                          "kept": "final" if kept == cur else "start"}
+        if log:
+            log(f"fresh samples {list(fresh_samples)}: final {list(cur)} mean {m_final:.4f}, start {list(start_t)} "
+                f"mean {m_start:.4f} (gain {gain:+.4f} ± {se:.4f}) -> keep the {trace['fresh']['kept']}")
+    elif cur != start_t:
+        kept = cur
+    trace["kept"] = list(kept)
+    return trace
+
+
+def _mask_id(mask: Optional[torch.Tensor]) -> Optional[str]:
+    if mask is None:
+        return None
+    m = mask.detach().to("cpu", torch.uint8).contiguous()
+    return hashlib.sha1(str(list(m.shape)).encode() + m.numpy().tobytes()).hexdigest()[:12]
+
+
+def _record_matches(r: dict, base: dict) -> bool:
+    """A record of this run's setting (records from before dtype / mask_id were recorded: float32, no id)."""
+    defaults = {"dtype": "float32", "mask_id": None}
+    return all(r.get(k, defaults.get(k)) == v for k, v in base.items())
+
+
+def replay(records: Iterable[dict], *, target_length: int, train_length: int, scales: Sequence[int],
+           samples: int, fresh_samples: Optional[int] = None, max_passes: int = 3,
+           num_groups: int = 8, base: Optional[dict] = None) -> dict:
+    """The ascent's trace from records alone (no model): how far a (partial) run got. Stops at the
+    first configuration / sample the records do not hold; then ``trace["pending"]`` names it."""
+    cache: Dict[tuple, float] = {}
+    for r in records:
+        if base is None or _record_matches(r, base):
+            cache[(tuple(r["scales"]), r["sample"])] = float(r["score"])
+
+    def score(cfg, idx):
+        out = []
+        for i in idx:
+            if (tuple(cfg), i) not in cache:
+                raise MissingScore((list(cfg), i))
+            out.append(cache[(tuple(cfg), i)])
+        return out
+
+    fresh = samples if fresh_samples is None else fresh_samples
+    trace: dict = {}
+    try:
+        coordinate_ascent(score, self_extend_scales(target_length, train_length, num_groups), sorted(set(scales)),
+                          list(range(samples)), list(range(samples, samples + fresh)), max_passes, trace=trace)
+        trace["pending"] = None
+    except MissingScore as e:
+        cfg, i = e.args[0]
+        trace["pending"] = {"scales": cfg, "sample": i}
+    return trace
 
 
 def detect(model, tokenizer, *, target_length: int, train_length: Optional[int] = None,
-           scales: Sequence[int] = (1, 2, 4, 8, 16), scorer: str = "ppl", samples: int = 1,
-           window: int = 1024, num_groups: int = 8, mask: Optional[torch.Tensor] = None,
-           jsonl: Optional[os.PathLike] = None, progress: bool = True, seed: int = 0,
-           attention_backend: str = "auto", log=print) -> Tuple[DPEConfig, List[dict]]:
-    """Step 2: the per-group scale sweep at ``target_length``; returns (config, records)."""
+           scales: Sequence[int] = (1, 2, 4, 8, 16), scorer: str = "passkey-logprob", samples: int = 4,
+           fresh_samples: Optional[int] = None, max_passes: int = 3, window: int = 1024, num_groups: int = 8,
+           mask: Optional[torch.Tensor] = None, jsonl: Optional[os.PathLike] = None, progress: bool = True,
+           seed: int = 0, attention_backend: str = "auto", log=print) -> DetectResult:
+    """Step 2: :func:`coordinate_ascent` from the Self-Extend point at ``target_length``.
+
+    Samples ``0 .. samples-1`` drive the sweep, ``samples .. samples+fresh_samples-1`` (default
+    ``fresh_samples = samples``) are the fresh ones of the final comparison. Every scored
+    (configuration, sample) is one record appended to ``jsonl``; a rerun with the same setting
+    reads them back and scores only what is missing, so an interrupted calibration resumes (the
+    ascent is deterministic given the scores). Returns :class:`DetectResult`.
+    """
     from tqdm.auto import tqdm
 
     from .eval.runner import append_record, resume_records
@@ -264,55 +423,66 @@ def detect(model, tokenizer, *, target_length: int, train_length: Optional[int] 
 
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {SCORERS}, got {scorer!r}")
+    fresh_samples = samples if fresh_samples is None else fresh_samples
     for name, v in (("target_length", target_length), ("samples", samples), ("window", window),
-                    ("num_groups", num_groups)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                    ("num_groups", num_groups), ("max_passes", max_passes), ("fresh_samples", fresh_samples)):
+        if not _is_int(v) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if not scales or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in scales):
+    if samples < 2:
+        raise ValueError(f"samples must be >= 2 (a gain is accepted only beyond its standard error), got {samples}")
+    if not scales or any(not _is_int(s) or s < 1 for s in scales):
         raise ValueError(f"scales must be positive ints, got {list(scales)!r}")
     scales = sorted(set(scales))
     T = train_length or model_train_length(model)
-    default = default_sweep_scale(target_length, T)
     _, P, _, _, _ = _geometry(model)
     if P % num_groups:
         raise ValueError(f"{P} pairs do not split into {num_groups} equal groups")
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     base = {"target_length": target_length, "train_length": T, "scorer": scorer, "window": window,
-            "masked": mask is not None, "seed": seed}
-    done: Dict[tuple, dict] = {}
-    records: List[dict] = []
+            "masked": mask is not None, "mask_id": _mask_id(mask), "seed": seed, "dtype": dtype}
+    cache: Dict[tuple, dict] = {}
     for r in resume_records(jsonl) if jsonl else []:
-        if all(r.get(k) == v for k, v in base.items()):
-            done[(tuple(r["scales"]), r["sample"])] = r
-    plan = []
-    seen = set()
-    for g, s, sc in sweep_configs(num_groups, scales, default):
-        if sc not in seen:
-            seen.add(sc)
-            plan += [(g, s, sc, i) for i in range(samples)]
-    bar = tqdm(total=len(plan), desc=f"detect ({scorer} @ {target_length})", unit="run", disable=not progress)
-    try:
-        for g, s, sc, i in plan:
-            if (sc, i) in done:
-                records.append(done[(sc, i)])
-                bar.update(1)
-                continue
-            bar.set_postfix_str(f"group {g} scale {s} sample {i}")
-            cfg = DPEConfig.uniform(window, list(sc), P, mask=mask)
-            handle = apply_dpe(model, cfg, attention_backend=attention_backend)
-            t0 = time.perf_counter()
+        if _record_matches(r, base) and len(r["scales"]) == num_groups:
+            cache.setdefault((tuple(r["scales"]), r["sample"]), r)
+    records: List[dict] = []
+    used = set()
+    fresh_idx = list(range(samples, samples + fresh_samples))
+    bar = tqdm(desc=f"detect ({scorer} @ {target_length})", unit="run", disable=not progress)
+
+    def score(cfg: Tuple[int, ...], idx: Sequence[int]) -> List[float]:
+        todo = [i for i in idx if (cfg, i) not in cache]
+        if todo:
+            bar.set_postfix_str(f"scales {list(cfg)}")
+            handle = apply_dpe(model, DPEConfig.uniform(window, list(cfg), P, mask=mask),
+                               attention_backend=attention_backend)
             try:
-                score = _score_one(model, tokenizer, scorer, target_length, i, T, seed)
+                for i in todo:
+                    res = score_sample(model, tokenizer, scorer, target_length, i, T, seed)
+                    rec = {**base, "phase": "fresh" if i in fresh_idx else "sweep", "scales": list(cfg),
+                           "sample": i, **res, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                    cache[(cfg, i)] = rec
+                    if jsonl:
+                        append_record(jsonl, rec)
+                    bar.update(1)
             finally:
                 handle.remove()
-            rec = {**base, "group": g, "scale": s, "scales": list(sc), "sample": i, "score": score,
-                   "seconds": round(time.perf_counter() - t0, 2)}
-            records.append(rec)
-            if jsonl:
-                append_record(jsonl, rec)
-            bar.update(1)
+        for i in idx:
+            if (cfg, i) not in used:
+                used.add((cfg, i))
+                records.append(cache[(cfg, i)])
+        return [float(cache[(cfg, i)]["score"]) for i in idx]
+
+    trace: dict = {}
+    try:
+        coordinate_ascent(score, self_extend_scales(target_length, T, num_groups), scales, list(range(samples)),
+                          fresh_idx, max_passes, log=log, trace=trace)
     finally:
         bar.close()
-    best = pick_scales(records, num_groups, scales, default)
+    trace.update({"scorer": scorer, "target_length": target_length, "train_length": T, "scales_tried": scales,
+                  "window": window, "masked": mask is not None, "dtype": dtype, "seed": seed})
     if log:
-        log(f"detect: best scales {best} (others' default {default}, scorer {scorer}, target {target_length})")
-    return DPEConfig.uniform(window, best, P, mask=mask), records
+        log(f"detect: kept scales {trace['kept']} (start {trace['start']}, final of the ascent {trace['final']}, "
+            f"{trace['passes']} pass(es){', converged' if trace['converged'] else ''}; scorer {scorer}, "
+            f"target {target_length})")
+    cfg = DPEConfig.uniform(window, trace["kept"], P, mask=mask, calibrated_length=target_length)
+    return DetectResult(cfg, records, trace)

@@ -16,12 +16,13 @@ DPE's starting configuration (preset ``auto``) is :func:`dpe_kernels.config.star
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 
-from ...config import (PAPER_PRESETS, WINDOW, DPEConfig, calibrated_presets, extension_factor,
-                       preset_names, starting_scales, uniform_scale)
+from ...config import (PAPER_PRESETS, WINDOW, DPEConfig, PresetLengthWarning, calibrated_presets,
+                       extension_factor, preset_names, starting_scales, uniform_scale)
 
 __all__ = ["METHODS", "DPE_PRESETS", "CALIBRATED_PRESETS", "preset_names", "load_preset", "extension_factor", "dpe_auto_scales", "dpe_config_for",
            "method_kwargs", "apply", "describe"]
@@ -55,8 +56,10 @@ def dpe_config_for(model, length: int, train_len: int, *, target_length: Optiona
     (:meth:`DPEConfig.from_preset`) for the target ``target_length or length``."""
     if config is not None:
         return config
-    return DPEConfig.from_preset(preset, inv_freq=model_inv_freq(model), train_length=int(train_len),
-                                 target_length=int(target_length or length), window=window)
+    with warnings.catch_warnings():  # method_kwargs warns once, for the length the config is applied at
+        warnings.simplefilter("ignore", PresetLengthWarning)
+        return DPEConfig.from_preset(preset, inv_freq=model_inv_freq(model), train_length=int(train_len),
+                                     target_length=int(target_length or length), window=window)
 
 
 def method_kwargs(model, name: str, length: int, train_len: int, *, target_length: Optional[int] = None,
@@ -78,6 +81,8 @@ def method_kwargs(model, name: str, length: int, train_len: int, *, target_lengt
                              config=dpe_config, window=window)
         if dpe_mask is not None:
             cfg = cfg.with_mask(dpe_mask)
+        what = "the DPE config" if dpe_config is not None else f"DPE preset {dpe_preset!r}"
+        cfg.check_length(int(length), name=what, stacklevel=3)  # used past its calibration: never silent
         return {"config": cfg}  # a key-dimension mask travels inside the config
     raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
 

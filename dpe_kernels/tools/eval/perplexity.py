@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from .data import load_essays
 from .prompts import encode, format_pieces
 
-__all__ = ["ppl_tokens", "loss_by_position", "bucket_means"]
+__all__ = ["ppl_tokens", "loss_by_position", "bucket_means", "backbone_and_head", "head_logits"]
 
 _LOGIT_CHUNK = 2048
 
@@ -37,17 +37,28 @@ def ppl_tokens(tokenizer, length: int, sample: int = 0) -> List[int]:
     return ids[:length]
 
 
-def _backbone_and_head(model):
+def backbone_and_head(model):
+    """(decoder stack, output embedding) of a ``*ForCausalLM`` model: the hidden states are formed
+    once and only the rows that are scored go through the (vocabulary-wide) head."""
     base = getattr(model, "model", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if base is None or head is None:
-        raise ValueError("loss_by_position needs a *ForCausalLM model with .model and an output embedding")
+        raise ValueError("scoring needs a *ForCausalLM model with .model and an output embedding")
     return base, head
+
+
+def head_logits(model, head, hidden: torch.Tensor) -> torch.Tensor:
+    """float32 logits of ``hidden`` rows (the model's final logit soft-capping applied, if any)."""
+    logits = head(hidden).float()
+    soft_cap = getattr(model.config, "final_logit_softcapping", None)
+    if soft_cap:
+        logits = torch.tanh(logits / soft_cap) * soft_cap
+    return logits
 
 
 def loss_by_position(model, input_ids: torch.Tensor) -> torch.Tensor:
     """float32 [S - 1]: the loss of predicting token t + 1 from tokens 0..t."""
-    base, head = _backbone_and_head(model)
+    base, head = backbone_and_head(model)
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     with torch.inference_mode():
@@ -56,10 +67,7 @@ def loss_by_position(model, input_ids: torch.Tensor) -> torch.Tensor:
         target = input_ids[0, 1:]
         losses = []
         for i in range(0, hidden.shape[0], _LOGIT_CHUNK):
-            logits = head(hidden[i:i + _LOGIT_CHUNK]).float()
-            soft_cap = getattr(model.config, "final_logit_softcapping", None)
-            if soft_cap:
-                logits = torch.tanh(logits / soft_cap) * soft_cap
+            logits = head_logits(model, head, hidden[i:i + _LOGIT_CHUNK])
             losses.append(F.cross_entropy(logits, target[i:i + _LOGIT_CHUNK], reduction="none"))
     return torch.cat(losses).cpu()
 

@@ -3,9 +3,12 @@
     write_report(records, out_md, plot_dir=None, title=..., notes=...)
 
 * passkey / niah: method x length, cell = accuracy (passkey: exact key; niah: mean fraction of the
-  4 needles) with the sample count and the mean seconds per sample; "skipped (0 at L)" where the
-  runner skipped a method after it scored 0 at a shorter length; a heatmap per method (length x
-  depth, like the paper's NIAH figure): ``heatmap_<task>.png``;
+  4 needles) with the sample count and the mean seconds per sample, and, for records with a
+  teacher-forced score (scoring ``logprob`` / ``both``), the mean answer log-probability with its
+  95% Student-t interval over the samples; "skipped (0 at L)" where the runner skipped a method
+  after it scored 0 at a shorter length; a heatmap per method (length x depth, like the paper's
+  NIAH figure): ``heatmap_<task>.png``, and of the mean log-prob: ``heatmap_<task>_logprob.png``.
+  Records of different scorings or model dtypes get separate tables;
 * ppl: mean loss per 4K-token segment and overall perplexity per method; the loss-by-position
   curve of every method: ``loss_by_position.png``.
 """
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
 from .methods import METHODS
+from .stats import t_interval
 
 __all__ = ["summary_markdown", "plot_heatmaps", "plot_loss", "write_report"]
 
@@ -38,12 +42,21 @@ def _method_order(records: Iterable[dict]) -> List[str]:
 
 
 def _groups(records: Iterable[dict], task: str):
-    """{(model, format): [records of task]}"""
+    """{(model, format, scoring, dtype): [records of task]} (records from before scoring and dtype
+    were recorded: generation, float32)."""
     out: Dict[tuple, List[dict]] = OrderedDict()
     for r in records:
         if r.get("task") == task:
-            out.setdefault((r.get("model"), r.get("format")), []).append(r)
+            key = (r.get("model"), r.get("format"), r.get("scoring", "generate"), r.get("dtype", "float32"))
+            out.setdefault(key, []).append(r)
     return out
+
+
+def _fmt_interval(values: List[float]) -> str:
+    iv = t_interval(values)
+    if iv.n < 2:
+        return f"{iv.mean:.2f}"
+    return f"{iv.mean:.2f} [{iv.low:.2f}, {iv.high:.2f}]"
 
 
 def _retrieval_table(recs: List[dict]) -> List[str]:
@@ -63,14 +76,26 @@ def _retrieval_table(recs: List[dict]) -> List[str]:
                 secs = sum(float(r["seconds"]) for r in done) / len(done)
                 n_ok = sum(float(r["score"]) for r in done)
                 n_ok_s = f"{n_ok:g}" if n_ok == int(n_ok) else f"{n_ok:.2f}"
-                cells.append(f"{100 * acc:.0f}% ({n_ok_s}/{len(done)}), {secs:.1f} s")
+                lps = [float(r["logprob"]) for r in done if r.get("logprob") is not None]
+                lp = f"; log-prob {_fmt_interval(lps)}" if lps else ""
+                cells.append(f"{100 * acc:.0f}% ({n_ok_s}/{len(done)}), {secs:.1f} s{lp}")
                 params[(m, L)] = done[-1].get("params", "")
             elif skip:
                 cells.append(f"skipped ({skip[-1].get('reason', '')})")
             else:
                 cells.append("-")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", "Cells: accuracy (correct / samples), mean seconds per sample (prefill + greedy decode).", "",
+    scoring = recs[0].get("scoring", "generate")
+    how = {"generate": "accuracy (correct / samples) of the greedy answer, mean seconds per sample "
+                       "(prefill + greedy decode)",
+           "logprob": "exact match (correct / samples) of the teacher-forced answer (argmax at every answer "
+                      "token), mean seconds per sample (one forward)",
+           "both": "accuracy (correct / samples) of the greedy answer, mean seconds per sample (prefill + "
+                   "greedy decode; the teacher-forced pass is extra)"}[scoring]
+    if any(r.get("logprob") is not None for r in recs):
+        how += ("; log-prob: mean teacher-forced log-probability of the answer (passkey: the key's tokens; "
+                "NIAH: mean over the 4 values) with its 95% Student-t interval over the samples [low, high]")
+    lines += ["", f"Cells: {how}.", "",
               "Parameters per length:", "",
               "| method | " + " | ".join(_fmt_len(L) for L in lengths) + " |",
               "|---|" + "---|" * len(lengths)]
@@ -122,9 +147,10 @@ def summary_markdown(records: Sequence[dict], title: str = "DPE evaluation", not
             f"({os.cpu_count()} CPUs), model(s): {', '.join(models)}; samples run on: "
             f"{'; '.join(devices) or 'not recorded'}.", ""]
     for task in ("passkey", "niah", "ppl"):
-        for (model, fmt), recs in _groups(records, task).items():
+        for (model, fmt, scoring, dtype), recs in _groups(records, task).items():
             trains = {r.get("train_length") for r in recs}
-            extra = f", prompt format `{fmt}`" if task != "ppl" else ""
+            extra = f", prompt format `{fmt}`, scoring `{scoring}`" if task != "ppl" else ""
+            extra += f", {dtype}"
             out += [f"## {_TASK_TITLES[task]} ({model}{extra}, pre-training length "
                     f"{', '.join(str(t) for t in trains)})", ""]
             out += _retrieval_table(recs) if task != "ppl" else _ppl_table(recs)
@@ -139,10 +165,13 @@ def _plt():
     return plt
 
 
-def plot_heatmaps(records: Sequence[dict], task: str, path) -> Optional[Path]:
-    """One panel per method: depth (rows) x length (columns), colour = mean score."""
-    recs = [r for r in records if r.get("task") == task]
-    if not recs:
+def plot_heatmaps(records: Sequence[dict], task: str, path, value: str = "score") -> Optional[Path]:
+    """One panel per method: depth (rows) x length (columns), colour = mean ``value`` ("score", or
+    "logprob": the mean teacher-forced answer log-probability, colour scale from the lowest cell
+    (at least -20) to 0)."""
+    recs = [r for r in records if r.get("task") == task and (value == "score" or r.get("skipped")
+                                                          or r.get(value) is not None)]
+    if not any(not r.get("skipped") for r in recs):
         return None
     plt = _plt()
     import numpy as np
@@ -156,15 +185,24 @@ def plot_heatmaps(records: Sequence[dict], task: str, path) -> Optional[Path]:
                                                      1.2 + 0.45 * len(depths) + 1), squeeze=False)
     cmap = plt.get_cmap("RdYlGn").with_extremes(bad="#d0d0d0")
     im = None
-    for ax, m in zip(axes[0], methods):
+    grids = []
+    for m in methods:
         grid = np.full((len(depths), len(lengths)), np.nan)
         for j, L in enumerate(lengths):
             for i, d in enumerate(depths):
-                rs = [float(r["score"]) for r in recs if r["method"] == m and int(r["length"]) == L
+                rs = [float(r[value]) for r in recs if r["method"] == m and int(r["length"]) == L
                       and not r.get("skipped") and r.get("depth") is not None and round(float(r["depth"]), 4) == d]
                 if rs:
                     grid[i, j] = sum(rs) / len(rs)
-        im = ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, aspect="auto")
+        grids.append(grid)
+    if value == "score":
+        vmin, vmax = 0.0, 1.0
+    else:
+        finite = [g[~np.isnan(g)] for g in grids]
+        low = min((float(f.min()) for f in finite if f.size), default=-1.0)
+        vmin, vmax = max(-20.0, min(low, -1.0)), 0.0
+    for ax, m, grid in zip(axes[0], methods, grids):
+        im = ax.imshow(grid, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
         for j, L in enumerate(lengths):
             skipped = any(r.get("skipped") for r in recs if r["method"] == m and int(r["length"]) == L)
             for i in range(len(depths)):
@@ -176,8 +214,10 @@ def plot_heatmaps(records: Sequence[dict], task: str, path) -> Optional[Path]:
         ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths], fontsize=8)
         ax.set_xlabel("context length")
     axes[0][0].set_ylabel("needle depth")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="score")
-    fig.suptitle(f"{_TASK_TITLES[task]} ({recs[0].get('model')}, {recs[0].get('format')} prompt)", y=1.04)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8,
+                 label="score" if value == "score" else "mean answer log-prob (teacher-forced)")
+    what = "" if value == "score" else ", answer log-prob"
+    fig.suptitle(f"{_TASK_TITLES[task]} ({recs[0].get('model')}, {recs[0].get('format')} prompt{what})", y=1.04)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -226,16 +266,21 @@ def write_report(records: Sequence[dict], out_md, plot_dir=None, title: str = "D
     if plot_dir is not None:
         for task in ("passkey", "niah", "ppl"):
             groups = _groups(records, task)
-            for (model, fmt), recs in groups.items():
-                # one figure per (model, prompt format); a suffix only when a file holds several
+            for (model, fmt, scoring, dtype), recs in groups.items():
+                # one figure per (model, prompt format, scoring, dtype); a suffix only when a file
+                # holds several (scoring and dtype named only when not the default generate / float32)
+                tag = f"{Path(str(model)).name}_{fmt}"
+                tag += "" if scoring == "generate" else f"_{scoring}"
+                tag += "" if dtype == "float32" else f"_{dtype}"
                 suffix = "" if len(groups) == 1 else "_" + "".join(
-                    c if c.isalnum() or c in "-." else "-" for c in f"{Path(str(model)).name}_{fmt}")
+                    c if c.isalnum() or c in "-." else "-" for c in tag)
                 if task == "ppl":
-                    p = plot_loss(recs, Path(plot_dir) / f"loss_by_position{suffix}.png")
+                    found = [plot_loss(recs, Path(plot_dir) / f"loss_by_position{suffix}.png")]
                 else:
-                    p = plot_heatmaps(recs, task, Path(plot_dir) / f"heatmap_{task}{suffix}.png")
-                if p:
-                    plots.append(p)
+                    found = [plot_heatmaps(recs, task, Path(plot_dir) / f"heatmap_{task}{suffix}.png"),
+                             plot_heatmaps(recs, task, Path(plot_dir) / f"heatmap_{task}{suffix}_logprob.png",
+                                           value="logprob")]
+                plots += [p for p in found if p]
     md = summary_markdown(records, title=title, notes=notes)
     out_md = Path(out_md)
     if plots:

@@ -1,13 +1,19 @@
 """Evaluation runner: methods x lengths x depths x samples -> one JSONL record per sample.
 
 The JSONL file is the state: a run that is interrupted and started again with the same
-arguments skips every record already written (matched on task, model, prompt format, method,
-length, depth and sample index). Records of several invocations (e.g. 4K-16K with 10 samples,
+arguments skips every record already written (matched on task, model, prompt format, scoring, model dtype,
+method, length, depth and sample index). Records of several invocations (e.g. 4K-16K with 10 samples,
 then 32K with 3) can share one file; the report reads them all.
 
 With ``skip_zero`` (default) a method that scored 0 on every sample at some length is not run
 at longer lengths of the same task: one ``{"skipped": true, "reason": ...}`` record per
 (method, length) says so, and the table shows it.
+
+Scoring of the retrieval tasks (``EvalSpec.scoring``): ``generate`` (greedy decoding, the
+answer's first number / the values found in it), ``logprob`` (teacher-forced, one forward, no
+generation: the answer's log-probability and exact match from the same pass, see
+:mod:`.logprob`; ``score`` is the exact-match score) or ``both`` (``score`` from generation, the
+teacher-forced fields beside it as ``logprob``, ``tf_score``, ``tf_correct``, ...).
 """
 from __future__ import annotations
 
@@ -25,14 +31,16 @@ import torch
 from ...config import DPEConfig
 from . import methods as M
 from .generate import greedy_generate
+from .logprob import niah_logprob, passkey_logprob
 from .niah import NIAH_MAX_NEW_TOKENS, niah_prompt, niah_sample, score_niah
 from .passkey import PASSKEY_MAX_NEW_TOKENS, passkey_key, passkey_prompt, passkey_stop, score_passkey
 from .perplexity import bucket_means, loss_by_position, ppl_tokens
 
-__all__ = ["TASKS", "EvalSpec", "run_eval", "read_records", "resume_records", "append_record", "record_key",
+__all__ = ["TASKS", "SCORINGS", "EvalSpec", "run_eval", "read_records", "resume_records", "append_record", "record_key",
            "parse_depths", "DEFAULT_FORMAT"]
 
 TASKS = ("passkey", "niah", "ppl")
+SCORINGS = ("generate", "logprob", "both")
 # Chosen by measurement on SmolLM2-135M-Instruct with plain RoPE at 4K and 8K (see the README).
 DEFAULT_FORMAT = "raw"
 
@@ -69,10 +77,13 @@ class EvalSpec:
     skip_zero: bool = True
     seed: int = 0
     bucket: int = 1024                    # ppl bucket size in tokens
+    scoring: str = "generate"             # passkey / niah: generate, logprob or both (see the module doc)
 
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
         bad = [m for m in self.methods if m not in M.METHODS]
         if bad:
             raise ValueError(f"unknown methods {bad}; choose from {M.METHODS}")
@@ -82,8 +93,11 @@ class EvalSpec:
 
 
 def record_key(r: dict) -> tuple:
+    """What identifies a sample; records written before scoring and dtype were recorded count as
+    greedy generation in float32 (all of them were)."""
     depth = r.get("depth")
-    return (r.get("task"), r.get("model"), r.get("format"), r.get("method"), int(r.get("length", 0)),
+    return (r.get("task"), r.get("model"), r.get("format"), r.get("scoring", "generate"),
+            r.get("dtype", "float32"), r.get("method"), int(r.get("length", 0)),
             None if depth is None else round(float(depth), 4), r.get("sample"))
 
 
@@ -127,13 +141,16 @@ def append_record(path, rec: dict):
         os.fsync(f.fileno())
 
 
-def _zero_at_shorter(records: Iterable[dict], spec: EvalSpec, method: str, length: int) -> Optional[int]:
+def _zero_at_shorter(records: Iterable[dict], spec: EvalSpec, method: str, length: int,
+                     dtype: str = "float32") -> Optional[int]:
     """The shortest length below ``length`` where ``method`` scored 0 on every sample, if any."""
     by_len: Dict[int, List[float]] = {}
     fmt = "text" if spec.task == "ppl" else spec.fmt
+    same = {"task": spec.task, "model": spec.model_name, "format": fmt}
     for r in records:
-        if (r.get("task") == spec.task and r.get("model") == spec.model_name and r.get("format") == fmt
-                and r.get("method") == method and not r.get("skipped") and int(r["length"]) < length):
+        if (all(r.get(k) == v for k, v in same.items()) and r.get("method") == method
+                and r.get("scoring", "generate") == spec.scoring and r.get("dtype", "float32") == dtype
+                and not r.get("skipped") and int(r["length"]) < length):
             by_len.setdefault(int(r["length"]), []).append(float(r["score"]))
     zeros = [L for L, s in by_len.items() if s and max(s) == 0.0]
     return min(zeros) if zeros else None
@@ -146,7 +163,24 @@ def _plan(spec: EvalSpec):
     return [(round(float(d), 4), i) for d in spec.depths for i in range(spec.samples)]
 
 
+def _teacher_forced(model, tokenizer, spec: EvalSpec, length: int, depth, sample: int) -> dict:
+    if spec.task == "passkey":
+        return passkey_logprob(model, tokenizer, length, depth, passkey_key(sample, spec.seed), spec.fmt,
+                               spec.haystack)
+    key, values = niah_sample(sample, spec.seed)
+    return niah_logprob(model, tokenizer, length, depth, key, values, spec.fmt, spec.haystack)
+
+
 def _run_one(model, tokenizer, spec: EvalSpec, length: int, depth, sample: int) -> dict:
+    if spec.task != "ppl" and spec.scoring == "logprob":
+        return _teacher_forced(model, tokenizer, spec, length, depth, sample)
+    if spec.task != "ppl" and spec.scoring == "both":
+        gen = _run_one(model, tokenizer, dataclasses.replace(spec, scoring="generate"), length, depth, sample)
+        tf = _teacher_forced(model, tokenizer, spec, length, depth, sample)
+        keep = ("logprob", "span_logprobs", "span_exact", "answer_tokens", "answer_spans", "token_logprobs",
+                "token_argmax")
+        return {**gen, **{k: tf[k] for k in keep}, "tf_score": tf["score"], "tf_correct": tf["correct"],
+                "tf_seconds": tf["seconds"], "scoring": "both"}
     if spec.task == "passkey":
         key = passkey_key(sample, spec.seed)
         p = passkey_prompt(tokenizer, length, depth, key, spec.fmt, spec.haystack)
@@ -199,9 +233,12 @@ def run_eval(model, tokenizer, spec: EvalSpec, out_path, *, progress: bool = Tru
     new: List[dict] = []
     bar = tqdm(total=total, desc=f"{spec.task}", unit="sample", disable=not progress, dynamic_ncols=True)
     write = log or bar.write
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     base = {"task": spec.task, "model": spec.model_name,
             "format": "text" if spec.task == "ppl" else spec.fmt, "haystack": spec.haystack,
-            "train_length": T, "seed": spec.seed, "device": device_name(model)}
+            "train_length": T, "seed": spec.seed, "device": device_name(model), "dtype": dtype}
+    if spec.task != "ppl":
+        base["scoring"] = spec.scoring
     try:
         # Length-major: every method at the shortest length first, so an interrupted run has
         # comparable rows for all methods (skip-after-0 only needs the shorter lengths done).
@@ -218,7 +255,7 @@ def run_eval(model, tokenizer, spec: EvalSpec, out_path, *, progress: bool = Tru
                 if not todo:
                     continue
                 if spec.skip_zero and spec.task != "ppl":
-                    z = _zero_at_shorter(all_records, spec, method, length)
+                    z = _zero_at_shorter(all_records, spec, method, length, dtype)
                     if z is not None:
                         rec = {**base, "method": method, "length": length, "depth": None, "sample": None,
                                "skipped": True, "reason": f"scored 0 at {z}"}
@@ -234,7 +271,7 @@ def run_eval(model, tokenizer, spec: EvalSpec, out_path, *, progress: bool = Tru
                                      dpe_mask=spec.dpe_mask)
                 params = M.describe(method, kw)
                 handle = M.apply(model, method, kw)
-                scores, secs = [], []
+                scores, secs, lps = [], [], []
                 try:
                     for depth, sample in todo:
                         bar.set_postfix_str(f"{method} {length} d={depth} s={sample}")
@@ -247,12 +284,15 @@ def run_eval(model, tokenizer, spec: EvalSpec, out_path, *, progress: bool = Tru
                         new.append(rec)
                         scores.append(res["score"])
                         secs.append(res["seconds"])
+                        if "logprob" in res:
+                            lps.append(res["logprob"])
                         bar.update(1)
                 finally:
                     handle.remove()
                     gc.collect()
+                lp = f", mean log-prob {sum(lps) / len(lps):.3f}" if lps else ""
                 write(f"{spec.task} {method} @ {length} ({params}): mean score "
-                      f"{sum(scores) / len(scores):.3f} over {len(scores)} new samples, "
+                      f"{sum(scores) / len(scores):.3f}{lp} over {len(scores)} new samples, "
                       f"{sum(secs) / len(secs):.1f} s/sample")
     finally:
         bar.close()

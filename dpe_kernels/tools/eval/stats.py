@@ -1,0 +1,121 @@
+"""Small statistics for the evaluation and the calibration (no SciPy needed).
+
+* :func:`t_interval`: the mean of per-sample scores with its two-sided Student-t confidence
+  interval, ``mean +- t_{n-1, (1+level)/2} * sd / sqrt(n)`` (sd with ``n - 1``);
+* :func:`paired_gain`: the mean and standard error of the per-sample differences of two
+  configurations scored on the same samples (the calibration's acceptance rule);
+* :func:`t_quantile`: the Student-t quantile, by bisection on the CDF written with the
+  regularised incomplete beta function (Lentz's continued fraction).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence, Tuple
+
+__all__ = ["t_quantile", "t_interval", "paired_gain", "mean_se", "Interval"]
+
+
+class Interval(NamedTuple):
+    mean: float
+    low: float   # nan when n < 2
+    high: float  # nan when n < 2
+    n: int
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz)."""
+    tiny = 1e-300
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 400):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-15:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta ``I_x(a, b)``."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    lbt = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(lbt) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(lbt) * _betacf(b, a, 1.0 - x) / b
+
+
+def _t_cdf(t: float, df: float) -> float:
+    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t >= 0 else tail
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (``0 < p < 1``, ``df > 0``)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p must be in (0, 1), got {p!r}")
+    if not df > 0:
+        raise ValueError(f"df must be > 0, got {df!r}")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    lo, hi = 0.0, 1.0
+    while _t_cdf(hi, df) < p:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if _t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-12 * max(1.0, hi):
+            break
+    return 0.5 * (lo + hi)
+
+
+def mean_se(values: Sequence[float]) -> Tuple[float, float]:
+    """(mean, standard error of the mean); the error is nan for fewer than 2 values."""
+    xs = [float(v) for v in values]
+    if not xs:
+        raise ValueError("no values")
+    n = len(xs)
+    m = sum(xs) / n
+    if n < 2:
+        return m, float("nan")
+    var = sum((x - m) ** 2 for x in xs) / (n - 1)
+    return m, math.sqrt(var / n)
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> Interval:
+    """Mean and two-sided ``level`` Student-t interval over the samples (nan bounds for n < 2)."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    m, se = mean_se(values)
+    n = len(values)
+    if n < 2:
+        return Interval(m, float("nan"), float("nan"), n)
+    half = t_quantile(0.5 + level / 2.0, n - 1) * se
+    return Interval(m, m - half, m + half, n)
+
+
+def paired_gain(candidate: Sequence[float], incumbent: Sequence[float]) -> Tuple[float, float]:
+    """(mean, standard error) of ``candidate[i] - incumbent[i]`` over the same samples."""
+    if len(candidate) != len(incumbent) or not candidate:
+        raise ValueError(f"paired scores need the same non-zero number of samples, got {len(candidate)} "
+                         f"and {len(incumbent)}")
+    return mean_se([float(c) - float(b) for c, b in zip(candidate, incumbent)])
