@@ -214,6 +214,12 @@ def test_mixed_gqa_head_major(backend, h_ks):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_block_size_not_a_power_of_two(backend):
+    check(backend, make_case(*MIXED[0], bs=24, shared=1), 30)
+    check(backend, make_case(DECODE_LENS, [1] * 5, bs=24, layout="head_major"), 30)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_value_head_dim_differs(backend):
     check(backend, make_case(*MIXED[0], bs=8, d=16, dv=32), 9)
     check(backend, make_case(DECODE_LENS, [1] * 5, bs=8, d=32, dv=16), 9)
@@ -221,9 +227,10 @@ def test_value_head_dim_differs(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mixed", [False, True], ids=["decode", "mixed"])
-def test_bfloat16(backend, mixed):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision(backend, mixed, dtype):
     lens, q_lens = MIXED[0] if mixed else (DECODE_LENS, [1] * 5)
-    check(backend, make_case(lens, q_lens, bs=16, dtype=torch.bfloat16, layout="head_major"), 12)
+    check(backend, make_case(lens, q_lens, bs=16, dtype=dtype, layout="head_major"), 12)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
