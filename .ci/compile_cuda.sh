@@ -7,8 +7,9 @@
 #   1. csrc/rope_cuda.cu, the launcher, against the torch headers with the flags
 #      torch's BuildExtension/CUDAExtension + our setup.py pass to nvcc;
 #   2. csrc/tests/rope_cuda_standalone.cu, which includes only
-#      dpe/rope_cuda.cuh (no torch) and instantiates the kernel for
-#      float/__half/__nv_bfloat16 x int32/int64 positions.
+#      dpe/rope_cuda.cuh (no torch) and instantiates its entry points
+#      dpe::rope_cuda / dpe::rope_and_cache_cuda (every kernel: float/__half/
+#      __nv_bfloat16 x int32/int64 positions x neox/gptj).
 # Then it checks each object holds SASS for every arch, and that the kernel's
 # PTX has no sin.approx/cos.approx (the header promises accurate sincosf).
 #

@@ -1,13 +1,21 @@
-// CPU launcher of the rope op and the op's schema.
+// CPU implementations of the dpe_kernels ops (torch launchers).
 //
 // torch.ops.dpe_kernels.rope(q, k, positions, inv_freq, pair_scale, mask,
 //                            window, rotary_dim, is_neox)
 //   -> (q_normal, k_normal, q_scaled, k_scaled)
 // torch.ops.dpe_kernels.rope_out(..., q_normal, k_normal, q_scaled, k_scaled)
-//   writes the same results into caller-provided contiguous outputs.
-// The fake (meta) implementation lives in dpe_kernels/_ops.py; the CUDA
-// implementation in rope_cuda.cu.
-#include <ATen/Dispatch.h>
+//   writes the same results into caller outputs of any strides (stride 1 on
+//   head_dim); q_normal may be q and k_normal may be k (in place).
+// torch.ops.dpe_kernels.rope_and_cache(q, k, v, positions, inv_freq,
+//   pair_scale, mask, window, rotary_dim, is_neox, slot_mapping, k_cache,
+//   ks_cache, v_cache, q_normal, q_scaled) -> ()
+//   rotates and writes k_normal / k_scaled / v into paged caches at
+//   slot_mapping[t] (negative: skipped), q_normal / q_scaled to the outputs.
+//
+// The schemas and fake (meta) implementations live in dpe_kernels/_ops.py,
+// which defines them before it loads this library: here only the CPU
+// implementations are registered (TORCH_LIBRARY_IMPL). The CUDA ones are in
+// rope_cuda.cu; the kernels in include/dpe/ (torch-free).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -23,50 +31,32 @@
 
 namespace dpe {
 
-// Element type the CPU kernel computes on (same bits as the tensor's). Half
-// maps to the compiler's _Float16 where it has one (GCC >= 12 on x86-64):
-// its conversions vectorise (F16C in the AVX2 build) where c10::Half's
-// branchy software conversion does not. BFloat16 maps to bf16_storage for
-// the same reason.
-template <typename T>
-struct CpuStorage {
-  using type = T;
-};
-#if defined(__x86_64__) && defined(__FLT16_MAX__)
-template <>
-struct CpuStorage<c10::Half> {
-  using type = _Float16;
-};
-static_assert(sizeof(_Float16) == sizeof(c10::Half), "half storage");
-#endif
-template <>
-struct CpuStorage<c10::BFloat16> {
-  using type = bf16_storage;  // same bits, branch-free conversions (rope_cpu.h)
-};
+// The torch-free kernel reads the tensors' bits through its own storage
+// types (dpe::CpuScalar): c10::Half / c10::BFloat16 have the same layout.
+static_assert(sizeof(c10::Half) == 2 && sizeof(c10::BFloat16) == 2, "16-bit storage");
 
+// Host-value checks (positions >= 0, pair_scale >= 1, slots inside the
+// cache: O(T + P) reads of host memory), then the tokens split over torch's
+// intra-op threads. Each token costs about (H_q + H_k) * D elements of work;
+// chunks of >= 16 tokens make the per-chunk scratch allocation noise.
+inline void run_cpu(const KernelArgs& a, const char* op) {
+  check_status(check_host_values(a), op);
+  const int64_t grain = 16;
+  at::parallel_for(0, a.num_tokens(), grain,
+                   [&](int64_t begin, int64_t end) { rope_cpu_range(a, begin, end); });
+}
 
 void rope_out_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
                   const at::Tensor& inv_freq, const at::Tensor& pair_scale,
                   const std::optional<at::Tensor>& mask, int64_t window, int64_t rotary_dim,
                   bool is_neox, at::Tensor& q_normal, at::Tensor& k_normal, at::Tensor& q_scaled,
                   at::Tensor& k_scaled) {
-  TORCH_CHECK_VALUE(q.device().is_cpu(), "rope_cpu: q must be a CPU tensor");
+  TORCH_CHECK_VALUE(q.device().is_cpu(), "dpe_kernels::rope (CPU): q must be a CPU tensor");
   const RopeParams p = make_rope_params(q, k, positions, inv_freq, pair_scale, mask, window,
-                                        rotary_dim, is_neox, {q_normal, k_normal, q_scaled, k_scaled});
-  // Each token costs about (H_q + H_k) * D elements of work; chunks of >= 16
-  // tokens make the per-chunk scratch allocation noise.
-  const int64_t grain = 16;
-  DPE_DISPATCH_FLOAT_TYPES(q.scalar_type(), "dpe_rope_cpu", [&] {
-    if (positions.scalar_type() == at::kInt) {
-      at::parallel_for(0, p.num_tokens(), grain, [&](int64_t begin, int64_t end) {
-        rope_cpu_tokens<typename CpuStorage<scalar_t>::type, int32_t>(p, begin, end);
-      });
-    } else {
-      at::parallel_for(0, p.num_tokens(), grain, [&](int64_t begin, int64_t end) {
-        rope_cpu_tokens<typename CpuStorage<scalar_t>::type, int64_t>(p, begin, end);
-      });
-    }
-  });
+                                        rotary_dim, is_neox, q_normal, k_normal, q_scaled, k_scaled);
+  KernelArgs a;
+  check_status(validate_rope(p, &a), "dpe_kernels::rope");
+  if (a.num_tokens() > 0) run_cpu(a, "dpe_kernels::rope");
 }
 
 // Fresh outputs are large (4 x T x H x D) and first touched by the kernel;
@@ -85,10 +75,13 @@ inline void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
-RopeOutputs rope_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
-                     const at::Tensor& inv_freq, const at::Tensor& pair_scale,
-                     const std::optional<at::Tensor>& mask, int64_t window, int64_t rotary_dim,
-                     bool is_neox) {
+RopeOutputs rope_cpu_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                        const at::Tensor& inv_freq, const at::Tensor& pair_scale,
+                        const std::optional<at::Tensor>& mask, int64_t window, int64_t rotary_dim,
+                        bool is_neox) {
+  TORCH_CHECK_VALUE(q.dim() == 3 || q.dim() == 4, "q must be [T, H_q, D] or [B, S, H_q, D], got ",
+                    q.sizes());
+  TORCH_CHECK_VALUE(k.dim() == q.dim(), "k must have the rank of q (", q.dim(), "), got ", k.sizes());
   RopeOutputs out = alloc_rope_outputs(q, k, mask);
   advise_huge_pages(std::get<0>(out));
   advise_huge_pages(std::get<1>(out));
@@ -99,23 +92,28 @@ RopeOutputs rope_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return out;
 }
 
+void rope_and_cache_cpu_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const at::Tensor& positions, const at::Tensor& inv_freq,
+                           const at::Tensor& pair_scale, const std::optional<at::Tensor>& mask,
+                           int64_t window, int64_t rotary_dim, bool is_neox,
+                           const at::Tensor& slot_mapping, at::Tensor& k_cache, at::Tensor& ks_cache,
+                           at::Tensor& v_cache, at::Tensor& q_normal, at::Tensor& q_scaled) {
+  TORCH_CHECK_VALUE(q.device().is_cpu(), "dpe_kernels::rope_and_cache (CPU): q must be a CPU tensor");
+  const RopeCacheParams p =
+      make_rope_cache_params(q, k, v, positions, inv_freq, pair_scale, mask, window, rotary_dim,
+                             is_neox, slot_mapping, k_cache, ks_cache, v_cache, q_normal, q_scaled);
+  KernelArgs a;
+  check_status(validate_rope_and_cache(p, &a), "dpe_kernels::rope_and_cache");
+  if (a.num_tokens() > 0) run_cpu(a, "dpe_kernels::rope_and_cache");
+}
+
 }  // namespace dpe
 
-TORCH_LIBRARY(dpe_kernels, m) {
-  m.def(
-      "rope(Tensor q, Tensor k, Tensor positions, Tensor inv_freq, Tensor pair_scale, "
-      "Tensor? mask, int window, int rotary_dim, bool is_neox) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "rope_out(Tensor q, Tensor k, Tensor positions, Tensor inv_freq, Tensor pair_scale, "
-      "Tensor? mask, int window, int rotary_dim, bool is_neox, Tensor(a!) q_normal, "
-      "Tensor(b!) k_normal, Tensor(c!) q_scaled, Tensor(d!) k_scaled) -> ()");
-}
-
 TORCH_LIBRARY_IMPL(dpe_kernels, CPU, m) {
-  m.impl("rope", &dpe::rope_cpu);
+  m.impl("rope", &dpe::rope_cpu_op);
   m.impl("rope_out", &dpe::rope_out_cpu);
+  m.impl("rope_and_cache", &dpe::rope_and_cache_cpu_op);
 }
 
-// The module only loads the shared library, which registers the ops above.
+// The module only loads the shared library, which registers the kernels above.
 PYBIND11_MODULE(_C, m) { m.doc() = "dpe_kernels compiled ops (registered in torch.ops.dpe_kernels)"; }

@@ -1,24 +1,20 @@
-// Torch-free compile check of the CUDA kernel header (.ci/compile_cuda.sh).
+// Torch-free compile check of the CUDA kernel header (.ci/compile_cuda.sh and
+// the CMake build when nvcc is found).
 //
-// Includes only dpe/rope_cuda.cuh and instantiates dpe::launch_rope_cuda for
-// every (scalar_t, pos_t) pair the launcher (csrc/rope_cuda.cu) dispatches, so the
-// kernel header is proven to build with no torch header on the include path.
-// Compiled with `nvcc -c` only; never linked or run.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+// Includes only dpe/rope_cuda.cuh and instantiates both entry points, which
+// dispatch to every (dtype, position type, layout) kernel, so the header is
+// proven to build with no torch header on the include path. Compiled with
+// `nvcc -c` only; never linked or run.
 #include <cuda_runtime.h>
-
-#include <cstdint>
 
 #include "dpe/rope_cuda.cuh"
 
-namespace dpe {
+namespace dpe_compile_check {
 
-template cudaError_t launch_rope_cuda<float, int32_t>(const RopeParams&, cudaStream_t);
-template cudaError_t launch_rope_cuda<float, int64_t>(const RopeParams&, cudaStream_t);
-template cudaError_t launch_rope_cuda<__half, int32_t>(const RopeParams&, cudaStream_t);
-template cudaError_t launch_rope_cuda<__half, int64_t>(const RopeParams&, cudaStream_t);
-template cudaError_t launch_rope_cuda<__nv_bfloat16, int32_t>(const RopeParams&, cudaStream_t);
-template cudaError_t launch_rope_cuda<__nv_bfloat16, int64_t>(const RopeParams&, cudaStream_t);
+dpe::Status rope(const dpe::RopeParams& p, cudaStream_t stream) { return dpe::rope_cuda(p, stream); }
 
-}  // namespace dpe
+dpe::Status rope_and_cache(const dpe::RopeCacheParams& p, cudaStream_t stream) {
+  return dpe::rope_and_cache_cuda(p, stream);
+}
+
+}  // namespace dpe_compile_check

@@ -1,11 +1,34 @@
-// DPE rotary step on the CPU: a token-range kernel on raw pointers.
+// DPE rotary step on the CPU: header-only, torch-free entry points.
 //
-// No torch header: the launcher (csrc/rope.cpp) splits tokens across threads
-// and calls rope_cpu_tokens on each range. Per token, sin/cos of the three
-// angles are computed once per pair into a small scratch table and then
-// reused by every head, so trigonometry costs O(T * P), not O(T * H * P).
-// The per-head loop runs over contiguous pairs with no calls and no
-// data-dependent control flow, so the compiler vectorises it.
+//   dpe::Status dpe::rope_cpu(const RopeParams&, int num_threads = 0);
+//   dpe::Status dpe::rope_and_cache_cpu(const RopeCacheParams&, int num_threads = 0);
+//
+// Both validate their arguments (dpe/rope.h), check the host-readable values
+// (positions >= 0, pair_scale >= 1, slots < num_blocks * block_size), then
+// split the tokens over OpenMP threads when compiled with OpenMP (-fopenmp),
+// else run on the calling thread. An engine with its own thread pool calls
+// validate_rope / validate_rope_and_cache and check_host_values once, then
+// rope_cpu_range on each token range (the torch launcher csrc/rope.cpp does
+// this with at::parallel_for).
+//
+// Performance choices (keep them):
+//   * per token, sin/cos of the three angles are computed once per pair into
+//     a small scratch table and reused by every head: trigonometry costs
+//     O(T * P), not O(T * H * P); a group's scaled angles are recomputed only
+//     when its index m // s changes (every s tokens of consecutive positions);
+//   * the batched sin/cos (sincos_batch) is branch-free double-precision
+//     Cody-Waite + Taylor, vectorised, within 1 ulp of sinf/cosf;
+//   * the per-head loop runs over contiguous pairs with no calls and no
+//     data-dependent control flow (mask select by bit operations), so the
+//     compiler vectorises it; it is compiled three times (baseline, AVX2+FMA,
+//     AVX-512 with 512-bit vectors) and picked at run time by CPU features;
+//   * float16 is the compiler's _Float16 where it has one (F16C conversions
+//     vectorise), bfloat16 a 16-bit storage with branch-free conversions;
+//   * with a per-query-head mask and GQA, each KV head is rotated once fully
+//     scaled and every scaled key head is a bitwise select between that row
+//     and the normal row (no further rotation or rounding);
+//   * in place (q_normal is q / k_normal is k) each pair is loaded before
+//     either output is stored, through one pointer (no restrict aliasing).
 #pragma once
 
 #include <algorithm>
@@ -13,6 +36,10 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #include "dpe/rope.h"
 
@@ -124,6 +151,65 @@ DPE_ALWAYS_INLINE void sincos_batch(const float* __restrict x, float* __restrict
   }
 }
 
+// IEEE binary16 storage for compilers without _Float16: round-to-nearest-even
+// conversions written from the format's definition. Branchy (so the
+// rotation loop does not vectorise for float16 on such compilers), correct
+// for every value: normals, subnormals, overflow to inf, inf and NaN.
+struct half_storage {
+  uint16_t bits;
+  half_storage() = default;
+  explicit half_storage(float v) {
+    const uint32_t u = float_bits(v);
+    const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+    const uint32_t a = u & 0x7FFFFFFFu;
+    if (a >= 0x7F800000u) {  // inf, NaN (quiet)
+      bits = static_cast<uint16_t>(sign | (a > 0x7F800000u ? 0x7E00u : 0x7C00u));
+    } else if (a >= 0x477FF000u) {  // >= 65520 rounds to inf
+      bits = static_cast<uint16_t>(sign | 0x7C00u);
+    } else if (a < 0x38800000u) {  // below 2^-14: half subnormal or zero
+      // |v| + 0.5 has ulp 2^-24, the half subnormal step: the float add rounds
+      // to nearest even at exactly that step; its mantissa is the result.
+      const float r = bits_float(a) + 0.5f;
+      bits = static_cast<uint16_t>(sign | (float_bits(r) - 0x3F000000u));
+    } else {  // normal: rebias the exponent, round the 13 dropped bits to even
+      const uint32_t odd = (a >> 13) & 1u;
+      const uint32_t r = a - (static_cast<uint32_t>(127 - 15) << 23) + 0xFFFu + odd;
+      bits = static_cast<uint16_t>(sign | (r >> 13));
+    }
+  }
+  explicit operator float() const {
+    const uint32_t sign = static_cast<uint32_t>(bits & 0x8000u) << 16;
+    const uint32_t em = bits & 0x7FFFu;
+    if (em >= 0x7C00u) return bits_float(sign | 0x7F800000u | ((em & 0x3FFu) << 13));
+    if (em >= 0x0400u) return bits_float(sign | ((em << 13) + (static_cast<uint32_t>(127 - 15) << 23)));
+    const float mag = static_cast<float>(em) * 0x1p-24f;  // subnormal: em * 2^-24, exact
+    return bits_float(sign | float_bits(mag));
+  }
+};
+static_assert(sizeof(half_storage) == 2, "float16 storage is 16 bits");
+
+// Element type the CPU kernel computes on for each DType (same bits as the
+// caller's tensors).
+template <DType T>
+struct CpuScalar;
+template <>
+struct CpuScalar<DType::kFloat32> {
+  using type = float;
+};
+template <>
+struct CpuScalar<DType::kFloat16> {
+#if defined(__FLT16_MAX__)
+  using type = _Float16;  // F16C conversions in the AVX2/AVX-512 builds vectorise
+#else
+  using type = half_storage;
+#endif
+};
+template <>
+struct CpuScalar<DType::kBFloat16> {
+  using type = bf16_storage;
+};
+static_assert(sizeof(CpuScalar<DType::kFloat16>::type) == 2, "float16 is 16 bits");
+
 // Rotate one head vector x (D elements, pairs in layout NEOX) into the normal
 // output y_n (skipped when WRITE_NORMAL is false) and the scaled output y_s.
 // Scaled pairs use (cs, ss) where the mask row says "key dimension" (or
@@ -164,6 +250,59 @@ DPE_ALWAYS_INLINE void rotate_head(const scalar_t* __restrict x, scalar_t* __res
   }
 }
 
+// In-place variant: xy is both the input and the normal output. Each
+// iteration loads its pair (a, b) before storing to it, and no iteration
+// touches another's elements, so the loop is exact in place; one pointer
+// (rather than x and y_n restrict-qualified on one buffer) keeps it defined
+// behaviour. Neox pairs are addressed through the two halves lo = xy and
+// hi = xy + P, which never overlap inside the loop, so the compiler still
+// vectorises it with no alias check.
+template <typename scalar_t, bool NEOX, bool HAS_MASK>
+DPE_ALWAYS_INLINE void rotate_head_in_place(scalar_t* xy, scalar_t* __restrict y_s,
+                                            const float* __restrict cn, const float* __restrict sn,
+                                            const float* __restrict cs, const float* __restrict ss,
+                                            const uint32_t* __restrict mask_row,
+                                            int64_t num_pairs, int64_t head_dim) {
+  scalar_t* __restrict lo = xy;
+  scalar_t* __restrict hi = NEOX ? xy + num_pairs : xy + 1;
+  const int64_t step = NEOX ? 1 : 2;
+  for (int64_t i = 0; i < num_pairs; ++i) {
+    const float a = static_cast<float>(lo[i * step]);
+    const float b = static_cast<float>(hi[i * step]);
+    float n0, n1;
+    rotate_pair(a, b, cn[i], sn[i], &n0, &n1);
+    float c = cs[i], s = ss[i];
+    if (HAS_MASK) {
+      const uint32_t key_dim = mask_row[i];
+      c = bits_float((float_bits(c) & key_dim) | (float_bits(cn[i]) & ~key_dim));
+      s = bits_float((float_bits(s) & key_dim) | (float_bits(sn[i]) & ~key_dim));
+    }
+    float o0, o1;
+    rotate_pair(a, b, c, s, &o0, &o1);
+    lo[i * step] = static_cast<scalar_t>(n0);
+    hi[i * step] = static_cast<scalar_t>(n1);
+    y_s[pair_first(i, num_pairs, NEOX)] = static_cast<scalar_t>(o0);
+    y_s[pair_second(i, num_pairs, NEOX)] = static_cast<scalar_t>(o1);
+  }
+  // Pass-through dims: already in place in xy; copy to the scaled output.
+  for (int64_t d = 2 * num_pairs; d < head_dim; ++d) y_s[d] = xy[d];
+}
+
+// One head: in place or not, by a run-time flag (the same for every head).
+template <typename scalar_t, bool NEOX, bool HAS_MASK>
+DPE_ALWAYS_INLINE void rotate_head_any(const scalar_t* x, scalar_t* y_n, scalar_t* y_s,
+                                       bool in_place, const float* cn, const float* sn,
+                                       const float* cs, const float* ss, const uint32_t* mask_row,
+                                       int64_t num_pairs, int64_t head_dim) {
+  if (in_place) {
+    rotate_head_in_place<scalar_t, NEOX, HAS_MASK>(y_n, y_s, cn, sn, cs, ss, mask_row, num_pairs,
+                                                   head_dim);
+  } else {
+    rotate_head<scalar_t, NEOX, HAS_MASK, true>(x, y_n, y_s, cn, sn, cs, ss, mask_row, num_pairs,
+                                                head_dim);
+  }
+}
+
 // Unsigned integer of a storage type's width, for bitwise selects on stored
 // values.
 template <size_t N>
@@ -201,7 +340,7 @@ DPE_ALWAYS_INLINE void select_head(const scalar_t* __restrict a, const scalar_t*
 // recomputed only when its index changes. Normal angles change every token.
 class TokenTrig {
  public:
-  explicit TokenTrig(const RopeParams& p) : p_(p), buf_(static_cast<size_t>(7 * p.num_pairs)) {
+  explicit TokenTrig(const KernelArgs& p) : p_(p), buf_(static_cast<size_t>(7 * p.num_pairs)) {
     const int64_t P = p.num_pairs;
     for (int64_t i = 0; i < P; ++i) {
       if (i == 0 || p.pair_scale[i] != p.pair_scale[i - 1]) runs_.push_back({i, i + 1, p.pair_scale[i], -1, -1});
@@ -242,21 +381,20 @@ class TokenTrig {
     sincos_batch(angles + r.begin, sin_out + r.begin, cos_out + r.begin, r.end - r.begin);
   }
 
-  const RopeParams& p_;
+  const KernelArgs& p_;
   std::vector<float> buf_;
   std::vector<Run> runs_;
 };
 
 template <typename scalar_t, typename pos_t, bool NEOX, bool HAS_MASK>
-DPE_ALWAYS_INLINE void rope_cpu_tokens_body(const RopeParams& p,
-                                                                int64_t begin, int64_t end) {
+DPE_ALWAYS_INLINE void rope_cpu_tokens_body(const KernelArgs& p, int64_t begin, int64_t end) {
   const int64_t P = p.num_pairs, D = p.head_dim;
   TokenTrig trig(p);
   // The mask as 32-bit lane masks (all ones = key dimension), built once per
   // chunk, so the per-pair select in rotate_head is three bit operations.
   std::vector<uint32_t> mask32(HAS_MASK ? static_cast<size_t>(p.mask_heads * P) : 0);
   for (size_t i = 0; i < mask32.size(); ++i) mask32[i] = 0u - static_cast<uint32_t>(p.mask[i] != 0);
-  const int64_t rep = p.heads_ks / p.heads_k;
+  const int64_t rep = p.ks_rep();
   // Per-query-head mask with GQA: the mask per element of a head row (all
   // ones where the pair is a key dimension), and a scratch row (see below).
   using U = typename UintOfSize<sizeof(scalar_t)>::type;
@@ -283,33 +421,43 @@ DPE_ALWAYS_INLINE void rope_cpu_tokens_body(const RopeParams& p,
 
   for (int64_t t = begin; t < end; ++t) {
     const int64_t b = t / p.seqlen, s = t % p.seqlen;
-    trig.update(token_position<pos_t>(p, b, s));
+    trig.update(p.position<pos_t>(b, s));
     for (int64_t h = 0; h < p.heads_q; ++h) {
-      const scalar_t* x = q + b * p.q_stride_b + s * p.q_stride_s + h * p.q_stride_h;
-      const int64_t out = (t * p.heads_q + h) * D;
       const uint32_t* mrow = HAS_MASK ? mask32.data() + p.q_mask_row(h) * P : nullptr;
-      rotate_head<scalar_t, NEOX, HAS_MASK, true>(x, qn + out, qs + out, cn, sn, cqs, sqs, mrow, P,
-                                                  D);
+      rotate_head_any<scalar_t, NEOX, HAS_MASK>(q + p.q_rows.at(b, s, h), qn + p.qn_rows.at(b, s, h),
+                                                qs + p.qs_rows.at(b, s, h), p.q_in_place, cn, sn, cqs,
+                                                sqs, mrow, P, D);
     }
+    int64_t ko = 0, ki = 0;
+    if (!p.key_row(b, s, &ko, &ki)) continue;  // negative slot: no cache write
     // Each KV head is read from memory once. With a per-query-head mask it
     // feeds `rep` scaled key heads (k_scaled has H_q heads) that differ only
     // in which pairs take the scaled angle: rotate once fully scaled into a
     // scratch row, then each scaled head is a bitwise select between that row
     // and the normal output (no further rotation or rounding).
     for (int64_t hk = 0; hk < p.heads_k; ++hk) {
-      const scalar_t* x = k + b * p.k_stride_b + s * p.k_stride_s + hk * p.k_stride_h;
-      scalar_t* yn = kn + (t * p.heads_k + hk) * D;
-      scalar_t* ys = ks + (t * p.heads_ks + hk * rep) * D;
+      const scalar_t* x = k + p.k_rows.at(b, s, hk);
+      scalar_t* yn = kn + p.kn_rows.at(ko, ki, hk);
+      scalar_t* ys = ks + p.ks_rows.at(ko, ki, hk * rep);
       if (HAS_MASK && rep > 1) {
-        rotate_head<scalar_t, NEOX, false, true>(x, yn, k_all_scaled.data(), cn, sn, cks, sks,
-                                                 nullptr, P, D);
+        rotate_head_any<scalar_t, NEOX, false>(x, yn, k_all_scaled.data(), p.k_in_place, cn, sn,
+                                               cks, sks, nullptr, P, D);
         for (int64_t r = 0; r < rep; ++r) {
           select_head<scalar_t>(k_all_scaled.data(), yn, elem_mask.data() + (hk * rep + r) * D,
-                                ys + r * D, D);
+                                ys + r * p.ks_rows.head, D);
         }
       } else {
         const uint32_t* mrow = HAS_MASK ? mask32.data() + hk * P : nullptr;
-        rotate_head<scalar_t, NEOX, HAS_MASK, true>(x, yn, ys, cn, sn, cks, sks, mrow, P, D);
+        rotate_head_any<scalar_t, NEOX, HAS_MASK>(x, yn, ys, p.k_in_place, cn, sn, cks, sks, mrow,
+                                                  P, D);
+      }
+    }
+    if (p.v_cache != nullptr) {  // rope_and_cache: v goes to its cache unchanged
+      const scalar_t* v = static_cast<const scalar_t*>(p.v);
+      scalar_t* vc = static_cast<scalar_t*>(p.v_cache);
+      for (int64_t hk = 0; hk < p.heads_k; ++hk) {
+        std::memcpy(vc + p.vc_rows.at(ko, ki, hk), v + p.v_rows.at(b, s, hk),
+                    static_cast<size_t>(p.v_head_dim) * sizeof(scalar_t));
       }
     }
   }
@@ -319,14 +467,14 @@ DPE_ALWAYS_INLINE void rope_cpu_tokens_body(const RopeParams& p,
 // float, 4-wide double) and for AVX-512, picked at run time by the CPU's
 // features.
 template <typename scalar_t, typename pos_t, bool NEOX, bool HAS_MASK>
-void rope_cpu_tokens_generic(const RopeParams& p, int64_t begin, int64_t end) {
+void rope_cpu_tokens_generic(const KernelArgs& p, int64_t begin, int64_t end) {
   rope_cpu_tokens_body<scalar_t, pos_t, NEOX, HAS_MASK>(p, begin, end);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define DPE_HAVE_AVX2_PATH 1
 template <typename scalar_t, typename pos_t, bool NEOX, bool HAS_MASK>
-__attribute__((target("avx2,fma,f16c"))) void rope_cpu_tokens_avx2(const RopeParams& p,
+__attribute__((target("avx2,fma,f16c"))) void rope_cpu_tokens_avx2(const KernelArgs& p,
                                                                    int64_t begin, int64_t end) {
   rope_cpu_tokens_body<scalar_t, pos_t, NEOX, HAS_MASK>(p, begin, end);
 }
@@ -337,7 +485,7 @@ __attribute__((target("avx2,fma,f16c"))) void rope_cpu_tokens_avx2(const RopePar
 // 256-bit vectors even when AVX-512 is enabled.
 template <typename scalar_t, typename pos_t, bool NEOX, bool HAS_MASK>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,prefer-vector-width=512")))
-void rope_cpu_tokens_avx512(const RopeParams& p, int64_t begin, int64_t end) {
+void rope_cpu_tokens_avx512(const KernelArgs& p, int64_t begin, int64_t end) {
   rope_cpu_tokens_body<scalar_t, pos_t, NEOX, HAS_MASK>(p, begin, end);
 }
 
@@ -355,18 +503,66 @@ inline bool cpu_has_avx2() {
 }
 #endif
 
-template <typename scalar_t, typename pos_t, bool NEOX, bool HAS_MASK>
-void rope_cpu_tokens_impl(const RopeParams& p, int64_t begin, int64_t end) {
+/// The compiled bodies of the CPU kernel. kAuto (the default) runs the best
+/// one this CPU supports; the others exist to test and benchmark each body.
+enum class CpuIsa : int32_t { kAuto = 0, kBaseline = 1, kAvx2 = 2, kAvx512 = 3 };
+
+/// True when this build and CPU can run `isa` (kAuto and kBaseline always).
+inline bool cpu_isa_supported(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::kAuto:
+    case CpuIsa::kBaseline: return true;
 #ifdef DPE_HAVE_AVX2_PATH
-  if (cpu_has_avx512()) return rope_cpu_tokens_avx512<scalar_t, pos_t, NEOX, HAS_MASK>(p, begin, end);
-  if (cpu_has_avx2()) return rope_cpu_tokens_avx2<scalar_t, pos_t, NEOX, HAS_MASK>(p, begin, end);
+    case CpuIsa::kAvx2: return cpu_has_avx2();
+    case CpuIsa::kAvx512: return cpu_has_avx512();
+#else
+    case CpuIsa::kAvx2:
+    case CpuIsa::kAvx512: return false;
 #endif
-  rope_cpu_tokens_generic<scalar_t, pos_t, NEOX, HAS_MASK>(p, begin, end);
+  }
+  return false;
 }
 
-// Process tokens [begin, end) of the flattened (B * S) token axis.
+namespace detail {
+inline CpuIsa& forced_cpu_isa() {
+  static CpuIsa isa = CpuIsa::kAuto;
+  return isa;
+}
+}  // namespace detail
+
+/// Force one body for every later call in this process (tests, benchmarks).
+/// Returns false, changing nothing, when cpu_isa_supported(isa) is false.
+/// Not synchronised: call it while no kernel runs.
+inline bool set_cpu_isa(CpuIsa isa) {
+  if (!cpu_isa_supported(isa)) return false;
+  detail::forced_cpu_isa() = isa;
+  return true;
+}
+
+/// The body the next call runs (never kAuto).
+inline CpuIsa active_cpu_isa() {
+  const CpuIsa forced = detail::forced_cpu_isa();
+  if (forced != CpuIsa::kAuto) return forced;
+#ifdef DPE_HAVE_AVX2_PATH
+  if (cpu_has_avx512()) return CpuIsa::kAvx512;
+  if (cpu_has_avx2()) return CpuIsa::kAvx2;
+#endif
+  return CpuIsa::kBaseline;
+}
+
+template <typename scalar_t, typename pos_t, bool NEOX, bool HAS_MASK>
+void rope_cpu_tokens_impl(const KernelArgs& p, int64_t begin, int64_t end) {
+  switch (active_cpu_isa()) {
+#ifdef DPE_HAVE_AVX2_PATH
+    case CpuIsa::kAvx512: return rope_cpu_tokens_avx512<scalar_t, pos_t, NEOX, HAS_MASK>(p, begin, end);
+    case CpuIsa::kAvx2: return rope_cpu_tokens_avx2<scalar_t, pos_t, NEOX, HAS_MASK>(p, begin, end);
+#endif
+    default: return rope_cpu_tokens_generic<scalar_t, pos_t, NEOX, HAS_MASK>(p, begin, end);
+  }
+}
+
 template <typename scalar_t, typename pos_t>
-void rope_cpu_tokens(const RopeParams& p, int64_t begin, int64_t end) {
+void rope_cpu_tokens_layout(const KernelArgs& p, int64_t begin, int64_t end) {
   const bool has_mask = p.mask != nullptr;
   if (p.neox) {
     if (has_mask) rope_cpu_tokens_impl<scalar_t, pos_t, true, true>(p, begin, end);
@@ -375,6 +571,113 @@ void rope_cpu_tokens(const RopeParams& p, int64_t begin, int64_t end) {
     if (has_mask) rope_cpu_tokens_impl<scalar_t, pos_t, false, true>(p, begin, end);
     else rope_cpu_tokens_impl<scalar_t, pos_t, false, false>(p, begin, end);
   }
+}
+
+template <typename scalar_t>
+void rope_cpu_tokens_pos(const KernelArgs& p, int64_t begin, int64_t end) {
+  if (p.pos_type == IndexType::kInt32) rope_cpu_tokens_layout<scalar_t, int32_t>(p, begin, end);
+  else rope_cpu_tokens_layout<scalar_t, int64_t>(p, begin, end);
+}
+
+// ===========================================================================
+// Entry points
+// ===========================================================================
+
+/// Run tokens [begin, end) of the flattened token axis (B * S for rope, T for
+/// rope_and_cache) with arguments prepared by validate_rope /
+/// validate_rope_and_cache (and checked by check_host_values). No checks
+/// here; ranges of one call may run concurrently on different threads.
+inline void rope_cpu_range(const KernelArgs& p, int64_t begin, int64_t end) {
+  if (begin >= end) return;
+  switch (p.dtype) {
+    case DType::kFloat32: return rope_cpu_tokens_pos<CpuScalar<DType::kFloat32>::type>(p, begin, end);
+    case DType::kFloat16: return rope_cpu_tokens_pos<CpuScalar<DType::kFloat16>::type>(p, begin, end);
+    case DType::kBFloat16: return rope_cpu_tokens_pos<CpuScalar<DType::kBFloat16>::type>(p, begin, end);
+  }
+}
+
+/// The checks that read tensor values (host memory only, O(T + P)):
+/// positions >= 0, pair_scale >= 1 (0 would divide by zero), and for
+/// rope_and_cache every slot < num_blocks * block_size (negative = skip).
+inline Status check_host_values(const KernelArgs& p) {
+  for (int64_t i = 0; i < p.num_pairs; ++i)
+    if (p.pair_scale[i] < 1) return error(ErrorCode::kInvalidValue, "pair_scale: every scale must be >= 1");
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t s = 0; s < p.seqlen; ++s) {
+      const int64_t m = p.pos_type == IndexType::kInt32 ? p.position<int32_t>(b, s)
+                                                         : p.position<int64_t>(b, s);
+      if (m < 0) return error(ErrorCode::kInvalidValue, "positions: must be >= 0");
+    }
+  }
+  if (p.slot_mapping != nullptr) {
+    for (int64_t s = 0; s < p.seqlen; ++s)
+      if (p.slot_mapping[s * p.slot_stride] >= p.num_slots)
+        return error(ErrorCode::kInvalidValue,
+                     "slot_mapping: a slot is >= num_blocks * block_size (outside the cache)");
+  }
+  return ok_status();
+}
+
+/// Run f(begin, end) over [0, n): split into one contiguous chunk per OpenMP
+/// thread (at most num_threads; 0 = OpenMP's default; chunks of >= 16
+/// tokens) when compiled with OpenMP and not already inside a parallel
+/// region, else one call on this thread.
+template <class F>
+inline void parallel_tokens(int64_t n, int num_threads, F&& f) {
+#if defined(_OPENMP)
+  constexpr int64_t kGrain = 16;  // a chunk's scratch tables cost ~ one token's work
+  int64_t threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+  threads = std::min(threads, (n + kGrain - 1) / kGrain);
+  if (threads > 1 && !omp_in_parallel()) {
+#pragma omp parallel num_threads(static_cast<int>(threads))
+    {
+      const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+      const int64_t chunk = (n + nt - 1) / nt;
+      const int64_t b = std::min(n, id * chunk), e = std::min(n, b + chunk);
+      if (b < e) f(b, e);
+    }
+    return;
+  }
+#else
+  (void)num_threads;
+#endif
+  f(int64_t{0}, n);
+}
+
+/// Op `rope` on the CPU: rotate q and k of every token into q_normal,
+/// k_normal, q_scaled and k_scaled (see RopeParams). Host pointers.
+/// @param p            the arguments (validated here)
+/// @param num_threads  OpenMP threads to use (0: OpenMP's default; 1: this
+///                     thread only; ignored without OpenMP)
+/// @return             Status{kOk} or the first invalid argument; nothing is
+///                     written unless every check passed.
+inline Status rope_cpu(const RopeParams& p, int num_threads = 0) {
+  KernelArgs a;
+  Status st = validate_rope(p, &a);
+  if (!st.ok()) return st;
+  if (a.num_tokens() == 0) return ok_status();
+  st = check_host_values(a);
+  if (!st.ok()) return st;
+  parallel_tokens(a.num_tokens(), num_threads, [&](int64_t b, int64_t e) { rope_cpu_range(a, b, e); });
+  return ok_status();
+}
+
+/// Op `rope_and_cache` on the CPU: rotate q and k of T tokens, write
+/// q_normal / q_scaled, and k_normal / k_scaled / v into the paged caches at
+/// slot_mapping[t] (negative: skipped). Host pointers.
+/// @param p            the arguments (validated here, slots included)
+/// @param num_threads  as for rope_cpu
+/// @return             Status{kOk} or the first invalid argument; nothing is
+///                     written unless every check passed.
+inline Status rope_and_cache_cpu(const RopeCacheParams& p, int num_threads = 0) {
+  KernelArgs a;
+  Status st = validate_rope_and_cache(p, &a);
+  if (!st.ok()) return st;
+  if (a.num_tokens() == 0) return ok_status();
+  st = check_host_values(a);
+  if (!st.ok()) return st;
+  parallel_tokens(a.num_tokens(), num_threads, [&](int64_t b, int64_t e) { rope_cpu_range(a, b, e); });
+  return ok_status();
 }
 
 }  // namespace dpe
