@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 
 from .attention import dpe_attention
-from .utils import FLOAT_DTYPES, REFERENCE_DTYPES, check_inference_only, is_int, triton_usable
+from .utils import REFERENCE_DTYPES, check_inference_only, is_int, triton_usable
 
 __all__ = ["dpe_paged_attention", "PAGED_BACKENDS", "available_paged_backends"]
 

@@ -69,8 +69,8 @@ def _workspace(kind: str, shape, dtype) -> torch.Tensor:
     """A reused per-thread buffer (``kind`` "k" or "v") viewed as ``shape``.
     A fresh multi-MiB allocation every decode step costs page faults on
     every page it touches (measured: they tripled the gather time); the
-    buffer is kept (at most CHUNK_KEYS keys of K and of V) and grows when a
-    call needs more."""
+    buffer is kept (about CHUNK_KEYS keys of K and of V, at least one item
+    per sequence) and grows when a call needs more."""
     cache = getattr(_tls, "bufs", None)
     if cache is None:
         cache = _tls.bufs = {}
@@ -194,10 +194,9 @@ def _decode(qn, qs, k_cache, ks_cache, v_cache, bt, seq_lens, window: int, scale
             max_seqlen_k: int):
     """One query per sequence (at position seq_len - 1): ``qn``/``qs`` ``[B, H_q, D]``.
     Returns ``(out [B, H_q, Dv] float32, lse [B, H_q] float32)``."""
-    bsz, h_q, d = qn.shape
+    bsz, h_q = qn.shape[:2]
     bs, h_k = k_cache.shape[1], k_cache.shape[2]
     n_rep = h_q // h_k
-    dv = v_cache.shape[3]
     # Head-major caches with big blocks: one block per entry, gathered head-major
     # (the cheap copy). Otherwise entries of ITEM_KEYS keys, gathered token-major.
     hm = bs >= HM_MIN_BLOCK and all(head_major(c) for c in (k_cache, ks_cache, v_cache))
