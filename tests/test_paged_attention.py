@@ -464,7 +464,7 @@ res = []
 for arch, dt, d, dv, rows, group, page, split in json.loads(sys.argv[1]):
     tdt = getattr(torch, dt)
     bd, bdv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
-    bm, bn, warps, stages = tp._block_config(tdt, max(bd, bdv), rows, page)
+    bm, bn, warps, stages = tp._block_config(tdt, max(bd, bdv), rows)
     elem = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dt]
     idx = {"bt_ptr": "*i32", "seq_lens_ptr": "*i32", "qsl_ptr": "*i32"}
     f32 = ("lse_ptr", "po_ptr", "pl_ptr")
@@ -499,9 +499,10 @@ def test_triton_kernels_compile_for_gpu():
         pytest.skip(f"triton's NVIDIA backend is not available: {e}")
     cases = [
         # arch, dtype, D, Dv, rows (max_seqlen_q * G), G, page size, split
-        [90, "bfloat16", 64, 64, 3, 3, 16, True],      # decode, pack GQA, tile = page
+        [90, "bfloat16", 64, 64, 3, 3, 16, True],      # decode, pack GQA, pages of 16 < BLOCK_N
+        [90, "bfloat16", 64, 64, 3, 3, 128, True],     # decode, pages of whole tiles
         [90, "bfloat16", 128, 128, 4096, 4, 128, False],  # prefill, pages of several tiles
-        [80, "float16", 80, 64, 1, 1, 8, True],       # pages smaller than a tile (per-key gather)
+        [80, "float16", 80, 64, 1, 1, 8, True],       # odd head dims, per query head
         [90, "float32", 64, 64, 9, 9, 32, True],      # IEEE fp32 dot
     ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -10,10 +10,10 @@ and adds:
 
 * **Pages.** Key ``n`` of sequence ``b`` is read at
   ``block_table[b, n // PAGE_SIZE]``, offset ``n % PAGE_SIZE``. When a key
-  tile never crosses a page (``PAGE_SIZE % BLOCK_N == 0``: the launcher picks
-  such a ``BLOCK_N``), a tile costs one scalar block-table load and its K/V
-  loads are as contiguous as in an unpaged cache (constexpr
-  ``TILE_IN_PAGE``); otherwise each key's page is loaded (a gather).
+  tile never crosses a page (``PAGE_SIZE % BLOCK_N == 0``), a tile costs one
+  scalar block-table load and its K/V loads are as contiguous as in an
+  unpaged cache (constexpr ``TILE_IN_PAGE``); otherwise each key's block id
+  is loaded (a gather of contiguous rows).
 * **Split-KV decode.** A decode step has one query per sequence: one program
   per (sequence, head group) leaves most of a GPU idle and walks the whole
   context serially (the unpaged kernel measured 1.2-3.8x slower than plain
@@ -354,10 +354,13 @@ def num_kv_splits(programs: int, max_seqlen_k: int, device: torch.device) -> int
     return max(1, min(triton.cdiv(target, programs), max_seqlen_k // _MIN_KEYS_PER_SPLIT, _MAX_SPLITS))
 
 
-def _block_config(dtype: torch.dtype, bd: int, rows: int, page_size: int) -> Tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_N divides the page
-    size when it can (TILE_IN_PAGE: one block-table load per tile, contiguous
-    K/V rows). Not tuned on a GPU (none was available): a starting point."""
+def _block_config(dtype: torch.dtype, bd: int, rows: int) -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). A power-of-two page of at
+    least BLOCK_N keys holds whole tiles (TILE_IN_PAGE: one block-table load
+    per tile). Smaller pages (vLLM's GPU default is 16) keep the wider tile
+    and load each key's block id (each key's row is still contiguous), as
+    vLLM's own Triton attention does, rather than shrinking the tile to the
+    page. Not tuned on a GPU (none was available): a starting point."""
     if INTERPRETED:
         # the interpreter pays per program and per op: the smallest legal tiles
         # (tl.dot needs >= 16) keep every tile class exercised by small tests
@@ -368,8 +371,6 @@ def _block_config(dtype: torch.dtype, bd: int, rows: int, page_size: int) -> Tup
         bn = 64 if dtype != torch.float32 and bd <= 128 else 32
         warps = 8 if bm >= 128 else 4
         stages = 2 if bd > 64 or dtype == torch.float32 else 3
-    if page_size >= 16 and page_size & (page_size - 1) == 0:
-        bn = min(bn, page_size)
     return bm, bn, warps, stages
 
 
@@ -398,7 +399,7 @@ def paged_attention_triton(q_normal, q_scaled, k_cache, ks_cache, v_cache, block
     n_groups = hq // group
     block_d, block_dv = max(16, next_pow2(d)), max(16, next_pow2(dv))
     rows = max_seqlen_q * group
-    bm, bn, warps, stages = _block_config(q_normal.dtype, max(block_d, block_dv), rows, page)
+    bm, bn, warps, stages = _block_config(q_normal.dtype, max(block_d, block_dv), rows)
     tile_in_page = page % bn == 0
     for name, t in (("k_cache", k_cache), ("ks_cache", ks_cache), ("v_cache", v_cache)):
         # in-tile offsets are int32: BLOCK_N tokens of one page, one head
