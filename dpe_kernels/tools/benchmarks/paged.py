@@ -23,6 +23,7 @@ block_size 128 by default (vllm/platforms/cpu.py), 16 is the GPU default.
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +131,7 @@ def main(argv=None):
     torch.set_grad_enabled(False)
     torch.manual_seed(0)
     machine = machine_description("cpu")
+    load_start = os.getloadavg()[0]
     print(machine)
     print(HEADER)
     rows = []
@@ -143,7 +145,10 @@ def main(argv=None):
                         print(fmt(r), flush=True)
     if args.out:
         text = report_preamble("DPE paged decode on the CPU", "-m dpe_kernels.tools.benchmarks.paged", argv, machine)
-        text += f"- Window {args.window}; best of {args.repeats} calls per method.\n\n{HEADER}\n"
+        text += (f"- Window {args.window}; best of {args.repeats} calls per method; "
+                 f"{torch.get_num_threads()} torch threads; 1-minute load average {load_start:.2f} at the "
+                 f"start, {os.getloadavg()[0]:.2f} at the end (other jobs share the machine: compare the "
+                 f"methods within a row, not across runs).\n\n{HEADER}\n")
         text += "\n".join(fmt(r) for r in rows) + "\n"
         with open(args.out, "w") as f:
             f.write(text)
