@@ -326,8 +326,9 @@ def dpe_paged_attention(
             a serving engine's hot path makes no host sync; the metadata checks
             stay. With False, bad values give undefined results; pass
             ``max_seqlen_q`` / ``max_seqlen_k`` too, or they are read from the
-            device. (The ``reference`` backend, and the ``cpu`` backend for
-            batches with a query longer than 1, read the lengths on the host
+            device. (The ``reference`` backend, and the ``cpu`` backend
+            unless every sequence has exactly one query (``max_seqlen_q ==
+            1``, ``T_q == B``) and ``Dv == D``, read the lengths on the host
             to split the batch: CPU tensors, no device sync.)
         backend: ``"auto"`` (CPU tensors: cpu; CUDA: triton; float64:
             reference), ``"reference"``, ``"cpu"``, ``"triton"``.
