@@ -10,7 +10,10 @@ Layout:
 Public API:
     DPEConfig          window, groups of pairs, per-group scales, optional key-dimension mask;
                        DPEConfig.from_preset(name, ...) for the paper's, the calibrated and the starting presets
-    dpe_rope           the fused DPE rotary step (ROPE_BACKENDS: reference, cpu, cuda, triton)
+    dpe_rope           the fused DPE rotary step (ROPE_BACKENDS: reference, cpu, cuda, triton); out= views
+                       of any strides, inplace=True
+    dpe_rope_and_cache the rotary step fused with the write of k_normal, k_scaled and v into a paged
+                       KV cache at slot_mapping (negative slots skipped), as an engine's layer does
     available_rope_backends  which rope backends run on a device in this process
     dpe_attention      causal DPE attention: normal logits inside the window, scaled beyond, one
                        softmax (ATTENTION_BACKENDS: reference, cpu, flash, triton)
@@ -38,12 +41,13 @@ from .cache import DPEKVCache, dpe_attention_step
 from .config import DPEConfig
 from .paged_attention import PAGED_BACKENDS, available_paged_backends, dpe_paged_attention
 from .reference import attention_reference, decode_rerotate_reference, rope_reference
-from .rope import (BACKENDS, MAX_EXACT_POSITION, ROPE_BACKENDS, RopeOutput, available_backends,
-                   available_rope_backends, dpe_rope)
+from .rope import (BACKENDS, MAX_EXACT_POSITION, ROPE_BACKENDS, RopeCacheOutput, RopeOutput, available_backends,
+                   available_rope_backends, dpe_rope, dpe_rope_and_cache)
 
 __version__ = "0.2.0"
 __all__ = [
     "DPEConfig", "dpe_rope", "RopeOutput", "ROPE_BACKENDS", "available_rope_backends", "MAX_EXACT_POSITION",
+    "dpe_rope_and_cache", "RopeCacheOutput",
     "dpe_attention", "ATTENTION_BACKENDS", "available_attention_backends", "merge_attention",
     "lse_from_flash_attn2", "lse_from_flash_attn3", "lse_from_flashinfer",
     "DPEKVCache", "dpe_attention_step",

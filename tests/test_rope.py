@@ -301,9 +301,13 @@ def test_out_with_wrong_shape_or_aliasing():
     bad[3] = torch.empty(4, 4, 16)
     with pytest.raises(ValueError, match="out.k_scaled"):
         dpe_rope(**a, out=tuple(bad))
-    alias = (a["q"], want[1].clone(), want[2].clone(), want[3].clone())
-    with pytest.raises(ValueError, match="shares memory with q"):
+    # q_normal may be q itself (in place); q_scaled may not, nor a q_normal view of q with other strides.
+    alias = (want[0].clone(), want[1].clone(), a["q"], want[3].clone())
+    with pytest.raises(ValueError, match="out.q_scaled overlaps the memory of q"):
         dpe_rope(**a, out=alias)
+    other = a["q"].as_strided(a["q"].shape, (16, 64, 1))
+    with pytest.raises(ValueError, match="in place needs out.q_normal to be q itself"):
+        dpe_rope(**a, out=(other, want[1].clone(), want[2].clone(), want[3].clone()))
 
 
 def test_requires_grad_accepted_under_no_grad():

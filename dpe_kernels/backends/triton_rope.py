@@ -1,9 +1,10 @@
 """The DPE rotary step (SPEC "Position remapping") as one Triton kernel.
 
-``rope_triton`` is the ``backend="triton"`` implementation behind
-:func:`dpe_kernels.dpe_rope`. It computes exactly what the CPU kernel
-(``csrc/include/dpe/rope_cpu.h``, math in ``csrc/include/dpe/rope.h``)
-computes:
+``rope_triton`` / ``rope_out_triton`` are the ``backend="triton"``
+implementations behind :func:`dpe_kernels.dpe_rope`, ``rope_and_cache_triton``
+the one behind :func:`dpe_kernels.dpe_rope_and_cache`. The kernel computes
+exactly what the CPU kernel (``csrc/include/dpe/rope_cpu.h``, math in
+``csrc/include/dpe/rope.h``) computes:
 
 * q ``[B, S, H_q, D]`` / k ``[B, S, H_k, D]`` addressed by strides (a view of
   a packed qkv tensor is read in place), or packed ``[T, H, D]`` (B = 1, S = T);
@@ -18,12 +19,19 @@ computes:
   ``k_scaled`` has ``H_m`` heads, head ``j`` reads KV head ``j // (H_m // H_k)``
   and uses row ``j``; without a mask ``k_scaled`` has ``H_k`` heads;
 * dims ``[rotary_dim, D)`` pass through unchanged to every output;
-* outputs contiguous, leading shape of the inputs, dtype of q; math in float32,
-  one rounding to the output dtype.
+* outputs of any strides (stride 1 on head_dim), dtype of q; math in float32,
+  one rounding to the output dtype; q_normal may be q and k_normal may be k
+  (in place: every element is loaded, by the one program that owns it,
+  before anything is stored to it);
+* cache mode (``IS_CACHE``): the key outputs of token t go to paged caches
+  ``[num_blocks, block_size, H, D]`` at ``slot_mapping[t]`` (block
+  ``slot // block_size``, offset ``slot % block_size``), v is copied to its
+  cache, and a negative slot (vLLM's padding) skips the token's cache writes.
 
-The op is registered with :func:`torch.library.triton_op` as
-``torch.ops.dpe_kernels.rope_triton`` and launches through
-:func:`torch.library.wrap_triton`, so ``torch.compile`` traces into the kernel.
+The ops are registered with :func:`torch.library.triton_op` as
+``torch.ops.dpe_kernels.{rope_triton, rope_out_triton, rope_and_cache_triton}``
+and launch through :func:`torch.library.wrap_triton`, so ``torch.compile``
+traces into the kernel.
 """
 from typing import Optional, Tuple
 
@@ -34,7 +42,7 @@ from triton.language.extra import libdevice
 from ..utils import scaled_key_heads
 from .triton_utils import INTERPRETED as _INTERPRETED, load_f32, next_pow2, register_triton_op, round_out
 
-__all__ = ["rope_triton"]
+__all__ = ["rope_triton", "rope_out_triton", "rope_and_cache_triton"]
 
 
 # --------------------------------------------------------------------------- kernel
@@ -61,13 +69,18 @@ def _accurate_sincos(x, USE_LIBDEVICE: tl.constexpr):
 @triton.jit
 def _dpe_rope_kernel(
     q_ptr, k_ptr, pos_ptr, inv_freq_ptr, scale_ptr, mask_ptr,
-    qn_ptr, kn_ptr, qs_ptr, ks_ptr,
+    qn_ptr, kn_ptr, qs_ptr, ks_ptr,          # kn / ks: the k and k_scaled caches in cache mode
+    slot_ptr, v_ptr, vc_ptr,                 # cache mode only
     T, S, H_q, H_k, D, P, window, q_mask_div,
     q_sb, q_ss, q_sh, k_sb, k_ss, k_sh, pos_sb, pos_ss,
+    qn_sb, qn_ss, qn_sh, qs_sb, qs_ss, qs_sh,
+    kn_so, kn_si, kn_sh, ks_so, ks_si, ks_sh,  # (batch, token) or (block, slot) strides, head
+    slot_ss, block_size, num_slots, Dv, v_ss, v_sh, vc_so, vc_si, vc_sh,
     IS_NEOX: tl.constexpr,       # pairs (i, i + P) if True, else (2i, 2i + 1)
     HAS_MASK: tl.constexpr,      # mask_ptr holds a [H_m, P] uint8 mask
     HAS_PASS: tl.constexpr,      # rotary_dim < D: dims [2P, D) pass through
     KS_REP: tl.constexpr,        # scaled key heads per KV head (H_ks // H_k)
+    IS_CACHE: tl.constexpr,      # rope_and_cache: key rows by slot, v copied, slot < 0 skipped
     USE_LIBDEVICE: tl.constexpr,
     BF16_BY_BITS: tl.constexpr,  # interpreter with bfloat16 data (see triton_utils.load_f32)
     BLOCK_T: tl.constexpr,       # tokens per program
@@ -75,6 +88,7 @@ def _dpe_rope_kernel(
     BLOCK_HK: tl.constexpr,      # KV heads per inner-loop step
     BLOCK_P: tl.constexpr,       # next_power_of_2(P)
     BLOCK_PASS: tl.constexpr,    # next_power_of_2(D - 2P) (1 when HAS_PASS is False)
+    BLOCK_DV: tl.constexpr,      # next_power_of_2(Dv) in cache mode, else 1
 ):
     # Grid: one program per BLOCK_T consecutive tokens of the flattened B * S
     # axis. A program holds every pair of its tokens and walks all heads, so
@@ -131,6 +145,23 @@ def _dpe_rope_kernel(
     out_dtype = qn_ptr.dtype.element_ty
     q_tok = b * q_sb + s * q_ss                      # [BT] input offset of the token
     k_tok = b * k_sb + s * k_ss
+    qn_tok = b * qn_sb + s * qn_ss                   # [BT] output offsets (any strides)
+    qs_tok = b * qs_sb + s * qs_ss
+    # Where the key outputs of each token go: (b, s) of k_normal / k_scaled,
+    # or (slot // block_size, slot % block_size) of the caches; k_ok is False
+    # for a negative (padding) slot, which skips the token's cache writes.
+    if IS_CACHE:
+        slot = tl.load(slot_ptr + s * slot_ss, mask=t_ok, other=-1).to(tl.int64)
+        k_ok = t_ok & (slot >= 0) & (slot < num_slots)
+        slot = tl.where(k_ok, slot, 0)
+        k_outer = slot // block_size
+        k_inner = slot - k_outer * block_size
+    else:
+        k_ok = t_ok
+        k_outer = b
+        k_inner = s
+    kn_tok = k_outer * kn_so + k_inner * kn_si
+    ks_tok = k_outer * ks_so + k_inner * ks_si
 
     # --- query heads ------------------------------------------------------------
     # Each q element is loaded once (x1 and x2 of a pair are disjoint) and feeds
@@ -141,15 +172,17 @@ def _dpe_rope_kernel(
         ok2 = t_ok[:, None] & h_ok[None, :]                       # [BT, BH]
         ok3 = ok2[:, :, None] & p_ok3
         src = (q_tok[:, None] + h[None, :] * q_sh)[:, :, None]    # [BT, BH, 1]
-        dst = ((t[:, None] * H_q + h[None, :]) * D)[:, :, None]   # contiguous output
+        dst_n = (qn_tok[:, None] + h[None, :] * qn_sh)[:, :, None]
+        dst_s = (qs_tok[:, None] + h[None, :] * qs_sh)[:, :, None]
+        # Both halves of every pair are loaded before any store: exact in place (q_normal is q).
         x1 = load_f32(q_ptr + src + off1, ok3, BF16_BY_BITS)
         x2 = load_f32(q_ptr + src + off2, ok3, BF16_BY_BITS)
         # rotate_pair of rope.h. (Compiled Triton may contract these into FMAs,
         # as nvcc does for the CUDA backend: rounding-level differences only.)
         n1 = x1 * cos_n - x2 * sin_n
         n2 = x1 * sin_n + x2 * cos_n
-        tl.store(qn_ptr + dst + off1, round_out(n1, out_dtype, BF16_BY_BITS), mask=ok3)
-        tl.store(qn_ptr + dst + off2, round_out(n2, out_dtype, BF16_BY_BITS), mask=ok3)
+        tl.store(qn_ptr + dst_n + off1, round_out(n1, out_dtype, BF16_BY_BITS), mask=ok3)
+        tl.store(qn_ptr + dst_n + off2, round_out(n2, out_dtype, BF16_BY_BITS), mask=ok3)
         s1 = x1 * cos_qs - x2 * sin_qs
         s2 = x1 * sin_qs + x2 * cos_qs
         if HAS_MASK:
@@ -162,26 +195,25 @@ def _dpe_rope_kernel(
             kd = kd[None, :, :]
             s1 = tl.where(kd, s1, n1)
             s2 = tl.where(kd, s2, n2)
-        tl.store(qs_ptr + dst + off1, round_out(s1, out_dtype, BF16_BY_BITS), mask=ok3)
-        tl.store(qs_ptr + dst + off2, round_out(s2, out_dtype, BF16_BY_BITS), mask=ok3)
+        tl.store(qs_ptr + dst_s + off1, round_out(s1, out_dtype, BF16_BY_BITS), mask=ok3)
+        tl.store(qs_ptr + dst_s + off2, round_out(s2, out_dtype, BF16_BY_BITS), mask=ok3)
         if HAS_PASS:
             okp = ok2[:, :, None] & jd_ok3
-            v = tl.load(q_ptr + src + jd3, mask=okp, other=0.0)
-            tl.store(qn_ptr + dst + jd3, v, mask=okp)  # exact copy, same dtype
-            tl.store(qs_ptr + dst + jd3, v, mask=okp)
+            x = tl.load(q_ptr + src + jd3, mask=okp, other=0.0)
+            tl.store(qn_ptr + dst_n + jd3, x, mask=okp)  # exact copy, same dtype
+            tl.store(qs_ptr + dst_s + jd3, x, mask=okp)
 
     # --- key heads --------------------------------------------------------------
     # Each KV head is loaded once and rotated once at the normal and once at the
     # scaled-key angle; with a per-query-head mask it then feeds its KS_REP
     # scaled key heads (only a select and a store each), never re-read.
-    H_ks = H_k * KS_REP
     for h0 in range(0, H_k, BLOCK_HK):
         hk = h0 + tl.arange(0, BLOCK_HK).to(tl.int64)
         hk_ok = hk < H_k
-        ok2 = t_ok[:, None] & hk_ok[None, :]
+        ok2 = k_ok[:, None] & hk_ok[None, :]
         ok3 = ok2[:, :, None] & p_ok3
         src = (k_tok[:, None] + hk[None, :] * k_sh)[:, :, None]
-        dst = ((t[:, None] * H_k + hk[None, :]) * D)[:, :, None]
+        dst = (kn_tok[:, None] + hk[None, :] * kn_sh)[:, :, None]
         x1 = load_f32(k_ptr + src + off1, ok3, BF16_BY_BITS)
         x2 = load_f32(k_ptr + src + off2, ok3, BF16_BY_BITS)
         n1 = x1 * cos_n - x2 * sin_n
@@ -192,11 +224,18 @@ def _dpe_rope_kernel(
         s2 = x1 * sin_ks + x2 * cos_ks
         if HAS_PASS:
             okp = ok2[:, :, None] & jd_ok3
-            v = tl.load(k_ptr + src + jd3, mask=okp, other=0.0)
-            tl.store(kn_ptr + dst + jd3, v, mask=okp)
+            x = tl.load(k_ptr + src + jd3, mask=okp, other=0.0)
+            tl.store(kn_ptr + dst + jd3, x, mask=okp)
+        if IS_CACHE:  # v rows of these KV heads to the v cache, unchanged
+            dv = tl.arange(0, BLOCK_DV).to(tl.int64)
+            okv = ok2[:, :, None] & (dv < Dv)[None, None, :]
+            vrow = (s[:, None] * v_ss + hk[None, :] * v_sh)[:, :, None]
+            vcrow = (k_outer[:, None] * vc_so + k_inner[:, None] * vc_si + hk[None, :] * vc_sh)[:, :, None]
+            val = tl.load(v_ptr + vrow + dv[None, None, :], mask=okv, other=0.0)
+            tl.store(vc_ptr + vcrow + dv[None, None, :], val, mask=okv)
         for r in range(KS_REP):  # a loop, not unrolled: KS_REP reaches H_q for MQA
             j = hk * KS_REP + r                                       # scaled key head
-            dst_s = ((t[:, None] * H_ks + j[None, :]) * D)[:, :, None]
+            dst_s = (ks_tok[:, None] + j[None, :] * ks_sh)[:, :, None]
             if HAS_MASK:
                 kd = tl.load(mask_ptr + j[:, None] * P + i[None, :],
                              mask=hk_ok[:, None] & p_ok[None, :], other=0) != 0
@@ -209,7 +248,7 @@ def _dpe_rope_kernel(
             tl.store(ks_ptr + dst_s + off1, round_out(y1, out_dtype, BF16_BY_BITS), mask=ok3)
             tl.store(ks_ptr + dst_s + off2, round_out(y2, out_dtype, BF16_BY_BITS), mask=ok3)
             if HAS_PASS:
-                tl.store(ks_ptr + dst_s + jd3, v, mask=okp)
+                tl.store(ks_ptr + dst_s + jd3, x, mask=okp)
 
 
 # --------------------------------------------------------------------------- launcher
@@ -246,17 +285,23 @@ def _empty_outputs(q, k, mask):
             q.new_empty((*lead, hq, d)), q.new_empty((*lead, hks, d)))
 
 
-def _launch(q, k, positions, inv_freq, pair_scale, mask, window, rotary_dim, is_neox, outs):
+def _row_strides(t):
+    """(batch, token, head) strides of a [T, H, D] (batch 0) or [B, S, H, D] tensor."""
+    return (0, t.stride(0), t.stride(1)) if t.dim() == 3 else (t.stride(0), t.stride(1), t.stride(2))
+
+
+def _launch(q, k, positions, inv_freq, pair_scale, mask, window, rotary_dim, is_neox, outs, cache=None):
+    """outs = (q_normal, k_normal, q_scaled, k_scaled), any strides (stride 1 on
+    head_dim). cache = (slot_mapping, v, v_cache) switches to cache mode, where
+    outs[1] and outs[3] are the k and k_scaled caches [num_blocks, block_size, H, D]."""
     q_normal, k_normal, q_scaled, k_scaled = outs
     hq, hk, d = q.shape[-2], k.shape[-2], q.shape[-1]
     npairs = rotary_dim // 2
     if q.dim() == 3:  # packed [T, H, D]: one sequence of T tokens
         batch, seqlen = 1, q.shape[0]
-        q_sb, k_sb = 0, 0
         pos_sb, pos_ss = 0, positions.stride(0)
     else:
         batch, seqlen = q.shape[0], q.shape[1]
-        q_sb, k_sb = q.stride(0), k.stride(0)
         pos_sb = 0 if positions.shape[0] == 1 else positions.stride(0)  # [1, S]: shared positions
         pos_ss = positions.stride(1)
     ntok = batch * seqlen
@@ -275,6 +320,22 @@ def _launch(q, k, positions, inv_freq, pair_scale, mask, window, rotary_dim, is_
         mask_arg = pair_scale  # never read (HAS_MASK=False)
         q_mask_div = 1
         ks_rep = 1
+    if cache is not None:
+        slot_mapping, v, v_cache = cache
+        block_size = k_normal.shape[1]
+        num_slots = k_normal.shape[0] * block_size
+        dv = v.shape[-1]
+        kn_strides = k_normal.stride()[:3]
+        ks_strides = k_scaled.stride()[:3]
+        cache_args = (slot_mapping.stride(0), block_size, num_slots, dv, v.stride(0), v.stride(1),
+                      *v_cache.stride()[:3])
+        slot_arg, v_arg, vc_arg = slot_mapping, v, v_cache
+    else:
+        dv = 1
+        kn_strides = _row_strides(k_normal)
+        ks_strides = _row_strides(k_scaled)
+        cache_args = (0, 1, 0, 1, 0, 0, 0, 0, 0)
+        slot_arg, v_arg, vc_arg = pair_scale, q, q_normal  # never read (IS_CACHE=False)
 
     tile = _TILE_INTERPRET if _INTERPRETED else _TILE_GPU
     block_p = next_pow2(npairs)  # P need not be a power of two (masked lanes)
@@ -282,7 +343,7 @@ def _launch(q, k, positions, inv_freq, pair_scale, mask, window, rotary_dim, is_
     block_pass = next_pow2(npass) if npass > 0 else 1
     # Heads per step: all of them when they fit in the tile, else a loop over
     # head blocks inside the program (sin/cos stay computed once per token).
-    head_cap = max(1, tile // block_p)
+    head_cap = max(1, tile // max(block_p, next_pow2(dv)))
     block_hq = min(next_pow2(hq), head_cap)
     block_hk = min(next_pow2(hk), head_cap)
     # Tokens per program: one on a GPU (the grid is the token count, which
@@ -294,16 +355,22 @@ def _launch(q, k, positions, inv_freq, pair_scale, mask, window, rotary_dim, is_
         block_t = 1
     num_warps = min(_MAX_WARPS, max(1, block_t * block_hq * block_p // _ELEMS_PER_WARP))
     grid = (triton.cdiv(ntok, block_t),)
+    q_sb, k_sb = _row_strides(q)[0], _row_strides(k)[0]
 
     torch.library.wrap_triton(_dpe_rope_kernel)[grid](
         q, k, positions, inv_freq, pair_scale, mask_arg,
         q_normal, k_normal, q_scaled, k_scaled,
+        slot_arg, v_arg, vc_arg,
         ntok, seqlen, hq, hk, d, npairs, window, q_mask_div,
         q_sb, q.stride(-3), q.stride(-2), k_sb, k.stride(-3), k.stride(-2), pos_sb, pos_ss,
+        *_row_strides(q_normal), *_row_strides(q_scaled),
+        *kn_strides, *ks_strides,
+        *cache_args,
         IS_NEOX=bool(is_neox),
         HAS_MASK=mask is not None,
         HAS_PASS=npass > 0,
         KS_REP=ks_rep,
+        IS_CACHE=cache is not None,
         USE_LIBDEVICE=not _INTERPRETED,
         BF16_BY_BITS=_INTERPRETED and q.dtype == torch.bfloat16,
         BLOCK_T=block_t,
@@ -311,6 +378,7 @@ def _launch(q, k, positions, inv_freq, pair_scale, mask, window, rotary_dim, is_
         BLOCK_HK=block_hk,
         BLOCK_P=block_p,
         BLOCK_PASS=block_pass,
+        BLOCK_DV=next_pow2(dv) if cache is not None else 1,
         num_warps=num_warps,
     )
 
@@ -344,3 +412,74 @@ def _rope_triton_fake(q, k, positions, inv_freq, pair_scale, mask, window, rotar
 
 
 rope_triton = register_triton_op("rope_triton", _rope_triton_impl, _rope_triton_fake)
+
+
+def _rope_out_triton_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    pair_scale: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    window: int,
+    rotary_dim: int,
+    is_neox: bool,
+    q_normal: torch.Tensor,
+    k_normal: torch.Tensor,
+    q_scaled: torch.Tensor,
+    k_scaled: torch.Tensor,
+) -> None:
+    """As ``torch.ops.dpe_kernels.rope_out``: writes the four given outputs
+    (any strides, stride 1 on head_dim; q_normal may be q, k_normal may be k)."""
+    _check(q, k, rotary_dim)
+    _launch(q, k, positions, inv_freq, pair_scale, mask, window, rotary_dim, is_neox,
+            (q_normal, k_normal, q_scaled, k_scaled))
+
+
+def _rope_out_triton_fake(q, k, positions, inv_freq, pair_scale, mask, window, rotary_dim, is_neox,
+                          q_normal, k_normal, q_scaled, k_scaled):
+    return None
+
+
+rope_out_triton = register_triton_op(
+    "rope_out_triton", _rope_out_triton_impl, _rope_out_triton_fake,
+    mutates_args=("q_normal", "k_normal", "q_scaled", "k_scaled"))
+
+
+def _rope_and_cache_triton_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    pair_scale: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    window: int,
+    rotary_dim: int,
+    is_neox: bool,
+    slot_mapping: torch.Tensor,
+    k_cache: torch.Tensor,
+    ks_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    q_normal: torch.Tensor,
+    q_scaled: torch.Tensor,
+) -> None:
+    """As ``torch.ops.dpe_kernels.rope_and_cache``: q [T, H_q, D], k [T, H_k, D],
+    v [T, H_k, D_v]; k_normal / k_scaled / v to the caches at slot_mapping[t]
+    (negative: skipped), q_normal (may be q) and q_scaled to the outputs.
+    :func:`dpe_kernels.dpe_rope_and_cache` validates the arguments first."""
+    if q.dim() != 3:
+        raise ValueError("q must be [T, H_q, D]")
+    _check(q, k, rotary_dim)
+    _launch(q, k, positions, inv_freq, pair_scale, mask, window, rotary_dim, is_neox,
+            (q_normal, k_cache, q_scaled, ks_cache), cache=(slot_mapping, v, v_cache))
+
+
+def _rope_and_cache_triton_fake(q, k, v, positions, inv_freq, pair_scale, mask, window, rotary_dim,
+                                is_neox, slot_mapping, k_cache, ks_cache, v_cache, q_normal, q_scaled):
+    return None
+
+
+rope_and_cache_triton = register_triton_op(
+    "rope_and_cache_triton", _rope_and_cache_triton_impl, _rope_and_cache_triton_fake,
+    mutates_args=("k_cache", "ks_cache", "v_cache", "q_normal", "q_scaled"))

@@ -3,7 +3,7 @@ interpreter needs, ``next_pow2``, and the one registration pattern of a Triton
 op (a ``torch.library.triton_op``, its opaque eager twin and the twin's fake),
 written once here for every kernel module."""
 import functools
-from typing import Callable
+from typing import Callable, Tuple
 
 import torch
 import triton
@@ -69,9 +69,10 @@ def round_bf16_bits(p):
     return bf16_bits_to_f32(round_out(p, tl.bfloat16, True))
 
 
-def register_triton_op(name: str, impl: Callable, fake: Callable):
+def register_triton_op(name: str, impl: Callable, fake: Callable, mutates_args: Tuple[str, ...] = ()):
     """Register ``impl`` (type-annotated, launching its kernel through
-    ``torch.library.wrap_triton``) as ``torch.ops.dpe_kernels.<name>``.
+    ``torch.library.wrap_triton``) as ``torch.ops.dpe_kernels.<name>``;
+    ``mutates_args`` names the arguments it writes (an out-variant op).
 
     On a GPU the op is a ``torch.library.triton_op``, so ``torch.compile``
     traces into the kernel. Under TRITON_INTERPRET=1, ``wrap_triton`` hands
@@ -81,7 +82,7 @@ def register_triton_op(name: str, impl: Callable, fake: Callable):
     opaque twin, ``torch.ops.dpe_kernels._<name>_eager`` (the same ``impl``,
     launched eagerly), whose shapes come from ``fake``. Returns the op.
     """
-    eager = torch.library.custom_op(f"dpe_kernels::_{name}_eager", mutates_args=())(impl)
+    eager = torch.library.custom_op(f"dpe_kernels::_{name}_eager", mutates_args=mutates_args)(impl)
     eager.register_fake(fake)
 
     @functools.wraps(impl)
@@ -91,4 +92,4 @@ def register_triton_op(name: str, impl: Callable, fake: Callable):
             return eager(*args, **kwargs)
         return impl(*args, **kwargs)
 
-    return torch.library.triton_op(f"dpe_kernels::{name}", mutates_args=())(op)
+    return torch.library.triton_op(f"dpe_kernels::{name}", mutates_args=mutates_args)(op)
