@@ -70,10 +70,13 @@ def _kernels():
 
 def _rope_then_cache(q, k, v, positions, inv_freq, config, k_cache, ks_cache, v_cache, slot_mapping, *,
                      mask=None, layout="neox", rotary_dim=None, check_inputs=True, **_):
+    """dpe_rope in place (q, k become q_normal, k_normal, as vLLM's rotary overwrites them) and
+    an index write of the new tokens into the cache planes (slots < 0 are never passed here:
+    vLLM pads only past ``num_actual_tokens``, which the backend cuts off)."""
     from dpe_kernels import dpe_rope
 
     out = dpe_rope(q, k, positions, inv_freq, config, mask, layout=layout, rotary_dim=rotary_dim,
-                   check_positions=check_inputs)
+                   check_inputs=check_inputs, inplace=True)
     bs = k_cache.shape[1]
     blk, off = slot_mapping // bs, slot_mapping % bs
     k_cache[blk, off] = out.k_normal

