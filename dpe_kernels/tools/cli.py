@@ -599,15 +599,16 @@ def cmd_eval(args) -> int:
 
 
 @contextlib.contextmanager
-def _one_line_argparse_errors(prog: str):
-    """While a benchmark parses its arguments, argparse errors are one ``PROG: error: ...`` line.
+def _one_line_argparse_errors(which: str):
+    """While benchmark ``which`` parses its arguments, argparse errors are one
+    ``dpe bench: error: WHICH: ...`` line.
 
     The benchmarks build their own ArgumentParser (they also run as scripts); patching the class
     for the duration of the call is the one place that reaches them without changing them."""
     original = argparse.ArgumentParser.error
 
     def error(self, message):
-        self.exit(2, f"{prog}: error: {message} (see `{prog} -- --help`)\n")
+        self.exit(2, f"dpe bench: error: {which}: {message} (see `dpe bench {which} -- --help`)\n")
     argparse.ArgumentParser.error = error
     try:
         yield
@@ -623,12 +624,14 @@ def cmd_bench(args) -> int:
     if argv[:1] == ["--"]:
         argv = argv[1:]
     try:
-        with _one_line_argparse_errors(f"dpe bench {args.which}"):
+        with _one_line_argparse_errors(args.which):
             return int(bench.main(argv) or 0)
     except SystemExit as e:  # argparse inside the benchmark (--help, a bad argument) or sys.exit("message")
         if isinstance(e.code, str):
             raise CLIError(e.code) from None
-        return int(e.code or 0)
+        if e.code:
+            raise  # its one-line argparse error is printed: exit 2 like every other subcommand
+        return 0
 
 
 def cmd_select_dims(args) -> int:

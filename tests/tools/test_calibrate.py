@@ -111,63 +111,151 @@ def test_select_dims_file_and_mask_runs(tiny, tmp_path):
         C.select_dims(model, tok, lengths=[], progress=False)
 
 
-def test_sweep_and_tie_break():
-    cfgs = C.sweep_configs(2, [1, 2, 4], default=2)
-    assert [c[2] for c in cfgs] == [(1, 2), (2, 2), (4, 2), (2, 1), (2, 2), (2, 4)]
-    assert C.default_sweep_scale(16384, 8192) == 4 and C.default_sweep_scale(10000, 8192) == 3
-    recs = [
-        {"scales": [1, 2], "score": 0.5}, {"scales": [2, 2], "score": 0.5}, {"scales": [4, 2], "score": 0.5},
-        {"scales": [2, 1], "score": 0.2}, {"scales": [2, 4], "score": 0.9}, {"scales": [2, 4], "score": 0.7},
-    ]
-    # group 0: three-way tie -> the default 2; group 1: best mean 0.8 at 4
-    assert C.pick_scales(recs, 2, [1, 2, 4], default=2) == [2, 4]
-    # tie between 1 and 4 at equal log2 distance from 2 -> the smaller
-    recs2 = [{"scales": [1, 2], "score": 1.0}, {"scales": [4, 2], "score": 1.0}, {"scales": [2, 2], "score": 0.0},
-             {"scales": [2, 1], "score": 0.0}, {"scales": [2, 4], "score": 0.0}]
-    assert C.pick_scales(recs2, 2, [1, 2, 4], default=2)[0] == 1
-    with pytest.raises(ValueError, match="group 1"):
-        C.pick_scales([recs[0], recs[2]], 2, [1, 2, 4], default=2)
+# ----------------------------------------------------------------------------- step 2: coordinate ascent
+def _table_score(table, calls=None):
+    """score(cfg, samples) from a dict cfg -> per-sample scores (sample i -> table[cfg][i])."""
+    def score(cfg, idx):
+        if calls is not None:
+            calls.append((tuple(cfg), tuple(idx)))
+        return [table[tuple(cfg)][i] for i in idx]
+    return score
 
 
-def test_detect_resumes_and_scores_each_config_once(tiny, tmp_path, monkeypatch):
+def test_self_extend_start():
+    assert C.self_extend_scales(16384, 8192, 8) == [4] * 8
+    assert C.self_extend_scales(32768, 8192, 8) == [8] * 8
+    assert C.self_extend_scales(10000, 8192, 2) == [4, 4]  # 2 * ceil(1.22), as Self-Extend's G
+
+
+def test_ascent_accepts_only_beyond_the_standard_error():
+    start = (4, 4)
+    base = [0.0, 1.0, 2.0, 3.0]
+    table = {
+        (4, 4): base,
+        # group 0: scale 2 gains +1 on average but noisily (d = +3, -1, +3, -1: se 1.15) -> rejected;
+        #          scale 8 gains a steady +0.5 (se 0)                                        -> accepted
+        (2, 4): [3.0, 0.0, 5.0, 2.0],
+        (8, 4): [0.5, 1.5, 2.5, 3.5],
+        (8, 2): [0.5, 1.5, 2.5, 3.5],       # group 1 from (8, 4): no gain at all -> kept
+        (8, 8): [0.4, 1.5, 2.5, 3.5],
+    }
+    for cfg in list(table):
+        table[cfg] = table[cfg] + [9.0] * 4  # fresh samples 4..7 (used by the final check)
+    table[(8, 4)][4:] = [9.5] * 4
+    trace = C.coordinate_ascent(_table_score(table), start, [2, 4, 8], [0, 1, 2, 3], [4, 5, 6, 7], max_passes=3)
+    first = trace["steps"][0]
+    cands = {c["scale"]: c for c in first["candidates"]}
+    assert cands[2]["gain"] == pytest.approx(1.0) and not cands[2]["accepted"]
+    assert cands[2]["se"] == pytest.approx(2 / 3 ** 0.5 * 1.0)  # sd of (3, -1, 3, -1) = 2.309, / sqrt 4
+    assert cands[8]["accepted"] and first["chosen"] == 8
+    assert trace["steps"][1]["chosen"] is None
+    assert trace["final"] == [8, 4] and trace["passes"] == 2 and trace["converged"]
+    assert trace["fresh"]["kept"] == "final" and trace["kept"] == [8, 4]
+    assert trace["fresh"]["gain"] == pytest.approx(0.5)
+
+
+def test_ascent_sweeps_with_the_current_scales_and_repeats_passes():
+    """Group 1's best depends on group 0: only the second pass, run because the first changed
+    something, finds the joint optimum; every configuration is scored with the current scales."""
+    def f(cfg):
+        a, b = cfg
+        return {(1, 1): 0, (2, 1): 1, (1, 2): -1, (2, 2): 3, (4, 1): 0, (4, 2): 2, (1, 4): -2, (2, 4): 1,
+                (4, 4): 4}.get((a, b), -5)
+
+    table = {}
+    for a in (1, 2, 4):
+        for b in (1, 2, 4):
+            table[(a, b)] = [f((a, b)) + e for e in (0.0, 0.1, -0.1, 0.05)] + [f((a, b))] * 2
+    calls = []
+    trace = C.coordinate_ascent(_table_score(table, calls), (1, 1), [1, 2, 4], [0, 1, 2, 3], [4, 5], max_passes=5)
+    # pass 1: group 0 from (1, 1) -> 2 (+1; 4 gives 0); group 1 from (2, 1) -> 2 (+2; 4 gives 0)
+    # pass 2: group 0 from (2, 2) -> 4 (2 -> ... (4, 2) = 2 < 3: kept); group 1 from (2, 2): (2, 4) = 1 kept
+    chosen = [(s["pass"], s["group"], s["incumbent"], s["chosen"]) for s in trace["steps"]]
+    assert chosen[:2] == [(1, 0, [1, 1], 2), (1, 1, [2, 1], 2)]
+    assert trace["final"] == [2, 2] and trace["passes"] == 2 and trace["converged"]
+    scored = {c for c, _ in calls}
+    assert (2, 4) in scored and (1, 4) not in scored  # group 1 was swept with group 0 at its current 2
+    # the bound on passes holds even when every pass changes something
+    t1 = C.coordinate_ascent(_table_score(table), (1, 1), [1, 2, 4], [0, 1, 2, 3], [4, 5], max_passes=1)
+    assert t1["passes"] == 1 and not t1["converged"] and t1["final"] == [2, 2]
+
+
+def test_ascent_keeps_the_start_when_fresh_samples_disagree():
+    table = {(4, 4): [0.0, 0.0, 0.0, 5.0, 5.0], (8, 4): [1.0, 1.0, 1.0, 4.0, 4.0], (8, 8): [0.0] * 5,
+             (8, 2): [0.0] * 5, (2, 4): [-1.0] * 5}
+    trace = C.coordinate_ascent(_table_score(table), (4, 4), [2, 4, 8], [0, 1, 2], [3, 4])
+    assert trace["final"] == [8, 4]                   # better on the sweep's samples...
+    assert trace["fresh"]["kept"] == "start" and trace["kept"] == [4, 4]  # ...worse on fresh ones
+    # nothing accepted: the start is kept without a fresh comparison
+    flat = {k: [0.0] * 5 for k in table}
+    flat.update({(2, 2): [0.0] * 5, (4, 2): [0.0] * 5, (4, 8): [0.0] * 5})
+    t = C.coordinate_ascent(_table_score(flat), (4, 4), [2, 4, 8], [0, 1, 2], [3, 4])
+    assert t["kept"] == [4, 4] and t["fresh"] is None and t["passes"] == 1
+
+
+def test_ascent_bad_input():
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        C.coordinate_ascent(lambda c, i: [0.0] * len(i), (4,), [2, 4], [0], [1])
+    with pytest.raises(ValueError, match="max_passes"):
+        C.coordinate_ascent(lambda c, i: [0.0] * len(i), (4,), [2, 4], [0, 1], [2], max_passes=0)
+
+
+def test_detect_logprob_resumes_and_replays(tiny, tmp_path, monkeypatch):
     model, tok = tiny
     calls = []
-    real = C._score_one
+    real = C.score_sample
 
     def counting(*a, **k):
         calls.append(a[2:5])
         return real(*a, **k)
 
-    monkeypatch.setattr(C, "_score_one", counting)
+    monkeypatch.setattr(C, "score_sample", counting)
     jsonl = tmp_path / "sweep.jsonl"
-    kw = dict(target_length=320, train_length=256, scales=[1, 2, 4], scorer="ppl", window=32, num_groups=2,
-              jsonl=jsonl, progress=False, log=None)
-    model_pairs = 8
-    cfg, recs = C.detect(model, tok, **kw)
-    # default 2 * 320 / 256 -> 3; 2 groups x 3 scales, no repeated configuration (3 is not swept)
-    assert len(calls) == 6 and len(recs) == 6
-    assert isinstance(cfg, DPEConfig) and cfg.num_pairs == model_pairs and len(cfg.scales) == 2
-    assert list(cfg.scales) == C.pick_scales(recs, 2, [1, 2, 4], default=3)
+    kw = dict(target_length=320, train_length=256, scales=[2, 4], scorer="passkey-logprob", samples=2,
+              fresh_samples=2, max_passes=2, window=32, num_groups=2, jsonl=jsonl, progress=False, log=None)
+    res = C.detect(model, tok, **kw)
+    n = len(calls)
     lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
-    assert len(lines) == 6 and all(x["scorer"] == "ppl" for x in lines)
-    # rerun: everything is read back, nothing is scored again
+    assert len(lines) == n == len(res.records)
+    assert len({(tuple(r["scales"]), r["sample"]) for r in lines}) == n
+    r0 = lines[0]
+    assert r0["scales"] == [4, 4] and r0["scorer"] == "passkey-logprob" and r0["dtype"] == "float32"
+    assert r0["score"] == pytest.approx(sum(r0["token_logprobs"]), abs=1e-4)  # recomputable from the record
+    assert r0["exact"] in (0.0, 1.0) and len(r0["token_argmax"]) == len(r0["answer_tokens"])
+    assert isinstance(res.config, DPEConfig) and res.config.calibrated_length == 320
+    assert list(res.config.scales) == res.trace["kept"] and res.trace["start"] == [4, 4]
+    # the trace is recomputed from the records alone, the same
+    rep = C.replay(lines, target_length=320, train_length=256, scales=[2, 4], samples=2, fresh_samples=2,
+                   max_passes=2, num_groups=2)
+    assert rep["pending"] is None and rep["kept"] == res.trace["kept"] and rep["steps"] == res.trace["steps"]
+    # rerun: nothing is scored again
     calls.clear()
-    cfg2, recs2 = C.detect(model, tok, **kw)
-    assert calls == [] and list(cfg2.scales) == list(cfg.scales)
-    # an interruption cut the last record mid-line: it is scored again, and the new record is
-    # not glued onto the cut line (all 6 configurations read back on the next run)
-    text = jsonl.read_text()
-    jsonl.write_text(text[:-20])
+    res2 = C.detect(model, tok, **kw)
+    assert calls == [] and res2.trace["kept"] == res.trace["kept"]
+    # an interruption cut the last record mid-line: it alone is scored again, on its own line
+    jsonl.write_text(jsonl.read_text()[:-20])
     calls.clear()
     C.detect(model, tok, **kw)
     assert len(calls) == 1
     calls.clear()
     C.detect(model, tok, **kw)
     assert calls == []
-    # a default that is swept too: (3, 3) is met by both groups, scored once
+    # a partial run: replay says which (configuration, sample) comes next
+    part = C.replay(lines[:3], target_length=320, train_length=256, scales=[2, 4], samples=2, max_passes=2,
+                    num_groups=2)
+    assert part["pending"] == {"scales": lines[3]["scales"], "sample": lines[3]["sample"]}
+    # another setting (scorer) does not reuse these records
     calls.clear()
-    C.detect(model, tok, **{**kw, "scales": [1, 3], "jsonl": tmp_path / "b.jsonl"})
-    assert len(calls) == 3
+    C.detect(model, tok, **{**kw, "scorer": "ppl", "max_passes": 1})
+    assert calls and all(c[0] == "ppl" for c in calls)
+
+
+def test_score_sample_logprob_fields(tiny):
+    model, tok = tiny
+    r = C.score_sample(model, tok, "niah-logprob", 1200, 1, 256)
+    assert len(r["span_logprobs"]) == 4 and r["score"] == pytest.approx(sum(r["span_logprobs"]) / 4)
+    assert r["depth"] == 0.5 and r["exact"] == sum(r["span_exact"]) / 4
+    assert C.scorer_sample("passkey-logprob", 7)["depth"] == 0.5 and C.scorer_sample("ppl", 3) == {"text": 3}
 
 
 def test_detect_bad_input(tiny):
@@ -180,6 +268,10 @@ def test_detect_bad_input(tiny):
         C.detect(model, tok, target_length=300, scales=[0, 2], progress=False)
     with pytest.raises(ValueError, match="equal groups"):
         C.detect(model, tok, target_length=300, num_groups=3, progress=False)
+    with pytest.raises(ValueError, match="samples must be >= 2"):
+        C.detect(model, tok, target_length=300, samples=1, progress=False)
+    with pytest.raises(ValueError, match="max_passes"):
+        C.detect(model, tok, target_length=300, max_passes=0, progress=False)
 
 
 def test_cli_select_dims_and_detect(tmp_path, capsys):
@@ -188,10 +280,13 @@ def test_cli_select_dims_and_detect(tmp_path, capsys):
                      "--out", str(dims), "--no-progress"]) == 0
     out = tmp_path / "cfg.json"
     assert cli.main(["detect", "--model", "tiny-random-llama", "--target-length", "320", "--scales", "1", "2",
-                     "--window", "32", "--mask", f"{dims}:kv", "--out", str(out), "--no-progress"]) == 0
+                     "--window", "32", "--samples", "2", "--max-passes", "1", "--mask", f"{dims}:kv", "--out", str(out),
+                     "--no-progress"]) == 0
     cfg = DPEConfig.from_json(out)
     assert cfg.mask is not None and cfg.mask.shape == (2, 2, 8) and len(cfg.scales) == 8
-    assert (tmp_path / "cfg.jsonl").is_file()
+    assert (tmp_path / "cfg.jsonl").is_file() and cfg.calibrated_length == 320
+    trace = json.loads((tmp_path / "cfg.trace.json").read_text())
+    assert trace["kept"] == list(cfg.scales) and trace["start"] == [4] * 8 and trace["masked"]
     # the config drives `dpe eval`
     assert cli.main(["eval", "--model", "tiny-random-llama", "--task", "ppl", "--methods", "dpe", "--lengths", "300",
                      "--samples", "1", "--config", str(out), "--out-dir", str(tmp_path / "ev"), "--no-plots",
@@ -237,4 +332,4 @@ def test_cli_bad_mask_argument(cmd, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main([cmd, "--model", "tiny-random-llama", "--mask", str(tmp_path / "missing.safetensors"),
                   "--out-dir" if cmd == "eval" else "--out", str(tmp_path / "o")])
-    assert e.value.code == 2 and "--mask must be FILE" in capsys.readouterr().err
+    assert e.value.code == 2 and "argument --mask: must be FILE" in capsys.readouterr().err

@@ -327,3 +327,67 @@ def test_bench_modules_run_from_the_cli(capsys):
     for which in ("rope", "attention"):
         assert cli.main(["bench", which, "--", "--help"]) == 0
         assert "usage:" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- teacher-forced scoring
+def test_runner_logprob_scoring_records_and_resume(tiny, tmp_path):
+    model, tok = tiny
+    out = tmp_path / "r.jsonl"
+    new = R.run_eval(model, tok, _spec(scoring="logprob", methods=["rope"]), out, progress=False, log=lambda s: None)
+    assert len(new) == 2
+    for r in new:
+        assert r["scoring"] == "logprob" and r["dtype"] == "float32"
+        assert r["logprob"] == pytest.approx(sum(r["token_logprobs"]), abs=1e-4)
+        assert r["score"] == float(r["token_argmax"] == r["answer_tokens"]) and r["correct"] == (r["score"] == 1.0)
+        assert "output" not in r  # no generation
+    # the same samples scored by generation are other records (the key holds the scoring)...
+    gen = R.run_eval(model, tok, _spec(methods=["rope"]), out, progress=False, log=lambda s: None)
+    assert len(gen) == 2 and all(r["scoring"] == "generate" for r in gen)
+    # ...and neither is run again
+    for scoring in ("logprob", "generate"):
+        assert R.run_eval(model, tok, _spec(scoring=scoring, methods=["rope"]), out, progress=False,
+                          log=lambda s: None) == []
+    # "both": the generated answer's score plus the teacher-forced fields of the same sample
+    both = R.run_eval(model, tok, _spec(scoring="both", methods=["rope"]), out, progress=False, log=lambda s: None)
+    by = {(r["scoring"], r["depth"]): r for r in R.read_records(out)}
+    for r in both:
+        assert r["score"] == by[("generate", r["depth"])]["score"]
+        assert r["logprob"] == pytest.approx(by[("logprob", r["depth"])]["logprob"], abs=1e-5)
+        assert r["tf_score"] == by[("logprob", r["depth"])]["score"]
+    with pytest.raises(ValueError, match="scoring"):
+        _spec(scoring="vibes")
+
+
+def test_old_records_resume_as_generation_in_float32(tiny, tmp_path):
+    model, tok = tiny
+    out = tmp_path / "r.jsonl"
+    R.run_eval(model, tok, _spec(methods=["rope"]), out, progress=False, log=lambda s: None)
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    for r in lines:
+        del r["scoring"], r["dtype"]  # as written before these were recorded
+    out.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert R.run_eval(model, tok, _spec(methods=["rope"]), out, progress=False, log=lambda s: None) == []
+
+
+def test_report_shows_logprob_interval_and_heatmap(tmp_path):
+    from dpe_kernels.tools.eval.stats import t_interval
+
+    recs = []
+    lps = {"self_extend": [-0.5, -0.7, -0.9, -0.6], "dpe": [-1.0, -1.5, -0.8, -2.0]}
+    for m, vals in lps.items():
+        for i, lp in enumerate(vals):
+            recs.append({"task": "passkey", "model": "x", "format": "raw", "scoring": "logprob", "dtype": "float32",
+                         "method": m, "length": 16384, "depth": [0.0, 1.0][i % 2], "sample": i // 2,
+                         "score": 1.0 if lp > -1.2 else 0.0, "seconds": 3.0, "params": "p", "logprob": lp,
+                         "train_length": 8192})
+    recs.append({"task": "passkey", "model": "x", "format": "raw", "method": "rope", "length": 16384, "depth": 0.0,
+                 "sample": 0, "score": 0.0, "seconds": 2.0, "params": "-", "train_length": 8192})  # a generate record
+    files = write_report(recs, tmp_path / "s.md", tmp_path, title="T")
+    names = {f.name for f in files}
+    assert names == {"s.md", "heatmap_passkey_x-raw-logprob.png", "heatmap_passkey_x-raw-logprob_logprob.png",
+                     "heatmap_passkey_x-raw.png"}  # the generate group has no log-prob heatmap
+    md = (tmp_path / "s.md").read_text()
+    iv = t_interval(lps["dpe"])
+    assert f"50% (2/4), 3.0 s; log-prob {iv.mean:.2f} [{iv.low:.2f}, {iv.high:.2f}]" in md
+    assert "scoring `logprob`" in md and "scoring `generate`" in md  # separate tables
+    assert "95% Student-t interval" in md

@@ -1,0 +1,46 @@
+"""dpe_kernels.tools.eval.stats: the Student-t quantile and intervals (no SciPy needed)."""
+import math
+
+import pytest
+
+from dpe_kernels.tools.eval.stats import mean_se, paired_gain, t_interval, t_quantile
+
+# t_{0.975, df} from published tables
+TABLE = {1: 12.706, 2: 4.303, 4: 2.776, 9: 2.262, 19: 2.093, 30: 2.042, 120: 1.980}
+
+
+@pytest.mark.parametrize("df,want", sorted(TABLE.items()))
+def test_t_quantile_table(df, want):
+    assert t_quantile(0.975, df) == pytest.approx(want, abs=6e-4)
+    assert t_quantile(0.025, df) == pytest.approx(-want, abs=6e-4)
+
+
+def test_t_quantile_against_scipy():
+    st = pytest.importorskip("scipy.stats")
+    for df in (1, 3, 7, 19, 50, 1000):
+        for p in (0.6, 0.9, 0.975, 0.995):
+            assert t_quantile(p, df) == pytest.approx(float(st.t.ppf(p, df)), rel=1e-9, abs=1e-9)
+    assert t_quantile(0.975, 1e6) == pytest.approx(1.959964, abs=1e-5)  # the normal limit
+
+
+def test_interval_and_paired_gain():
+    iv = t_interval([1.0, 2.0, 3.0, 4.0])
+    half = t_quantile(0.975, 3) * math.sqrt(5 / 3) / 2  # sd = sqrt(5/3), se = sd / sqrt(4)
+    assert iv.mean == 2.5 and iv.n == 4
+    assert iv.low == pytest.approx(2.5 - half) and iv.high == pytest.approx(2.5 + half)
+    one = t_interval([7.0])
+    assert one.mean == 7.0 and math.isnan(one.low) and math.isnan(one.high)
+    assert mean_se([2.0, 2.0, 2.0]) == (2.0, 0.0)
+    g, se = paired_gain([3.0, 0.0, 5.0, 2.0], [0.0, 1.0, 2.0, 3.0])
+    assert g == 1.0 and se == pytest.approx(math.sqrt(16 / 3) / 2)
+    with pytest.raises(ValueError, match="same non-zero number"):
+        paired_gain([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="no values"):
+        mean_se([])
+    for bad in (0.0, 1.0):
+        with pytest.raises(ValueError, match="p must be"):
+            t_quantile(bad, 3)
+    with pytest.raises(ValueError, match="df"):
+        t_quantile(0.9, 0)
+    with pytest.raises(ValueError, match="level"):
+        t_interval([1.0, 2.0], level=1.0)
