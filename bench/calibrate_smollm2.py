@@ -1,135 +1,116 @@
-"""Calibrate DPE for SmolLM2-135M-Instruct with the project's two tools, ship the result as the
-`smollm2-135m` preset, and compare it with the starting configuration on passkey retrieval:
-bench/results/calibration_smollm2.md.
+"""Calibrate DPE for SmolLM2-135M-Instruct (8K pre-training length) at a target length with the
+teacher-forced passkey score, measure the key-dimension mask alone, and ship the preset:
+bench/results/calibration_smollm2_<16k|32k>.md.
 
-    python bench/calibrate_smollm2.py                 # run or resume every step, then the report
-    python bench/calibrate_smollm2.py --report-only   # rebuild the report from the records
+    python bench/calibrate_smollm2.py --target 16384 --threads 1     # run or resume every step, then the report
+    python bench/calibrate_smollm2.py --target 32768 --device cuda   # the 32K calibration (GPU recommended)
+    python bench/calibrate_smollm2.py --target 16384 --report-only   # the report from the records so far
+    python bench/calibrate_smollm2.py --target 16384 --ship          # after a complete run: write the preset
 
-Steps (each resumes from its files under bench/results/calibration_smollm2/):
-  1. dpe select-dims: the essays at 1K, 2K, 4K tokens, 2 texts each -> dims.safetensors
-     (C[l,h,i] scores, top-24-of-32 masks per query head and per KV head)
-  2. dpe detect: target 16K, scales {1, 2, 4, 8, 16} per group (the others at 2 x 16K / 8K = 4),
-     per-query-head mask from step 1, scorer ppl (minus the mean loss beyond 8K tokens, one essay
-     text per configuration) -> detect.json / detect.jsonl; copied to
-     dpe_kernels/presets/smollm2-135m.json (the preset `dpe demo` uses)
-  3. dpe eval, passkey at 16K (raw prompt, 5 depths x --keys keys) for four DPE variants:
-     starting scales without / with the mask, calibrated scales without / with the mask
-  4. the report: the detected scales, the sweep table (score per group and scale), the four
-     variants' accuracy and seconds per sample.
+Steps (each resumes from its files under bench/results/calibration_smollm2_<16k|32k>/):
+  1. dpe detect: coordinate ascent from the Self-Extend point (every group at 2 * ceil(target / 8K)),
+     scorer passkey-logprob (the key's teacher-forced log-probability, one forward per sample),
+     scales {1, 2, 4, 8, 16}, sweep samples 0-4 (depths 0, 25, 50, 75, 100 %), fresh samples 5-9,
+     at most 3 passes, window 1024, 8 groups, no key-dimension mask (so the start is exactly
+     Self-Extend and the kept configuration cannot be below it on the fresh samples) ->
+     detect.json (calibrated_length = target), detect.jsonl, detect.trace.json;
+  2. the key-dimension mask alone: the calibrated scales without and with the select-dims mask
+     (bench/results/calibration_smollm2/dims.safetensors: top 24 of 32 pairs per query head from the
+     first calibration; select-dims does not depend on the target), passkey teacher-forced at the
+     target, 5 depths x 4 keys, the same 20 samples for both -> mask_off/, mask_on/;
+  3. the report: the ascent's decisions (or, for a partial run, its decisions so far and the next
+     configuration it will score), the fresh-sample comparison, the mask comparison (paired);
+  4. --ship (only after steps 1 and 2 are complete): dpe_kernels/presets/smollm2-135m-<16k|32k>.json,
+     the calibrated scales, with the mask only when step 2 measured a paired gain beyond its
+     standard error.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-OUT = os.path.join(HERE, "results", "calibration_smollm2")
-REPORT = os.path.join(HERE, "results", "calibration_smollm2.md")
-PRESET = os.path.join(ROOT, "dpe_kernels", "presets", "smollm2-135m.json")
-TARGET = 16384
+DIMS = os.path.join(HERE, "results", "calibration_smollm2", "dims.safetensors")
 SCALES = [1, 2, 4, 8, 16]
+SAMPLES, FRESH, MAX_PASSES, KEYS = 5, 5, 3, 4
+TRAIN = 8192
 
 
-def _variants():
-    dims = os.path.join(OUT, "dims.safetensors")
-    cal = os.path.join(OUT, "detect.json")
-    nomask = os.path.join(OUT, "detect_nomask.json")
-    # Run order: the shipped preset first (the comparison that matters most), the starting
-    # configuration last (the H100 quality run already has it, 8/10 at 16K).
-    return [
-        ("calibrated scales, top-k mask (preset smollm2-135m)", ["--config", cal], cal),
-        ("calibrated scales, all pairs", ["--config", nomask], nomask),
-        ("starting scales, top-k mask", ["--preset", "auto", "--mask", dims], None),
-        ("starting scales, all pairs", ["--preset", "auto"], None),
-    ], dims, cal
+def tag(target: int) -> str:
+    return f"{target // 1024}k"
 
 
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name.split(" (")[0]).strip("_")
+def paths(target: int):
+    out = os.path.join(HERE, "results", f"calibration_smollm2_{tag(target)}")
+    return {"out": out, "report": out + ".md", "cfg": os.path.join(out, "detect.json"),
+            "jsonl": os.path.join(out, "detect.jsonl"), "trace": os.path.join(out, "detect.trace.json"),
+            "masked": os.path.join(out, "detect_masked.json"), "notes": os.path.join(out, "RUN_NOTES.md"),
+            "mask_off": os.path.join(out, "mask_off"), "mask_on": os.path.join(out, "mask_on"),
+            "preset": os.path.join(ROOT, "dpe_kernels", "presets", f"smollm2-135m-{tag(target)}.json")}
+
+
+def detect_argv(target: int, common):
+    p = paths(target)
+    return ["detect", "--target-length", str(target), "--scorer", "passkey-logprob", "--samples", str(SAMPLES),
+            "--fresh-samples", str(FRESH), "--scales", *map(str, SCALES), "--window", "1024", "--groups", "8",
+            "--max-passes", str(MAX_PASSES), "--out", p["cfg"], "--jsonl", p["jsonl"], *common]
+
+
+def mask_argv(target: int, which: str, common):
+    p = paths(target)
+    cfg = p["cfg"] if which == "mask_off" else p["masked"]
+    return ["eval", "--task", "passkey", "--scoring", "logprob", "--methods", "dpe", "--lengths", str(target),
+            "--depths", "5", "--samples", str(KEYS), "--format", "raw", "--no-skip-zero", "--config", cfg,
+            "--out-dir", p[which], "--no-plots", *common]
 
 
 def run(args, dpe_main):
-    variants, dims, cal = _variants()
-    common = ["--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
-    if not os.path.isfile(dims):
-        rc = dpe_main(["select-dims", "--lengths", "1024", "2048", "4096", "--samples", "2", "--out", dims, *common])
-        if rc:
-            return rc
-    rc = dpe_main(["detect", "--target-length", str(TARGET), "--scales", *map(str, SCALES), "--scorer", "ppl",
-                   "--samples", "1", "--mask", dims, "--out", cal, *common])
+    p = paths(args.target)
+    common = ["--device", args.device, "--no-progress"] + (["--threads", str(args.threads)] if args.threads else [])
+    if args.dtype != "float32":
+        common += ["--dtype", args.dtype]
+    os.makedirs(p["out"], exist_ok=True)
+    rc = dpe_main(detect_argv(args.target, common))
     if rc:
         return rc
-    os.makedirs(os.path.dirname(PRESET), exist_ok=True)
-    shutil.copyfile(cal, PRESET)
     from dpe_kernels import DPEConfig
+    from dpe_kernels.tools.calibrate import load_dims_mask
 
-    DPEConfig.from_json(cal).with_mask(None).to_json(os.path.join(OUT, "detect_nomask.json"))
-    for name, flags, _ in variants:
-        d = os.path.join(OUT, "passkey_" + _slug(name))
-        rc = dpe_main(["eval", "--task", "passkey", "--methods", "dpe", "--lengths", str(TARGET), "--depths", "5",
-                       "--samples", str(args.keys), "--format", "raw", "--out-dir", d, "--no-plots", *flags,
-                       *common])
+    DPEConfig.from_json(p["cfg"]).with_mask(load_dims_mask(DIMS, "q")).to_json(p["masked"])
+    for which in ("mask_off", "mask_on"):
+        rc = dpe_main(mask_argv(args.target, which, common))
         if rc:
             return rc
     return 0
 
 
-def _ranks(xs):
-    """Average ranks (ties share the mean rank)."""
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
-    r = [0.0] * len(xs)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            r[order[k]] = (i + j) / 2
-        i = j + 1
-    return r
-
-
-def spearman(a, b):
-    ra, rb = _ranks(a), _ranks(b)
-    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    va = sum((x - ma) ** 2 for x in ra) ** 0.5
-    vb = sum((y - mb) ** 2 for y in rb) ** 0.5
-    return float("nan") if va == 0 or vb == 0 else cov / (va * vb)
-
-
-def agreement(quality_jsonl: str, length: int = 32768, train: int = 8192, bucket: int = 1024):
-    """Proxy vs retrieval across the methods of the quality run at ``length``: (rows, rho passkey, rho niah).
-    Proxy = minus the mean loss of the positions beyond ``train`` (the detect scorer); a method skipped
-    after scoring 0 at a shorter length counts as 0."""
+def _trace(target: int):
+    """(trace, complete): the finished run's trace, else the replay of the records so far."""
+    from dpe_kernels.tools.calibrate import replay
     from dpe_kernels.tools.eval.runner import read_records
 
-    recs = read_records(quality_jsonl)
-    rows = []
-    for m in ("rope", "pi", "ntk", "yarn", "self_extend", "dpe"):
-        ppl = [r for r in recs if r.get("task") == "ppl" and r["method"] == m and r["length"] == length]
-        if not ppl:
-            continue
-        lo = train // bucket
-        proxy = -sum(sum(r["bucket_losses"][lo:]) / len(r["bucket_losses"][lo:]) for r in ppl) / len(ppl)
-        acc = {}
-        for task in ("passkey", "niah"):
-            rs = [r for r in recs if r.get("task") == task and r["method"] == m and r["length"] == length
-                  and r.get("format", "raw") == "raw"]
-            done = [r for r in rs if not r.get("skipped")]
-            acc[task] = sum(float(r["score"]) for r in done) / len(done) if done else (0.0 if rs else None)
-        rows.append((m, proxy, acc["passkey"], acc["niah"]))
-    rho = {}
-    for i, task in ((2, "passkey"), (3, "niah")):
-        pts = [(r[1], r[i]) for r in rows if r[i] is not None]
-        rho[task] = spearman([p for p, _ in pts], [a for _, a in pts]) if len(pts) >= 3 else float("nan")
-    return rows, rho
+    p = paths(target)
+    recs = read_records(p["jsonl"])
+    if os.path.isfile(p["trace"]):
+        return json.load(open(p["trace"])), True, recs
+    t = replay(recs, target_length=target, train_length=TRAIN, scales=SCALES, samples=SAMPLES, fresh_samples=FRESH,
+               max_passes=MAX_PASSES, num_groups=8)
+    return t, False, recs
 
 
-NOTES_FILE = os.path.join(OUT, "RUN_NOTES.md")  # how the committed run went (interruptions, shared CPU)
+def mask_comparison(target: int):
+    """(paired differences on - off, n) of the mask step's log-probs, or None."""
+    from dpe_kernels.tools.eval.runner import read_records
+
+    p = paths(target)
+    off = {(r["depth"], r["sample"]): r for r in read_records(os.path.join(p["mask_off"], "results.jsonl"))}
+    on = {(r["depth"], r["sample"]): r for r in read_records(os.path.join(p["mask_on"], "results.jsonl"))}
+    keys = sorted(set(off) & set(on))
+    return [(k, off[k], on[k]) for k in keys]
 
 
 def _machine() -> str:
@@ -138,101 +119,108 @@ def _machine() -> str:
     return machine_description("cpu")
 
 
-def report():
-    from dpe_kernels import DPEConfig
-    from dpe_kernels.tools.eval.runner import read_records
+def report(target: int):
+    from dpe_kernels.tools.eval.stats import t_interval
 
-    variants, dims, cal = _variants()
-    lines = ["# DPE calibration on SmolLM2-135M-Instruct (8K trained), target 16K", "",
-             "Produced by `python bench/calibrate_smollm2.py` (steps in its docstring); float32 on "
-             f"{_machine()}. Each sample's device is in its JSONL.", ""]
-    if os.path.isfile(NOTES_FILE):
-        lines += [open(NOTES_FILE).read().strip(), ""]
-    if os.path.isfile(cal):
-        c = DPEConfig.from_json(cal)
-        m = c.mask
-        lines += [f"- Detected scales (group 0 = highest frequency): **{list(c.scales)}**, window {c.window}; "
-                  f"mask: top {int(m[0, 0].sum())} of {m.shape[-1]} pairs per query head in each of "
-                  f"{m.shape[0]} layers (from `{os.path.relpath(dims, ROOT)}`). Shipped as "
-                  "`dpe_kernels/presets/smollm2-135m.json`.", ""]
-    sweep = os.path.join(OUT, "detect.jsonl")
-    if os.path.isfile(sweep):
-        sweep_recs = read_records(sweep)
-        by = {}
-        for r in sweep_recs:
-            by.setdefault(tuple(r["scales"]), []).append(r)
-        default = max(1, -(-2 * TARGET // 8192))
-        lines += ["## Sweep (scorer ppl: minus the mean next-token loss beyond 8K tokens; higher is better)", "",
-                  f"Other groups at {default}. Cell: score (seconds).", "",
-                  "| group | " + " | ".join(f"scale {s}" for s in SCALES) + " |",
-                  "|---|" + "---|" * len(SCALES)]
-        for g in range(8):
-            cells = []
-            for s in SCALES:
-                sc = [default] * 8
-                sc[g] = s
-                rs = by.get(tuple(sc), [])
-                cells.append(f"{sum(r['score'] for r in rs) / len(rs):.4f} ({rs[0]['seconds']:.0f} s)" if rs else "-")
-            lines.append(f"| {g} | " + " | ".join(cells) + " |")
-        lines.append("")
-    lines += ["## Passkey at 16K (raw prompt, 5 depths x keys)", "",
-              "| DPE variant | accuracy | s/sample | scales |", "|---|---|---|---|"]
-    for name, _, _ in variants:
-        f = os.path.join(OUT, "passkey_" + _slug(name), "results.jsonl")
-        recs = [r for r in read_records(f) if not r.get("skipped")] if os.path.isfile(f) else []
-        if recs:
-            ok = sum(bool(r["correct"]) for r in recs)
-            secs = sum(r["seconds"] for r in recs) / len(recs)
-            lines.append(f"| {name} | {100 * ok / len(recs):.0f}% ({ok}/{len(recs)}) | {secs:.1f} | "
-                         f"{recs[-1].get('params', '')} |")
-        else:
-            lines.append(f"| {name} | not run | | |")
+    p = paths(target)
+    trace, complete, recs = _trace(target)
+    lines = [f"# DPE calibration on SmolLM2-135M-Instruct (8K trained), target {tag(target).upper()}, "
+             "teacher-forced passkey score", "",
+             f"Produced by `python bench/calibrate_smollm2.py --target {target}` (steps in its docstring). Machine "
+             f"(the report generator's view): {_machine()}. Each record names its dtype; seconds are per "
+             "forward on a shared machine.", ""]
+    if os.path.isfile(p["notes"]):
+        lines += [open(p["notes"]).read().strip(), ""]
+    secs = [r["seconds"] for r in recs]
+    lines += ["## State", "",
+              f"- records: **{len(recs)}** scored (configuration, sample) pairs"
+              + (f", {sum(secs) / len(secs):.0f} s per forward on average" if secs else "") + ";",
+              f"- ascent: {'complete' if complete else 'in progress'}; start (Self-Extend) {trace.get('start')}; "
+              f"passes begun {trace.get('passes')}; decisions so far {len(trace.get('steps', []))} of at least 8;"]
+    if not complete and trace.get("pending"):
+        pend = trace["pending"]
+        lines.append(f"- next to score: scales {pend['scales']}, sample {pend['sample']} (rerun the command above "
+                     "to resume);")
+    if complete:
+        lines.append(f"- result: final of the ascent {trace['final']}, kept **{trace['kept']}** "
+                     f"({'converged' if trace['converged'] else 'stopped at the pass bound'} after {trace['passes']} "
+                     "pass(es)).")
+    lines += ["", "## Decisions (score: teacher-forced log-probability of the key; gain: mean paired difference "
+              "over the sweep samples ± its standard error; * = accepted, gain > standard error)", "",
+              "| pass | group | incumbent | incumbent mean | candidates: gain ± se | chosen |", "|---|---|---|---|---|---|"]
+    for s in trace.get("steps", []):
+        cands = ", ".join(f"{c['scale']}: {c['gain']:+.3f} ± {c['se']:.3f}{'*' if c['accepted'] else ''}"
+                          for c in s["candidates"])
+        lines.append(f"| {s['pass']} | {s['group']} | {s['incumbent']} | {s['incumbent_mean']:.3f} | {cands} | "
+                     f"{s['chosen'] if s['chosen'] is not None else 'kept'} |")
     lines.append("")
-    qj = os.path.join(HERE, "results", "quality_smollm2", "results.jsonl")
-    if os.path.isfile(qj):
-        rows, rho = agreement(qj)
-        lines += ["## How well the ppl proxy agrees with retrieval (SmolLM2)", "",
-                  "Across the six methods of the quality run at 32K ([quality_smollm2.md](quality_smollm2.md), "
-                  "H100, float32): the proxy the sweep uses (minus the mean loss of the positions beyond 8K "
-                  "in one 32K essay text) against passkey accuracy (5 depths x 2 keys) and 4-needle NIAH "
-                  "(3 depths); a method skipped after scoring 0 at 16K counts as 0.", "",
-                  "| method | proxy | passkey | NIAH |", "|---|---|---|---|"]
-        for m, proxy, pk, nh in rows:
-            f = (lambda x: "n/a" if x is None else f"{100 * x:.0f}%")
-            lines.append(f"| {m} | {proxy:.3f} | {f(pk)} | {f(nh)} |")
-        lines += ["", f"Spearman rank correlation (n = {len(rows)}): proxy vs passkey **{rho['passkey']:.2f}**, "
-                      f"proxy vs NIAH **{rho['niah']:.2f}**. NIAH is near its floor on this 135M model (at most "
-                      "one needle of four at 32K), so its ranking is mostly ties; n is small, so read these as "
-                      "a sign, not a measurement of the proxy's precision. Passkey was not re-run per sweep "
-                      "configuration on this CPU (a passkey sample costs about as much as a proxy run, and the "
-                      "sweep would need several per configuration).", ""]
-        if os.path.isfile(sweep):
-            sc = [r["score"] for r in sweep_recs]
-            pr = [r[1] for r in rows]
-            lines += [f"Spread of the proxy: {min(sc):.3f} .. {max(sc):.3f} over the {len(sc)} sweep runs "
-                      f"(range {max(sc) - min(sc):.3f}) vs {min(pr):.3f} .. {max(pr):.3f} across the methods "
-                      f"(range {max(pr) - min(pr):.3f}; the two use different texts and lengths).", ""]
-    with open(REPORT, "w") as fh:
+    f = trace.get("fresh")
+    if f:
+        lines += ["## Fresh samples (5-9): final of the ascent vs the Self-Extend start", "",
+                  f"final {trace['final']}: mean {f['final_mean']:.3f}; start {trace['start']}: mean "
+                  f"{f['start_mean']:.3f}; paired gain {f['gain']:+.3f} ± {f['se']:.3f} -> kept the **{f['kept']}**.", ""]
+    pairs = mask_comparison(target)
+    lines += ["## The key-dimension mask alone (calibrated scales, 20 passkey samples, teacher-forced)", ""]
+    if pairs:
+        d = [on["logprob"] - off["logprob"] for _, off, on in pairs]
+        iv = t_interval(d)
+        acc_off = sum(off["score"] for _, off, _ in pairs) / len(pairs)
+        acc_on = sum(on["score"] for _, _, on in pairs) / len(pairs)
+        lines += [f"Paired samples: {len(pairs)}. Mean log-prob without the mask "
+                  f"{sum(off['logprob'] for _, off, _ in pairs) / len(pairs):.3f}, with it "
+                  f"{sum(on['logprob'] for _, _, on in pairs) / len(pairs):.3f}; difference (with - without) "
+                  f"{iv.mean:+.3f}" + (f" [{iv.low:+.3f}, {iv.high:+.3f}] (95% t-interval)" if iv.n > 1 else "")
+                  + f". Exact match without / with: {100 * acc_off:.0f}% / {100 * acc_on:.0f}%.", ""]
+    else:
+        lines += ["Not run yet (step 2 follows the calibration).", ""]
+    with open(p["report"], "w") as fh:
         fh.write("\n".join(lines))
-    print(f"wrote {REPORT}")
+    print(f"wrote {p['report']}")
+
+
+def ship(target: int) -> int:
+    from dpe_kernels import DPEConfig
+    from dpe_kernels.tools.eval.stats import mean_se
+
+    p = paths(target)
+    trace, complete, _ = _trace(target)
+    pairs = mask_comparison(target)
+    if not complete or len(pairs) < 2 * KEYS:
+        print(f"not shipped: the calibration is {'complete' if complete else 'incomplete'} and the mask step has "
+              f"{len(pairs)} paired samples; finish both first", file=sys.stderr)
+        return 1
+    gain, se = mean_se([on["logprob"] - off["logprob"] for _, off, on in pairs])
+    src = p["masked"] if gain > se else p["cfg"]
+    cfg = DPEConfig.from_json(src)
+    if cfg.calibrated_length != target:
+        print(f"not shipped: {src} says calibrated_length {cfg.calibrated_length}", file=sys.stderr)
+        return 1
+    os.makedirs(os.path.dirname(p["preset"]), exist_ok=True)
+    shutil.copyfile(src, p["preset"])
+    print(f"shipped {p['preset']} (scales {list(cfg.scales)}, {'with' if cfg.mask is not None else 'without'} the mask: "
+          f"mask gain {gain:+.3f} ± {se:.3f})")
+    return 0
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", type=int, default=16384, choices=[16384, 32768])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--keys", type=int, default=1, help="passkey keys per depth in step 3 (default: 1)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--ship", action="store_true", help="write the preset (after a complete run)")
     args = ap.parse_args(argv)
-    os.makedirs(OUT, exist_ok=True)
-    if not args.report_only:
+    if args.threads is not None and args.threads < 1:
+        ap.error("--threads must be >= 1")
+    if not args.report_only and not args.ship:
         from dpe_kernels.tools.cli import main as dpe_main
 
         rc = run(args, dpe_main)
         if rc:
             return rc
-    report()
-    return 0
+    report(args.target)
+    return ship(args.target) if args.ship else 0
 
 
 if __name__ == "__main__":
