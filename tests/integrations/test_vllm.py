@@ -257,12 +257,15 @@ def test_without_dpe_key_is_plain_vllm_and_wide_window_matches(smollm2_dir, requ
         assert d <= LP_ATOL, (n, d)
 
 
-def test_tensor_parallel_2(tmp_path):
-    """TP=2 on the CPU (one core per rank): heads split across ranks, a per-query-head mask sliced
-    to each rank's heads, vs the Hugging Face integration on the same tiny random Llama."""
-    d = tiny_llama_dir(CACHE / "tiny-llama-4h2kv", num_heads=4, num_kv_heads=2, head_dim=64, layers=2)
+@pytest.mark.parametrize("kv_heads, mask_heads", [(2, 4), (1, 1)])
+def test_tensor_parallel_2(tmp_path, kv_heads, mask_heads):
+    """TP=2 on the CPU (one core per rank): query heads split across ranks, the mask sliced to each
+    rank's heads: per query head with 2 KV heads (one per rank), per KV head with 1 KV head
+    (replicated on both ranks); vs the Hugging Face integration on the same tiny random Llama."""
+    d = tiny_llama_dir(CACHE / f"tiny-llama-4h{kv_heads}kv", num_heads=4, num_kv_heads=kv_heads, head_dim=64,
+                       layers=2)
     g = torch.Generator().manual_seed(1)
-    cfg = DPEConfig.uniform(32, [4, 2, 2, 8], 32, mask=torch.rand(2, 4, 32, generator=g) < 0.7)
+    cfg = DPEConfig.uniform(32, [4, 2, 2, 8], 32, mask=torch.rand(2, mask_heads, 32, generator=g) < 0.7)
     cfg.to_json(tmp_path / "tiny.json")
     reqs = [_req(f"t{i}", p, 12) for i, p in enumerate(token_prompts([90, 200], 512, seed=3))]
     spec = {"llm": dict(ENGINE, model=str(d), max_model_len=512, tensor_parallel_size=2,
