@@ -33,7 +33,6 @@ convert other libraries' lse to that convention.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional
 
 import torch
@@ -41,7 +40,7 @@ import torch
 from .merge import (lse_from_flash_attn2, lse_from_flash_attn3, lse_from_flashinfer, merge_attention,
                     merge_partials, merge_partials_nonempty)
 from .reference import attention_reference
-from .utils import REFERENCE_DTYPES, check_inference_only, host_ints, triton_usable
+from .utils import REFERENCE_DTYPES, check_inference_only, check_window_and_scale, host_ints, triton_usable
 
 __all__ = [
     "dpe_attention",
@@ -142,15 +141,7 @@ def _check_inputs(q_normal, q_scaled, k_normal, k_scaled, v, window, softmax_sca
     for name, t in zip(names[1:], tensors[1:]):
         if t.device != q_normal.device:
             raise ValueError(f"{name} must be on the device of q_normal ({q_normal.device}), got {t.device}")
-    if isinstance(window, bool) or not isinstance(window, numbers.Integral):
-        raise TypeError(f"window must be an int, got {type(window).__name__}")
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    if softmax_scale is not None:
-        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
-            raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-        if not math.isfinite(float(softmax_scale)):
-            raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    check_window_and_scale(window, softmax_scale)
 
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     info = AttentionInfo()

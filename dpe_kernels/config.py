@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .utils import is_int as _is_int
+from .utils import is_int
 
 __all__ = ["DPEConfig", "PresetLengthWarning", "WINDOW", "NUM_GROUPS", "PAPER_PRESETS", "PRESET_DIR", "calibrated_presets",
            "preset_names", "extension_factor", "starting_scales", "uniform_scale"]
@@ -126,14 +126,14 @@ class DPEConfig:
     calibrated_length: Optional[int] = field(default=None, compare=False)
 
     def __post_init__(self):
-        if not _is_int(self.window):
+        if not is_int(self.window):
             raise TypeError(f"window must be an int, got {type(self.window).__name__}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
         bounds, scales = self.group_boundaries, self.scales
-        if not isinstance(bounds, (list, tuple)) or not all(_is_int(b) for b in bounds):
+        if not isinstance(bounds, (list, tuple)) or not all(is_int(b) for b in bounds):
             raise TypeError("group_boundaries must be a sequence of ints")
-        if not isinstance(scales, (list, tuple)) or not all(_is_int(s) for s in scales):
+        if not isinstance(scales, (list, tuple)) or not all(is_int(s) for s in scales):
             raise TypeError("scales must be a sequence of ints")
         object.__setattr__(self, "group_boundaries", tuple(bounds))
         object.__setattr__(self, "scales", tuple(scales))
@@ -155,7 +155,7 @@ class DPEConfig:
             if m.dim() != 3 or m.shape[-1] != self.num_pairs:
                 raise ValueError(
                     f"mask must have shape [num_layers, H_m, {self.num_pairs}], got {list(m.shape)}")
-        if self.calibrated_length is not None and (not _is_int(self.calibrated_length)
+        if self.calibrated_length is not None and (not is_int(self.calibrated_length)
                                                    or self.calibrated_length < 1):
             raise ValueError(f"calibrated_length must be a positive int or None, got {self.calibrated_length!r}")
         object.__setattr__(self, "_pair_scale_cache", {})
@@ -165,7 +165,7 @@ class DPEConfig:
     def uniform(cls, window: int, scales: Sequence[int], num_pairs: int,
                 mask: Optional[torch.Tensor] = None, calibrated_length: Optional[int] = None) -> "DPEConfig":
         """``len(scales)`` equal groups over ``num_pairs`` pairs."""
-        if not _is_int(num_pairs) or num_pairs < 1:
+        if not is_int(num_pairs) or num_pairs < 1:
             raise ValueError(f"num_pairs must be a positive int, got {num_pairs!r}")
         g = len(scales)
         if g < 1 or num_pairs % g != 0:
@@ -213,7 +213,7 @@ class DPEConfig:
         if name in PAPER_PRESETS:
             return cls.uniform(window, PAPER_PRESETS[name], num_pairs)
         for arg, val in (("train_length", train_length), ("target_length", target_length)):
-            if not _is_int(val) or val < 1:
+            if not is_int(val) or val < 1:
                 raise ValueError(f"preset {name!r} needs {arg}, a positive int, got {val!r}")
         factor = extension_factor(target_length, train_length)
         if name == "uniform":
@@ -245,7 +245,7 @@ class DPEConfig:
         """The ``[H_m, P]`` mask of one layer, or None when the config has no mask."""
         if self.mask is None:
             return None
-        if not _is_int(layer):
+        if not is_int(layer):
             raise TypeError(f"layer must be an int, got {type(layer).__name__}")
         if not 0 <= layer < self.mask.shape[0]:
             raise ValueError(f"layer must be in [0, {self.mask.shape[0]}), got {layer}")
@@ -256,7 +256,7 @@ class DPEConfig:
 
     def exceeds_calibration(self, length: int) -> bool:
         """True when ``length`` tokens is past :attr:`calibrated_length` (False when that is None)."""
-        if not _is_int(length) or length < 1:
+        if not is_int(length) or length < 1:
             raise ValueError(f"length must be a positive int, got {length!r}")
         return self.calibrated_length is not None and length > self.calibrated_length
 

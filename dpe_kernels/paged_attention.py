@@ -35,13 +35,12 @@ one kernel reading pages through the block table, split-KV decode).
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional
 
 import torch
 
 from .attention import dpe_attention
-from .utils import REFERENCE_DTYPES, check_inference_only, is_int, triton_usable
+from .utils import REFERENCE_DTYPES, check_inference_only, check_window_and_scale, is_int, triton_usable
 
 __all__ = ["dpe_paged_attention", "PAGED_BACKENDS", "available_paged_backends"]
 
@@ -173,15 +172,7 @@ def _check_metadata(q_normal, q_scaled, k_cache, ks_cache, v_cache, block_table,
     if query_start_loc.shape != (b + 1,):
         raise ValueError(f"query_start_loc must be [B + 1] = [{b + 1}] (B from block_table), "
                          f"got {list(query_start_loc.shape)}")
-    if isinstance(window, bool) or not isinstance(window, numbers.Integral):
-        raise TypeError(f"window must be an int, got {type(window).__name__}")
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    if softmax_scale is not None:
-        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
-            raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-        if not math.isfinite(float(softmax_scale)):
-            raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    check_window_and_scale(window, softmax_scale)
     _check_opt_int("max_seqlen_q", max_seqlen_q)
     _check_opt_int("max_seqlen_k", max_seqlen_k)
     if max_seqlen_q is not None and max_seqlen_q > t_q:

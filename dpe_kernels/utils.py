@@ -4,6 +4,8 @@ inference-only check, the heads of ``k_scaled``, whether Triton can run)."""
 from __future__ import annotations
 
 import importlib.util
+import math
+import numbers
 import os
 from typing import Iterable, Optional, Tuple
 
@@ -11,7 +13,7 @@ import torch
 
 __all__ = [
     "FLOAT_DTYPES", "REFERENCE_DTYPES", "is_int", "check_inference_only", "scaled_key_heads",
-    "HAS_TRITON", "triton_usable", "dtype_by_name", "DTYPE_NAMES", "host_ints",
+    "HAS_TRITON", "triton_usable", "dtype_by_name", "DTYPE_NAMES", "host_ints", "check_window_and_scale",
 ]
 
 # The dtypes every compiled / Triton kernel takes; the float64 oracle adds float64.
@@ -66,3 +68,17 @@ def triton_usable(device: torch.device) -> bool:
 def host_ints(t: torch.Tensor) -> list:
     """An int tensor as a list of Python ints (reads it on the host: a sync on CUDA)."""
     return [int(x) for x in t.tolist()]
+
+
+def check_window_and_scale(window, softmax_scale) -> None:
+    """The attention ops' ``window`` (an int >= 1) and ``softmax_scale`` (None or a finite
+    float): TypeError / ValueError naming the argument."""
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral):
+        raise TypeError(f"window must be an int, got {type(window).__name__}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if softmax_scale is not None:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+            raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+        if not math.isfinite(float(softmax_scale)):
+            raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")

@@ -52,7 +52,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from .triton_utils import (INTERPRETED as _INTERPRETED, bf16_bits_to_f32, next_pow2, register_triton_op,
+from .triton_utils import (INTERPRETED, bf16_bits_to_f32, classify_key_tiles, next_pow2, register_triton_op,
                            round_bf16_bits, round_out)
 
 __all__ = ["attention_triton"]
@@ -272,17 +272,7 @@ def _dpe_attn_fwd_kernel(
     # [m0 - (n0 + BLOCK_N - 1), m1 - n0].
     m0 = (start_m * BLOCK_M) // G + off
     m1 = (tl.minimum(start_m * BLOCK_M + BLOCK_M, rows) - 1) // G + off
-    hi = m1 + 1
-    n_tiles = tl.maximum(hi - lo, 0)
-    n_tiles = (n_tiles + BLOCK_N - 1) // BLOCK_N
-    # [0, j_s): smallest distance >= window -> scaled only, all causal
-    j_s = tl.minimum(tl.maximum(m0 - window + 1 - lo, 0) // BLOCK_N, n_tiles)
-    # [j_s, j_n): straddle the window edge -> both, per-element select
-    j_n = tl.maximum(m1 - window + 1 - lo, 0)
-    j_n = tl.minimum(tl.maximum((j_n + BLOCK_N - 1) // BLOCK_N, j_s), n_tiles)
-    # [j_n, j_d): largest distance < window and every key <= m0 -> normal, unmasked
-    j_d = tl.minimum(tl.maximum(tl.maximum(m0 + 1 - lo, 0) // BLOCK_N, j_n), n_tiles)
-    # [j_d, n_tiles): normal on the causal diagonal -> masked
+    n_tiles, j_s, j_n, j_d = classify_key_tiles(m0, m1, lo, m1 + 1, window, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -353,7 +343,7 @@ def _block_config(dtype: torch.dtype, block_d: int, block_dv: int, rows: int,
     whose estimated shared memory fits the device is taken (A100: 163 KiB,
     H100: 227 KiB, consumer Ampere / Ada: 99 KiB).
     """
-    if _INTERPRETED:
+    if INTERPRETED:
         # The interpreter pays per program and per op, not per element, and
         # tl.dot needs tiles >= 16 on a GPU: the smallest legal tiles keep the
         # tile classification exercised by small test shapes.
@@ -483,7 +473,7 @@ def _launch(q_normal, q_scaled, k_normal, k_scaled, v, window, softmax_scale, ke
             HAS_PADDING=key_padding_mask is not None,
             VARLEN=varlen,
             RETURN_LSE=bool(return_lse),
-            BF16_BY_BITS=_INTERPRETED and q_normal.dtype == torch.bfloat16,
+            BF16_BY_BITS=INTERPRETED and q_normal.dtype == torch.bfloat16,
             DOT_PRECISION="ieee" if q_normal.dtype == torch.float32 else "tf32",
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv,
             num_warps=warps, num_stages=stages,

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import INTERPRETED, bf16_bits_to_f32, next_pow2, round_bf16_bits, round_out
+from .triton_utils import INTERPRETED, bf16_bits_to_f32, classify_key_tiles, next_pow2, round_bf16_bits, round_out
 
 __all__ = ["paged_attention_triton", "num_kv_splits"]
 
@@ -244,15 +244,7 @@ def _paged_fwd_kernel(
     m1 = (tl.minimum(start_m * BLOCK_M + BLOCK_M, rows) - 1) // G + off   # last real row's
     k_lo = split * keys_per_split                            # a multiple of BLOCK_N
     k_hi = tl.minimum(k_lo + keys_per_split, m1 + 1)
-    n_tiles = (tl.maximum(k_hi - k_lo, 0) + BLOCK_N - 1) // BLOCK_N
-    # [0, j_s): every distance >= window -> scaled only, unmasked
-    j_s = tl.minimum(tl.maximum(m0 - window + 1 - k_lo, 0) // BLOCK_N, n_tiles)
-    # [j_s, j_n): straddle the window edge -> both, per-element select, masked
-    j_n = tl.maximum(m1 - window + 1 - k_lo, 0)
-    j_n = tl.minimum(tl.maximum((j_n + BLOCK_N - 1) // BLOCK_N, j_s), n_tiles)
-    # [j_n, j_d): every distance < window and every key <= m0 -> normal, unmasked
-    j_d = tl.minimum(tl.maximum(tl.maximum(m0 + 1 - k_lo, 0) // BLOCK_N, j_n), n_tiles)
-    # [j_d, n_tiles): normal on the causal diagonal -> masked
+    n_tiles, j_s, j_n, j_d = classify_key_tiles(m0, m1, k_lo, k_hi, window, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)

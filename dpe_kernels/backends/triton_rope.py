@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 from ..utils import scaled_key_heads
-from .triton_utils import INTERPRETED as _INTERPRETED, load_f32, next_pow2, register_triton_op, round_out
+from .triton_utils import INTERPRETED, load_f32, next_pow2, register_triton_op, round_out
 
 __all__ = ["rope_triton", "rope_out_triton", "rope_and_cache_triton"]
 
@@ -337,7 +337,7 @@ def _launch(q, k, positions, inv_freq, pair_scale, mask, window, rotary_dim, is_
         cache_args = (0, 1, 0, 1, 0, 0, 0, 0, 0)
         slot_arg, v_arg, vc_arg = pair_scale, q, q_normal  # never read (IS_CACHE=False)
 
-    tile = _TILE_INTERPRET if _INTERPRETED else _TILE_GPU
+    tile = _TILE_INTERPRET if INTERPRETED else _TILE_GPU
     block_p = next_pow2(npairs)  # P need not be a power of two (masked lanes)
     npass = d - rotary_dim
     block_pass = next_pow2(npass) if npass > 0 else 1
@@ -349,7 +349,7 @@ def _launch(q, k, positions, inv_freq, pair_scale, mask, window, rotary_dim, is_
     # Tokens per program: one on a GPU (the grid is the token count, which
     # fills the machine for prefill and batched decode); as many as fit in
     # the tile under the interpreter.
-    if _INTERPRETED:
+    if INTERPRETED:
         block_t = max(1, min(next_pow2(ntok), tile // (block_hq * block_p)))
     else:
         block_t = 1
@@ -371,8 +371,8 @@ def _launch(q, k, positions, inv_freq, pair_scale, mask, window, rotary_dim, is_
         HAS_PASS=npass > 0,
         KS_REP=ks_rep,
         IS_CACHE=cache is not None,
-        USE_LIBDEVICE=not _INTERPRETED,
-        BF16_BY_BITS=_INTERPRETED and q.dtype == torch.bfloat16,
+        USE_LIBDEVICE=not INTERPRETED,
+        BF16_BY_BITS=INTERPRETED and q.dtype == torch.bfloat16,
         BLOCK_T=block_t,
         BLOCK_HQ=block_hq,
         BLOCK_HK=block_hk,

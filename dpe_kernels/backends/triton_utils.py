@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-__all__ = ["INTERPRETED", "next_pow2", "load_f32", "round_out", "bf16_bits_to_f32", "round_bf16_bits",
+__all__ = ["INTERPRETED", "next_pow2", "classify_key_tiles", "load_f32", "round_out", "bf16_bits_to_f32", "round_bf16_bits",
            "register_triton_op"]
 
 
@@ -67,6 +67,27 @@ def bf16_bits_to_f32(x):
 @triton.jit
 def round_bf16_bits(p):
     return bf16_bits_to_f32(round_out(p, tl.bfloat16, True))
+
+
+@triton.jit
+def classify_key_tiles(m0, m1, lo, hi, window, BLOCK_N: tl.constexpr):
+    """Split the key tiles of a query tile by the kind of logit they need.
+
+    Queries sit at positions ``m0 .. m1``; tile ``j`` holds keys
+    ``lo + j * BLOCK_N + [0, BLOCK_N)`` for keys in ``[lo, hi)``. Returns
+    ``(n_tiles, j_s, j_n, j_d)``: tiles ``[0, j_s)`` have every distance >= window
+    (scaled only, unmasked), ``[j_s, j_n)`` straddle the window edge (both,
+    per-element select), ``[j_n, j_d)`` have every distance < window and every
+    key <= m0 (normal, unmasked), ``[j_d, n_tiles)`` lie on the causal diagonal
+    (normal, masked). A tile thus costs one ``q k^T`` product except the few
+    straddling ones (at most about ``BLOCK_M / BLOCK_N + 1`` per query tile).
+    """
+    n_tiles = (tl.maximum(hi - lo, 0) + BLOCK_N - 1) // BLOCK_N
+    j_s = tl.minimum(tl.maximum(m0 - window + 1 - lo, 0) // BLOCK_N, n_tiles)
+    j_n = tl.maximum(m1 - window + 1 - lo, 0)
+    j_n = tl.minimum(tl.maximum((j_n + BLOCK_N - 1) // BLOCK_N, j_s), n_tiles)
+    j_d = tl.minimum(tl.maximum(tl.maximum(m0 + 1 - lo, 0) // BLOCK_N, j_n), n_tiles)
+    return n_tiles, j_s, j_n, j_d
 
 
 def register_triton_op(name: str, impl: Callable, fake: Callable, mutates_args: Tuple[str, ...] = ()):

@@ -236,7 +236,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import dpe_kernels.backends.triton_attention as at
 
-assert not at._INTERPRETED
+assert not at.INTERPRETED
 K = at._dpe_attn_fwd_kernel
 names = K.arg_names
 res = []
