@@ -97,6 +97,44 @@ def run(args):
     return 0
 
 
+def micro(threads):
+    """Kernel-level context for the model numbers: a 2048^3 matmul and causal SDPA at 4K tokens
+    (9 query heads, head_dim 64), float32 vs bfloat16, best of 5 after a warm-up."""
+    import torch
+    import torch.nn.functional as F
+
+    from dpe_kernels.tools.eval.runner import append_record
+
+    if threads:
+        torch.set_num_threads(threads)
+
+    def best(fn, n=5):
+        fn()
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+        return min(out)
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in DTYPES:
+        dt = getattr(torch, dtype)
+        a = torch.randn(2048, 2048, generator=g).to(dt)
+        b = torch.randn(2048, 2048, generator=g).to(dt)
+        q = torch.randn(1, 9, 4096, 64, generator=g).to(dt)
+        k = torch.randn(1, 9, 4096, 64, generator=g).to(dt)
+        v = torch.randn(1, 9, 4096, 64, generator=g).to(dt)
+        for name, fn in (("matmul_2048", lambda: a @ b),
+                         ("causal_sdpa_4k", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))):
+            sec = best(fn)
+            append_record(RECORDS, {"phase": "micro", "method": name, "length": 4096 if "sdpa" in name else 2048,
+                                    "dtype": dtype, "sample": 0, "seconds": sec, "threads": torch.get_num_threads(),
+                                    "load_before": round(os.getloadavg()[0], 2), "load_after": round(os.getloadavg()[0], 2),
+                                    "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            print(f"micro {name} {dtype}: {1e3 * sec:.1f} ms", flush=True)
+
+
 def report():
     from dpe_kernels.tools.benchmarks.common import machine_description
     from dpe_kernels.tools.eval.runner import read_records
@@ -126,6 +164,16 @@ def report():
             lines.append(f"| {method} | {L // 1024}K | {fa} | {fb} | {ratio} | {la}; {lb} | {th} |")
     lines += ["", "rope = the unpatched model (HF SDPA attention); dpe_self_extend = DPE with every group at "
               "Self-Extend's scale (the calibration's start; DPE attention backend auto).", ""]
+    micro_rows = [(m, by.get(("micro", m, L, "float32", 0)), by.get(("micro", m, L, "bfloat16", 0)))
+                  for m, L in (("matmul_2048", 2048), ("causal_sdpa_4k", 4096))]
+    if any(a and b for _, a, b in micro_rows):
+        lines += ["Kernels alone (`--micro`: best of 5 after a warm-up; torch's CPU kernels):", "",
+                  "| kernel | float32 ms | bfloat16 ms | fp32 / bf16 | threads |", "|---|---|---|---|---|"]
+        for m, a, b in micro_rows:
+            if a and b:
+                lines.append(f"| {m} | {1e3 * a['seconds']:.1f} | {1e3 * b['seconds']:.1f} | "
+                             f"{a['seconds'] / b['seconds']:.2f}x | {a['threads']} |")
+        lines.append("")
     pairs = []
     for r in recs:
         if r["phase"] == "agreement" and r["dtype"] == "float32":
@@ -171,6 +219,7 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=20, help="agreement samples (default: 20)")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--micro", action="store_true", help="only the kernel-level matmul / SDPA comparison")
     args = ap.parse_args(argv)
     for name in ("threads", "samples", "agreement_length"):
         v = getattr(args, name)
@@ -179,7 +228,9 @@ def main(argv=None):
     if any(x < 1 for x in args.speed_lengths):
         ap.error("--speed-lengths must be >= 1")
     os.makedirs(OUT, exist_ok=True)
-    if not args.report_only:
+    if args.micro:
+        micro(args.threads)
+    elif not args.report_only:
         rc = run(args)
         if rc:
             return rc
