@@ -23,7 +23,6 @@ average around each pair.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

@@ -3,9 +3,7 @@ position, averaged per bucket of ``bucket`` tokens (1K by default). The logits a
 chunks (a 32K x 49K float32 logit matrix would need 6 GB)."""
 from __future__ import annotations
 
-import math
-import time
-from typing import Dict, List
+from typing import List
 
 import torch
 import torch.nn.functional as F

@@ -18,7 +18,7 @@ import datetime
 import math
 import os
 import platform
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -105,7 +105,6 @@ def _retrieval_table(recs: List[dict]) -> List[str]:
 
 
 def _ppl_table(recs: List[dict], segment: int = 4096) -> List[str]:
-    rows = []
     max_len = max(int(r["length"]) for r in recs)
     nseg = math.ceil(max_len / segment)
     head = [f"{_fmt_len(i * segment)}-{_fmt_len(min((i + 1) * segment, max_len))}" for i in range(nseg)]
