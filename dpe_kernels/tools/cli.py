@@ -29,7 +29,17 @@ from ..utils import DTYPE_NAMES
 
 __all__ = ["main", "build_parser", "SUBCOMMANDS", "CLIError"]
 
-DEMO_PRESET = "smollm2-135m"  # the calibrated SmolLM2 preset the demo uses (for lengths it was calibrated for)
+# The calibrated SmolLM2 presets the demo prefers, first shipped wins (used only up to the length
+# each was calibrated for): the issue-12 16K calibration once it is shipped, else the first one.
+DEMO_PRESETS = ("smollm2-135m-16k", "smollm2-135m")
+
+
+def demo_preset() -> Optional[str]:
+    """The demo's default calibrated preset for SmolLM2 (the first of DEMO_PRESETS that is shipped)."""
+    from ..config import calibrated_presets
+
+    shipped = calibrated_presets()
+    return next((p for p in DEMO_PRESETS if p in shipped), None)
 
 
 class CLIError(Exception):
@@ -224,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--methods", nargs="+", default=["rope", "dpe"], choices=METHODS,
                    help="methods to run (default: rope dpe)")
     _add_model_args(d)
-    _add_dpe_args(d, default_help=f"{DEMO_PRESET} for SmolLM2 (calibrated) up to the length it was calibrated "
-                                  "for, else auto")
+    _add_dpe_args(d, default_help=f"the first shipped of {', '.join(DEMO_PRESETS)} for SmolLM2 (calibrated) up "
+                                  "to the length it was calibrated for, else auto")
 
     e = sub.add_parser("eval", help="passkey / niah / ppl over methods and lengths (resumable JSONL, table, plots)",
                        description="Evaluate methods x lengths x depths x samples. Every sample is one JSONL "
@@ -390,14 +400,15 @@ def _demo_preset(args) -> str:
     """--preset, else the demo's calibrated SmolLM2 preset when it covers --length, else auto."""
     if args.dpe_preset is not None:
         return args.dpe_preset
-    from ..config import DPEConfig, calibrated_presets
+    from ..config import DPEConfig
 
     smol = str(args.model).lower() in ("smollm2", "smollm2-135m-instruct")
-    if smol and DEMO_PRESET in calibrated_presets():
-        if not DPEConfig.from_preset(DEMO_PRESET).exceeds_calibration(args.length):
-            return DEMO_PRESET
-        print(f"note: preset {DEMO_PRESET!r} was calibrated for "
-              f"{DPEConfig.from_preset(DEMO_PRESET).calibrated_length} tokens; at {args.length} the demo uses "
+    name = demo_preset()
+    if smol and name is not None:
+        if not DPEConfig.from_preset(name).exceeds_calibration(args.length):
+            return name
+        print(f"note: preset {name!r} was calibrated for "
+              f"{DPEConfig.from_preset(name).calibrated_length} tokens; at {args.length} the demo uses "
               "the starting scales (--preset auto)", flush=True)
     return "auto"
 

@@ -238,8 +238,10 @@ def test_demo_default_preset_falls_back_to_auto_past_its_length(monkeypatch, cap
     assert cli._demo_preset(args) == "auto"
     assert "calibrated for 16384 tokens" in capsys.readouterr().out
     args = cli.build_parser().parse_args(["demo", "--length", "16384"])
-    assert cli._demo_preset(args) == cli.DEMO_PRESET
-    assert C.from_preset(cli.DEMO_PRESET).calibrated_length == 16384
+    assert cli._demo_preset(args) == cli.demo_preset() in cli.DEMO_PRESETS
+    assert C.from_preset(cli.demo_preset()).calibrated_length == 16384
+    args = cli.build_parser().parse_args(["demo", "--length", "16384", "--model", "tiny-random-llama"])
+    assert cli._demo_preset(args) == "auto"  # the SmolLM2 presets are for SmolLM2 only
 
 
 def test_export_hf_is_a_subcommand(capsys):
