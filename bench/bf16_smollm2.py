@@ -14,7 +14,9 @@ report: bench/results/bf16_smollm2.md.
    (after one unrecorded 1K warm-up forward per dtype);
 2. agreement at 16K, DPE at the Self-Extend point: samples 0..N-1 of the scorer (depth (i % 5) / 4,
    key passkey_key(i)), each sample in float32 then bfloat16 (paired, so a partial run is still
-   paired): the log-prob difference and exact-match flips.
+   paired): the log-prob difference and exact-match flips. A float32 forward that the 16K
+   calibration already made (its Self-Extend start on the same sample: the same computation) is
+   taken from its records (marked "source") instead of being run again.
 
 The model is loaded once per dtype (bfloat16: the GGUF de-quantised to float32 and cast). Times
 are wall-clock seconds of the forward on a machine other jobs share: the report gives the load
@@ -58,10 +60,33 @@ def run(args):
             models[dtype] = load_model("smollm2", dtype=getattr(torch, dtype))
         return models[dtype]
 
+    calibration = os.path.join(HERE, "results", "calibration_smollm2_16k", "detect.jsonl")
+
+    def from_calibration(length, sample):
+        """The 16K calibration's float32 record of the same forward (its Self-Extend start, same
+        scorer and sample), if it has one: the same computation, not repeated."""
+        from dpe_kernels.tools.eval.runner import read_records
+
+        for r in read_records(calibration):
+            if (r.get("target_length") == length and r.get("scorer") == "passkey-logprob" and not r.get("masked")
+                    and r.get("dtype", "float32") == "float32" and r["sample"] == sample and r.get("window") == 1024
+                    and r["scales"] == self_extend_scales(length, r["train_length"], 8)):
+                return r
+        return None
+
     def one(phase, method, length, dtype, sample):
         k = (phase, method, length, dtype, sample)
         if k in done:
             return
+        if phase == "agreement" and dtype == "float32":
+            r = from_calibration(length, sample)
+            if r is not None:
+                keep = {k2: v for k2, v in r.items() if k2 not in ("phase", "scales", "target_length", "scorer")}
+                append_record(RECORDS, {**keep, "phase": phase, "method": method, "length": length, "dtype": dtype,
+                                        "sample": sample, "source": "calibration_smollm2_16k/detect.jsonl"})
+                done.add(k)
+                print(f"{phase} {method} {length} {dtype} sample {sample}: from the calibration's records", flush=True)
+                return
         m, tok = model(dtype)
         T = train_length(m)
         handle = None
