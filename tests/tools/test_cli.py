@@ -182,9 +182,17 @@ def test_model_not_installed_is_one_line(monkeypatch, capsys):
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("dpe eval: error: SmolLM2 is not installed")
 
 
-def test_module_entry_point_bad_value_is_one_stderr_line():
+def test_module_entry_point_bad_value_is_one_stderr_line(tmp_path):
+    # The package these tests import (installed, or the checkout with its built extension), from a
+    # directory that holds no other copy of it.
+    import os
+    from pathlib import Path
+
+    import dpe_kernels
+
+    env = dict(os.environ, PYTHONPATH=str(Path(dpe_kernels.__file__).resolve().parents[1]))
     r = subprocess.run([sys.executable, "-m", "dpe_kernels.tools.cli", "demo", "--length", "-5"],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "dpe demo: error: argument --length: must be a positive integer, got '-5' (see `dpe demo --help`)"]
