@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -182,7 +181,6 @@ def main(argv=None):
     from transformers import AutoTokenizer
 
     from dpe_kernels import DPEConfig
-    from dpe_kernels.integrations.vllm.testing import tiny_llama_dir  # noqa: F401 (import check)
     from dpe_kernels.tools.benchmarks.common import machine_description, report_preamble
     from dpe_kernels.tools.export_hf import export_hf
 
@@ -197,7 +195,6 @@ def main(argv=None):
     dpe = {"preset": "auto", "target_length": longest + args.decode_tokens + 16}
     workdir = cache / "bench-work"
     t_all = time.perf_counter()
-    loads = {}
     print("plain vLLM ...", flush=True)
     plain = _vllm_run(model, None, args, prompts_len, batch_prompts, workdir)
     print("vLLM + DPE ...", flush=True)
