@@ -28,10 +28,10 @@ from dpe_kernels.integrations.vllm.testing import (  # noqa: E402
     CACHE, hf_reference, run_engine_subprocess, tiny_llama_dir, token_prompts)
 
 LP_ATOL = 2e-4
-# With the plugin loaded but no "dpe" key the engine runs vLLM's own classes: log-probs equal those
-# of vLLM without the plugin (measured here: bit-identical, difference 0.0; the bound allows for
-# float non-associativity only).
-NOISE = 1e-6
+# With the plugin loaded but no "dpe" key the engine runs vLLM's own classes: the same tokens as vLLM
+# without the plugin, log-probs within RUN_TO_RUN (the developer's venv measured 0.0; a fresh clone
+# on a loaded machine 4.4e-6: float32 log-probs of two separate engine runs, threaded reductions).
+RUN_TO_RUN = 1e-4
 WINDOW = 128  # small, so that prompts of a few hundred tokens reach far beyond it
 ENGINE = dict(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=1 << 29, max_model_len=2048,
               skip_tokenizer_init=True)
@@ -251,7 +251,10 @@ def test_without_dpe_key_is_plain_vllm_and_wide_window_matches(smollm2_dir, requ
         n = r["name"]
         assert with_plugin[n]["tokens"] == without[n]["tokens"], n
         d = max(abs(a - b) for a, b in zip(with_plugin[n]["logprobs"], without[n]["logprobs"]))
-        assert d <= NOISE, (n, d)
+        # Same tokens (the promise); log-probs within float32 run-to-run noise of two engine runs:
+        # a fresh-clone run saw 4.4e-6 here (the 1e-6 bound held on the developer's venv), so
+        # bit-identity is not claimed.
+        assert d <= RUN_TO_RUN, (n, d)
         assert wide[n]["tokens"] == without[n]["tokens"], n
         d = max(abs(a - b) for a, b in zip(wide[n]["logprobs"], without[n]["logprobs"]))
         assert d <= LP_ATOL, (n, d)
