@@ -239,7 +239,7 @@ def test_chunked_prefill(smollm2_dir, dpe_file, requests_main, hf_main, tmp_path
 
 
 def test_without_dpe_key_is_plain_vllm_and_wide_window_matches(smollm2_dir, requests_main, tmp_path):
-    """No "dpe" key: bit-identical to vLLM without the plugin (VLLM_PLUGINS=""). A window longer
+    """No "dpe" key: the tokens of vLLM without the plugin (VLLM_PLUGINS=""). A window longer
     than the context: DPE is plain RoPE, so the same greedy tokens as plain vLLM."""
     reqs = [dict(r, prompt_logprobs=False, max_tokens=16) for r in requests_main["batch"]]
     base = dict(ENGINE, model=str(smollm2_dir))
