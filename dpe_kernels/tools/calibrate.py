@@ -39,7 +39,7 @@ from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequenc
 import torch
 
 from ..config import DPEConfig, extension_factor, uniform_scale
-from ..utils import is_int as _is_int
+from ..utils import is_int
 from .eval.stats import mean_se, paired_gain
 
 __all__ = ["key_dimension_scores", "top_k_masks", "select_dims", "load_dims_mask", "default_top_k",
@@ -299,7 +299,7 @@ def coordinate_ascent(score: Callable[[Tuple[int, ...], Sequence[int]], List[flo
     """
     if len(samples) < 2:
         raise ValueError(f"the acceptance rule needs a standard error: at least 2 samples, got {len(samples)}")
-    if not _is_int(max_passes) or max_passes < 1:
+    if not is_int(max_passes) or max_passes < 1:
         raise ValueError(f"max_passes must be a positive int, got {max_passes!r}")
     trace = {} if trace is None else trace
     cur = tuple(int(s) for s in start)
@@ -426,11 +426,11 @@ def detect(model, tokenizer, *, target_length: int, train_length: Optional[int] 
     fresh_samples = samples if fresh_samples is None else fresh_samples
     for name, v in (("target_length", target_length), ("samples", samples), ("window", window),
                     ("num_groups", num_groups), ("max_passes", max_passes), ("fresh_samples", fresh_samples)):
-        if not _is_int(v) or v < 1:
+        if not is_int(v) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     if samples < 2:
         raise ValueError(f"samples must be >= 2 (a gain is accepted only beyond its standard error), got {samples}")
-    if not scales or any(not _is_int(s) or s < 1 for s in scales):
+    if not scales or any(not is_int(s) or s < 1 for s in scales):
         raise ValueError(f"scales must be positive ints, got {list(scales)!r}")
     scales = sorted(set(scales))
     T = train_length or model_train_length(model)
