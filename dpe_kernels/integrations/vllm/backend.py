@@ -57,32 +57,10 @@ _SCALED_PER_KV: Optional[int] = None
 
 
 def _kernels():
-    """(rope_and_cache, paged_attention): the package's fused op when it is there, else a
-    dpe_rope + index-write equivalent (same results, one extra copy of the new keys)."""
-    import dpe_kernels as dk
+    """(rope_and_cache, paged_attention): the package's public engine kernels."""
+    from dpe_kernels import dpe_paged_attention, dpe_rope_and_cache
 
-    paged = getattr(dk, "dpe_paged_attention", None)
-    if paged is None:
-        from dpe_kernels.paged_attention import dpe_paged_attention as paged
-    fused = getattr(dk, "dpe_rope_and_cache", None)
-    return (fused or _rope_then_cache), paged
-
-
-def _rope_then_cache(q, k, v, positions, inv_freq, config, k_cache, ks_cache, v_cache, slot_mapping, *,
-                     mask=None, layout="neox", rotary_dim=None, check_inputs=True, **_):
-    """dpe_rope in place (q, k become q_normal, k_normal, as vLLM's rotary overwrites them) and
-    an index write of the new tokens into the cache planes (slots < 0 are never passed here:
-    vLLM pads only past ``num_actual_tokens``, which the backend cuts off)."""
-    from dpe_kernels import dpe_rope
-
-    out = dpe_rope(q, k, positions, inv_freq, config, mask, layout=layout, rotary_dim=rotary_dim,
-                   check_inputs=check_inputs, inplace=True)
-    bs = k_cache.shape[1]
-    blk, off = slot_mapping // bs, slot_mapping % bs
-    k_cache[blk, off] = out.k_normal
-    ks_cache[blk, off] = out.k_scaled
-    v_cache[blk, off] = v
-    return out.q_normal, out.q_scaled
+    return dpe_rope_and_cache, dpe_paged_attention
 
 
 def rank_head_slices(num_heads: int, num_kv_heads: int, tp_size: int, tp_rank: int):
