@@ -45,7 +45,9 @@ import gc
 import json
 import os
 import resource
+import site
 import subprocess
+import tempfile
 import sys
 
 import torch
@@ -259,8 +261,15 @@ def memory_child(spec: dict) -> dict:
 def measure_memory(s, config, dtype, mask_kind, window, method, device="cpu"):
     spec = dict(s=s, config=list(config), dtype=str(dtype).replace("torch.", ""), mask=mask_kind,
                 window=window, method=method, threads=torch.get_num_threads(), device=str(device))
-    res = subprocess.run([sys.executable, "-m", (__spec__.name if __spec__ else __name__), "--_memory-child", json.dumps(spec)],
-                         capture_output=True, text=True, env=os.environ.copy())
+    # The child must import the same dpe_kernels as this process (with its extension): run it
+    # outside any checkout (a cwd holding an unbuilt source tree would shadow the installed one)
+    # with this package's parent directory first on its path.
+    env = os.environ.copy()
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(dpe_kernels.__file__)))
+    if pkg_parent not in site.getsitepackages():  # a source tree: put it first (site-packages need not)
+        env["PYTHONPATH"] = os.pathsep.join([pkg_parent] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    res = subprocess.run([sys.executable, "-m", "dpe_kernels.tools.benchmarks.attention", "--_memory-child",
+                          json.dumps(spec)], capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
     if res.returncode != 0:
         raise RuntimeError(f"memory child failed ({method}, S={s}): {res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
