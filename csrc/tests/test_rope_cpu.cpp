@@ -817,26 +817,32 @@ int main() {
   test_broadcast_positions(rng);
   const DType dtypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
   const MaskKind masks[] = {MaskKind::kNone, MaskKind::kPerQueryHead, MaskKind::kPerKvHead};
-  for (Layout layout : {Layout::kNeox, Layout::kGptj}) {
-    for (DType dt : dtypes) {
-      for (MaskKind mk : masks) {
-        for (IndexType pt : {IndexType::kInt32, IndexType::kInt64}) {
-          // GQA 8/2, partial rotary (D 40, R 32), two sequences of 9 tokens;
-          // every compiled body for the float16 cases.
-          RopeCase rc{make_config(8, 2, 40, 32, layout, mk, rng), dt, pt, 2, 9, {}};
-          rc.pos = test_positions(rc.B * rc.S, pt, rng);
-          test_rope_case(rc, rng, /*all_isas=*/true);
+  // Twice: ordinary stores (these small calls are below the streaming
+  // threshold), then every scaled output written by streaming stores.
+  for (int64_t stream_min : {dpe::stream_min_bytes(), int64_t{0}}) {
+    dpe::set_stream_min_bytes(stream_min);
+    for (Layout layout : {Layout::kNeox, Layout::kGptj}) {
+      for (DType dt : dtypes) {
+        for (MaskKind mk : masks) {
+          for (IndexType pt : {IndexType::kInt32, IndexType::kInt64}) {
+            // GQA 8/2, partial rotary (D 40, R 32), two sequences of 9 tokens;
+            // every compiled body for the float16 cases.
+            RopeCase rc{make_config(8, 2, 40, 32, layout, mk, rng), dt, pt, 2, 9, {}};
+            rc.pos = test_positions(rc.B * rc.S, pt, rng);
+            test_rope_case(rc, rng, /*all_isas=*/true);
+          }
+          test_rope_and_cache(layout, mk, dt, false, rng);
+          test_rope_and_cache(layout, mk, dt, true, rng);
         }
-        test_rope_and_cache(layout, mk, dt, false, rng);
-        test_rope_and_cache(layout, mk, dt, true, rng);
       }
+      // Full rotary, D = 128 (the common head size: the long vector loop), MHA.
+      RopeCase rc{make_config(4, 4, 128, 128, layout, MaskKind::kPerQueryHead, rng), DType::kBFloat16,
+                  IndexType::kInt64, 1, 20, {}};
+      rc.pos = test_positions(rc.S, IndexType::kInt64, rng);
+      test_rope_case(rc, rng, true);
     }
-    // Full rotary, D = 128 (the common head size: the long vector loop), MHA.
-    RopeCase rc{make_config(4, 4, 128, 128, layout, MaskKind::kPerQueryHead, rng), DType::kBFloat16,
-                IndexType::kInt64, 1, 20, {}};
-    rc.pos = test_positions(rc.S, IndexType::kInt64, rng);
-    test_rope_case(rc, rng, true);
   }
+  dpe::set_stream_min_bytes(dpe::kStreamMinBytes);
   std::printf("test_rope_cpu: %d checks, %d failed (cpu isa: %d)\n", g_checks, g_failures,
               static_cast<int>(dpe::active_cpu_isa()));
   return g_failures == 0 ? 0 : 1;
