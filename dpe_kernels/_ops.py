@@ -17,8 +17,12 @@ Ops (torch.ops.dpe_kernels.*):
         rotates, writes k_normal / k_scaled / v into paged caches
         [num_blocks, block_size, H, D] at slot_mapping[t] (negative: skipped)
         and q_normal / q_scaled into the outputs (q_normal may be q)
-The kernels: csrc/include/dpe/ (torch-free), launchers csrc/rope.cpp and
-csrc/rope_cuda.cu. The Triton ops are registered in
+    paged_decode(q_normal, q_scaled, k_cache, ks_cache, v_cache, block_table, seq_lens, window,
+                 scale, max_seqlen_k) -> (out float32 [B, H_q, Dv], lse float32 [B, H_q])
+        DPE decode attention (one query per sequence, CPU) read in place from the paged caches
+        through the block table (csrc/paged_decode.cpp)
+The kernels: csrc/include/dpe/ (torch-free), launchers csrc/rope.cpp,
+csrc/paged_decode.cpp and csrc/rope_cuda.cu. The Triton ops are registered in
 dpe_kernels/backends/triton_utils.py's one pattern (triton_op + eager twin +
 fake) by the modules that define them.
 """
@@ -86,7 +90,21 @@ def _rope_and_cache_fake(q, k, v, positions, inv_freq, pair_scale, mask, window,
     return None
 
 
-COMPILED_OPS = ("rope", "rope_out", "rope_and_cache")
+# --------------------------------------------------------------------------- paged_decode
+_define("paged_decode",
+        "(Tensor q_normal, Tensor q_scaled, Tensor k_cache, Tensor ks_cache, Tensor v_cache, "
+        "Tensor block_table, Tensor seq_lens, int window, float scale, int max_seqlen_k) -> (Tensor, Tensor)")
+
+
+@torch.library.register_fake(f"{_NS}::paged_decode")
+def _paged_decode_fake(q_normal, q_scaled, k_cache, ks_cache, v_cache, block_table, seq_lens, window, scale,
+                       max_seqlen_k):
+    b, h = q_normal.shape[:2]
+    return (q_normal.new_empty((b, h, v_cache.shape[-1]), dtype=torch.float32),
+            q_normal.new_empty((b, h), dtype=torch.float32))
+
+
+COMPILED_OPS = ("rope", "rope_out", "rope_and_cache", "paged_decode")
 
 # --------------------------------------------------------------------------- the library
 try:

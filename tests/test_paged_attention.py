@@ -14,8 +14,10 @@ head and per query head, caches as views into one engine buffer (head-major
 as vLLM's CPU cache, token-major, padded). Without a GPU the Triton kernel
 runs under TRITON_INTERPRET=1 with 16 x 16 tiles: sizes stay tiny.
 """
+import contextlib
 import itertools
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -27,8 +29,23 @@ NEG_INF = float("-inf")
 HAS_TRITON = "triton" in available_paged_backends(DEVICE)
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="the triton backend needs triton, and CUDA or "
                                                          "TRITON_INTERPRET=1")
-# the backends under test on this machine
-BACKENDS = (["cpu"] if DEVICE == "cpu" else []) + (["triton"] if HAS_TRITON else [])
+# the backends under test on this machine; "cpu_chunked" is the cpu backend with its decode
+# fallback (aten's flash op over gathered chunks, used without the compiled extension) in place of
+# the compiled paged_decode kernel
+BACKENDS = (["cpu", "cpu_chunked"] if DEVICE == "cpu" else []) + (["triton"] if HAS_TRITON else [])
+
+
+@contextlib.contextmanager
+def backend_context(backend):
+    """The backend name dpe_paged_attention gets, with the decode fallback forced for cpu_chunked."""
+    if backend != "cpu_chunked":
+        yield backend
+        return
+    import dpe_kernels.backends.paged_cpu as pc
+
+    real = pc._ops.has_kernel
+    with mock.patch.object(pc._ops, "has_kernel", lambda op, key: op != "paged_decode" and real(op, key)):
+        yield "cpu"
 
 
 # --------------------------------------------------------------------------- cases
@@ -107,8 +124,9 @@ def assert_paged_close(out, lse, args, window, **kw):
 def run(backend, args, window, **kw):
     lens = args[6].tolist()
     q_lens = (args[7][1:] - args[7][:-1]).tolist()
-    return dpe_paged_attention(*args, window, max_seqlen_q=max(q_lens, default=0),
-                               max_seqlen_k=max(lens, default=0), return_lse=True, backend=backend, **kw)
+    with backend_context(backend) as name:
+        return dpe_paged_attention(*args, window, max_seqlen_q=max(q_lens, default=0),
+                                   max_seqlen_k=max(lens, default=0), return_lse=True, backend=name, **kw)
 
 
 def check(backend, args, window, **kw):
@@ -154,9 +172,10 @@ def test_decode_gqa_and_engine_layouts(backend, h_ks, layout):
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="cpu backend")
+@pytest.mark.parametrize("backend", ["cpu", "cpu_chunked"])
 @pytest.mark.parametrize("bs", [64, 128])
 @pytest.mark.parametrize("layout", ["head_major", "token_major"])
-def test_cpu_decode_big_blocks(bs, layout):
+def test_cpu_decode_big_blocks(backend, bs, layout):
     """Block sizes of vLLM's CPU cache (a head-major cache with blocks >= 64
     is gathered head-major, one block per op entry), context over many chunks."""
     import dpe_kernels.backends.paged_cpu as pc
@@ -164,7 +183,7 @@ def test_cpu_decode_big_blocks(bs, layout):
     lens = [3000, 130, 129, 1]
     args = make_case(lens, [1] * 4, bs=bs, layout=layout, h_q=4, h_k=2, d=16)
     assert pc.head_major(args[2]) == (layout == "head_major")
-    check("cpu", args, 100)
+    check(backend, args, 100)
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="cpu backend")
@@ -174,8 +193,8 @@ def test_cpu_decode_small_chunks(monkeypatch):
 
     monkeypatch.setattr(pc, "CHUNK_KEYS", 64)
     monkeypatch.setattr(pc, "ITEM_KEYS", 32)
-    check("cpu", make_case([300, 77, 5], [1, 1, 1], bs=8, shared=3), 30)
-    check("cpu", make_case([300, 77, 5], [1, 1, 1], bs=8, h_ks=6, layout="token_major"), 30)
+    check("cpu_chunked", make_case([300, 77, 5], [1, 1, 1], bs=8, shared=3), 30)
+    check("cpu_chunked", make_case([300, 77, 5], [1, 1, 1], bs=8, h_ks=6, layout="token_major"), 30)
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="cpu backend")
@@ -190,6 +209,7 @@ def test_cpu_decode_position_beyond_2_20():
     args = (qn, qs, kc, ksc, vc, bt, torch.tensor([n], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32))
     for window in (1000, 5000):
         check("cpu", args, window)
+        check("cpu_chunked", args, window)
 
 
 # --------------------------------------------------------------------------- prefill / mixed
@@ -245,13 +265,15 @@ def test_out_is_written_and_returned(backend):
     args = make_case(*MIXED[0], bs=8)
     want, want_lse = run(backend, args, 9)
     out = torch.full_like(want, 123.0)
-    got = dpe_paged_attention(*args, 9, out=out, backend=backend)
+    with backend_context(backend) as name:
+        got = dpe_paged_attention(*args, 9, out=out, backend=name)
     assert got is out
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     # a strided out (a view into a wider buffer) is honoured too
     wide = torch.zeros(want.shape[0], want.shape[1], want.shape[2] + 5, dtype=want.dtype, device=want.device)
-    got, lse = dpe_paged_attention(*args, 9, out=wide[..., 2: 2 + want.shape[2]], return_lse=True,
-                                   backend=backend)
+    with backend_context(backend) as name:
+        got, lse = dpe_paged_attention(*args, 9, out=wide[..., 2: 2 + want.shape[2]], return_lse=True,
+                                       backend=name)
     torch.testing.assert_close(wide[..., 2: 2 + want.shape[2]], want, rtol=0, atol=0)
     assert (wide[..., :2] == 0).all() and (wide[..., 2 + want.shape[2]:] == 0).all()
     torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
@@ -266,7 +288,8 @@ def test_auto_picks_cpu_on_cpu_tensors():
 def test_empty_batch_and_no_queries():
     for backend in BACKENDS + ["reference"]:
         args = make_case([5, 9], [0, 0], bs=8)
-        out, lse = dpe_paged_attention(*args, 4, return_lse=True, backend=backend)
+        with backend_context(backend) as name:
+            out, lse = dpe_paged_attention(*args, 4, return_lse=True, backend=name)
         assert out.shape == (0, 6, 16) and lse.shape == (0, 6)
 
 
@@ -308,7 +331,7 @@ def _forbid_host_reads(monkeypatch):
 
 
 @pytest.mark.parametrize("backend,mixed", [(b, m) for b in BACKENDS for m in (False, True)
-                                           if not (b == "cpu" and m)])
+                                           if not (b.startswith("cpu") and m)])
 def test_check_inputs_false_reads_no_tensor_value(monkeypatch, backend, mixed):
     """With check_inputs=False (and max_seqlen_* given) no tensor value is read
     on the host: .item / .tolist / bool / int / index of a tensor all raise
@@ -317,8 +340,8 @@ def test_check_inputs_false_reads_no_tensor_value(monkeypatch, backend, mixed):
     lens, q_lens = MIXED[0] if mixed else (DECODE_LENS, [1] * 5)
     args = make_case(lens, q_lens, bs=16)
     want = run(backend, args, 9)[0]
-    kw = dict(max_seqlen_q=max(q_lens), max_seqlen_k=max(lens), backend=backend)
-    with monkeypatch.context() as m:
+    kw = dict(max_seqlen_q=max(q_lens), max_seqlen_k=max(lens))
+    with monkeypatch.context() as m, backend_context(backend) as kw["backend"]:
         _forbid_host_reads(m)
         with pytest.raises(RuntimeError, match="read on the host"):
             dpe_paged_attention(*args, 9, check_inputs=True, **kw)  # the value checks do read
@@ -511,3 +534,52 @@ def test_triton_kernels_compile_for_gpu():
     assert r.returncode == 0, r.stderr[-4000:]
     for arch, dt, page, split, ok in json.loads(r.stdout.strip().splitlines()[-1]):
         assert ok, (arch, dt, page, split)
+
+
+# --------------------------------------------------------------------------- the compiled cpu decode kernel
+needs_decode_kernel = pytest.mark.skipif(
+    DEVICE != "cpu" or not __import__("dpe_kernels")._ops.has_kernel("paged_decode", "CPU"),
+    reason="the compiled CPU paged_decode kernel (the extension) is not loaded")
+
+
+@needs_decode_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("d", [64, 128, 40], ids=lambda d: f"D{d}")  # 64 / 128: the compiled-size bodies
+@pytest.mark.parametrize("h_ks", [2, 6], ids=["ks_per_kv_head", "ks_per_q_head"])
+def test_compiled_decode_equals_the_fallback(dtype, d, h_ks):
+    """The compiled kernel and the chunked fallback on one long case (many key
+    splits, both passes, chunks crossing blocks of 48 keys): both within the
+    oracle's bound (above) and close to each other."""
+    args = make_case([2100, 700, 1], [1, 1, 1], bs=48, h_ks=h_ks, d=d, layout="head_major", dtype=dtype)
+    a = check("cpu", args, 300)
+    b = check("cpu_chunked", args, 300)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16 / fp16: each rounds its output once
+    torch.testing.assert_close(a[0].float(), b[0].float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(a[1], b[1], rtol=tol, atol=tol)
+
+
+@needs_decode_kernel
+def test_compiled_decode_refuses_unreadable_metadata():
+    """With check_inputs=False nothing is validated in Python; the kernel still
+    never reads outside the cache: a block id past the cache, or a sequence
+    longer than its block-table row, is a ValueError naming block_table."""
+    qn, qs, kc, ksc, vc, bt, sl, qsl = make_case([40, 20], [1, 1], bs=8)
+    op = torch.ops.dpe_kernels.paged_decode
+    good = op(qn, qs, kc, ksc, vc, bt, sl, 9, 0.25, 40)
+    assert good[0].shape == (2, 6, 16) and good[1].shape == (2, 6)
+    bad_bt = bt.clone()
+    bad_bt[0, 1] = kc.shape[0] + 7
+    with pytest.raises(ValueError, match="block_table"):
+        op(qn, qs, kc, ksc, vc, bad_bt, sl, 9, 0.25, 40)
+    with pytest.raises(ValueError, match="block_table"):  # 8 * max_blocks keys at most
+        op(qn, qs, kc, ksc, vc, bt, torch.tensor([8 * bt.shape[1] + 1, 20], dtype=torch.int32), 9, 0.25, 10 ** 4)
+    with pytest.raises(ValueError, match="max_seqlen_k"):
+        op(qn, qs, kc, ksc, vc, bt, sl, 9, 0.25, 39)
+    with pytest.raises(TypeError, match="seq_lens"):
+        op(qn, qs, kc, ksc, vc, bt, sl.long(), 9, 0.25, 40)
+    with pytest.raises(TypeError, match="k_cache"):
+        op(qn, qs, kc.double(), ksc, vc, bt, sl, 9, 0.25, 40)
+    with pytest.raises(ValueError, match="window"):
+        op(qn, qs, kc, ksc, vc, bt, sl, 0, 0.25, 40)
+    with pytest.raises(ValueError, match="ks_cache"):
+        op(qn, qs, kc, ksc[:, :4], vc, bt, sl, 9, 0.25, 40)

@@ -2,7 +2,11 @@
 
 Two paths:
 
-* **Decode** (sequences with one query, ``q_len == 1``): never gathers a
+* **Decode** (sequences with one query, ``q_len == 1``): the compiled
+  ``paged_decode`` kernel (csrc/include/dpe/paged_decode_cpu.h) reads the
+  keys and values in place through the block table, one online softmax per
+  (sequence, KV head, key split) over both passes at once, splits merged by
+  log-sum-exp. Without the compiled extension, the fallback below: it never gathers a
   sequence's context into one contiguous copy. The keys are walked by
   CHUNKS of blocks through the block table; each chunk is gathered
   (``index_select`` into a reused, cache-sized buffer) and attended by ONE
@@ -36,10 +40,11 @@ from typing import List, Tuple
 
 import torch
 
+from .. import _ops
 from ..attention import dpe_attention
 from ..paged_attention import gather_sequence
 
-__all__ = ["paged_attention_cpu", "head_major", "ITEM_KEYS", "CHUNK_KEYS", "HM_MIN_BLOCK"]
+__all__ = ["paged_attention_cpu", "decode_chunked", "head_major", "ITEM_KEYS", "CHUNK_KEYS", "HM_MIN_BLOCK"]
 
 _INF = float("inf")
 _CPU_OP = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -193,7 +198,21 @@ def _cdiv(a: int, b: int) -> int:
 def _decode(qn, qs, k_cache, ks_cache, v_cache, bt, seq_lens, window: int, scale: float,
             max_seqlen_k: int):
     """One query per sequence (at position seq_len - 1): ``qn``/``qs`` ``[B, H_q, D]``.
-    Returns ``(out [B, H_q, Dv] float32, lse [B, H_q] float32)``."""
+    Returns ``(out [B, H_q, Dv] float32, lse [B, H_q] float32)``: the compiled kernel when the
+    extension is loaded, else :func:`decode_chunked`."""
+    if _ops.has_kernel("paged_decode", "CPU"):
+        if seq_lens.dtype != bt.dtype:
+            seq_lens = seq_lens.to(bt.dtype)
+        return torch.ops.dpe_kernels.paged_decode(qn, qs, k_cache, ks_cache, v_cache, bt, seq_lens, window,
+                                                  float(scale), int(max_seqlen_k))
+    return decode_chunked(qn, qs, k_cache, ks_cache, v_cache, bt, seq_lens, window, scale, max_seqlen_k)
+
+
+def decode_chunked(qn, qs, k_cache, ks_cache, v_cache, bt, seq_lens, window: int, scale: float,
+                   max_seqlen_k: int):
+    """The decode path without the compiled extension: aten's CPU flash op over
+    gathered chunks of blocks, merged by lse (see the module docstring).
+    Same arguments and results as the compiled ``paged_decode``."""
     bsz, h_q = qn.shape[:2]
     bs, h_k = k_cache.shape[1], k_cache.shape[2]
     n_rep = h_q // h_k
@@ -255,7 +274,7 @@ def paged_attention_cpu(q_normal, q_scaled, k_cache, ks_cache, v_cache, block_ta
         out.zero_()
         lse.fill_(-_INF)
         return
-    decode_ok = info.D == info.Dv
+    decode_ok = info.D == info.Dv or _ops.has_kernel("paged_decode", "CPU")  # the fallback needs D == Dv
     if decode_ok and info.max_seqlen_q <= 1 and info.T_q == info.B:
         # every sequence has exactly one query, row b: no host read at all
         o, l = _decode(q_normal, q_scaled, k_cache, ks_cache, v_cache, block_table, seq_lens,
