@@ -74,11 +74,32 @@ def _vllm_run(model, dpe, args, prompts_len, batch_prompts, workdir):
     return res
 
 
+def vllm_worker_threads() -> int:
+    """OpenMP threads of vLLM's CPU worker (TP 1) under its default binding
+    (``VLLM_CPU_OMP_THREADS_BIND=auto``): the usable cores minus the reserved
+    ones (``VLLM_CPU_NUM_OF_RESERVED_CPU``, default one per local rank on x86;
+    vllm/utils/ompmultiprocessing.py). On this 2-core machine vLLM's log reads
+    ``reserve_cpu_num=1, core ids=[0]``: one thread."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    reserved = int(os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "1"))
+    return max(1, cores - reserved)
+
+
 def _hf_run(model, dpe_cfg, args, prompts_len, batch_prompts):
     import torch
     from transformers import AutoModelForCausalLM
 
     from dpe_kernels.integrations.hf import apply_dpe
+
+    threads0 = torch.get_num_threads()
+    torch.set_num_threads(args.hf_threads)
+    try:
+        return _hf_timed(model, dpe_cfg, args, prompts_len, batch_prompts, AutoModelForCausalLM, apply_dpe, torch)
+    finally:
+        torch.set_num_threads(threads0)
+
+
+def _hf_timed(model, dpe_cfg, args, prompts_len, batch_prompts, AutoModelForCausalLM, apply_dpe, torch):
 
     m = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32, local_files_only=True).eval()
     apply_dpe(m, dpe_cfg)
@@ -171,9 +192,16 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--kv-gib", type=float, default=3.0)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--hf-threads", type=int, default=None,
+                    help="torch threads of the HF run (default: those of vLLM's CPU worker, which binds every "
+                         "usable core but one: vLLM reserves one core per local rank for its scheduler)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "vllm_cpu.md"))
     args = ap.parse_args(argv)
+    if args.hf_threads is None:
+        args.hf_threads = vllm_worker_threads()
+    if args.hf_threads < 1:
+        ap.error(f"--hf-threads must be >= 1, got {args.hf_threads}")
     if args.quick:
         args.lengths, args.decode_tokens, args.batch, args.batch_prompt = [256, 512], 8, 2, 128
         args.batch_gen, args.rotary_tokens, args.repeats = 8, 1024, 2
@@ -236,6 +264,10 @@ def main(argv=None):
                  f"one-shot prefill); transformers {transformers.__version__}; model {model.name} (SmolLM2-135M-"
                  f"Instruct de-quantised from the shipped Q4_1 GGUF, 30 layers, 9 query / 3 KV heads, D 64)")
     lines.append(f"- DPE: `{json.dumps(dpe)}` -> window {cfg.window}, scales {list(cfg.scales)}, no mask")
+    lines.append(f"- Threads: vLLM's CPU worker runs {vllm_worker_threads()} OpenMP thread(s) (it reserves one core "
+                 f"of the {len(os.sched_getaffinity(0))} for its scheduler process); the HF run uses "
+                 f"{args.hf_threads} torch thread(s) (`--hf-threads`), so the serving rows compare the same compute; "
+                 f"the rotary rows run in this process with {torch.get_num_threads()} threads for both ops.")
     lines.append(f"- One run of everything below, {total / 60:.1f} min in all. Load average (1 min) around each "
                  f"phase, a measure of how busy the shared machine was: plain vLLM {plain['load'][0]:.2f} -> "
                  f"{plain['load'][1]:.2f}, vLLM+DPE {dpe_res['load'][0]:.2f} -> {dpe_res['load'][1]:.2f}"

@@ -11,6 +11,7 @@ tokens are identical. (Measured here: 2e-5 to 4e-5; the two paths sum attention 
 orders. A wrong position or a missed rotation moves them by more than 1e-2, which
 test_reference_sees_dpe checks.)
 """
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -176,6 +177,25 @@ def test_check_engine_lengths_and_heads(tmp_path):
     assert s.dpe_config(torch.ones(32)).num_pairs == 32
     with pytest.raises(ValueError, match="covers 32 rotary pairs, the model rotates 16"):
         s.dpe_config(torch.ones(16))
+
+
+def test_check_engine_warns_past_the_calibrated_length(tmp_path):
+    """A config or preset served past the length it was calibrated for is never silent."""
+    from dpe_kernels.config import PresetLengthWarning
+
+    DPEConfig.uniform(64, [2] * 8, 32, calibrated_length=4096).to_json(tmp_path / "c.json")
+    s = check_engine(_fake_vllm_config(), parse_options({"config": str(tmp_path / "c.json")}))
+    with pytest.warns(PresetLengthWarning, match="calibrated for 4096 tokens and is used at 8192"):
+        s.dpe_config(torch.ones(32))
+    # a preset calibrated for 16K, configured for 16K, on an engine serving 32K
+    s = check_engine(_fake_vllm_config(max_model_len=32768, hf={"max_position_embeddings": 32768}),
+                     parse_options({"preset": "smollm2-135m", "target_length": 16384}))
+    with pytest.warns(PresetLengthWarning, match="calibrated for 16384 tokens and is used at 32768"):
+        s.dpe_config(torch.ones(32))
+    with warnings.catch_warnings():  # within its length: no warning
+        warnings.simplefilter("error", PresetLengthWarning)
+        check_engine(_fake_vllm_config(max_model_len=16384), parse_options({"preset": "smollm2-135m"})
+                     ).dpe_config(torch.ones(32))
 
 
 def test_rank_head_slices():

@@ -119,7 +119,7 @@ constexpr int64_t kLanes = 16;
 // The compiled bodies (see decode_items_isa): the AVX-512 and AVX2 ones use
 // intrinsics for the dot product, because a portable lane loop leaves its
 // horizontal sum to the stack (measured: store-forwarding stalls dominated
-// the kernel) where _mm512_reduce_add_ps stays in registers. The helpers are
+// the kernel) where in-register shuffles do not. The helpers are
 // plain `inline` and each body's entry is `flatten`: GCC then inlines them
 // into the entry, whose target covers theirs (always_inline through a
 // default-target function would not compile).
@@ -157,7 +157,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl,f16c,fma"))) inline float dot_r
   __m512 acc = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= d; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16(k + i), acc);
-  float s = _mm512_reduce_add_ps(acc);
+  // Lane sum by in-register shuffles (GCC 12's _mm512_reduce_add_ps trips
+  // -Wmaybe-uninitialized in its own header).
+  __m512 t = _mm512_add_ps(acc, _mm512_shuffle_f32x4(acc, acc, 0x4E));  // + the other 256-bit half
+  t = _mm512_add_ps(t, _mm512_shuffle_f32x4(t, t, 0xB1));               // + the neighbouring 128-bit lane
+  __m128 x = _mm512_castps512_ps128(t);
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  float s = _mm_cvtss_f32(_mm_add_ss(x, _mm_shuffle_ps(x, x, 1)));
   for (; i < d; ++i) s += q[i] * static_cast<float>(k[i]);
   return s;
 }

@@ -166,6 +166,7 @@ class EngineSettings:
         p = int(inv_freq.shape[0])
         if o.file_config is not None:
             cfg = o.file_config
+            cfg.check_length(self.max_model_len, name=f"the DPE config {o.config_path}", stacklevel=3)
         else:
             try:
                 cfg = DPEConfig.from_preset(o.preset, inv_freq=inv_freq.float().cpu(),
@@ -173,6 +174,8 @@ class EngineSettings:
                                             target_length=self.target_length, window=o.window)
             except ValueError as e:
                 raise _err(str(e)) from None
+            if self.target_length < self.max_model_len:  # from_preset checked target_length
+                cfg.check_length(self.max_model_len, name=f"preset {o.preset!r}", stacklevel=3)
         if cfg.num_pairs != p:
             raise _err(f"the config covers {cfg.num_pairs} rotary pairs, the model rotates {p} "
                        f"(rotary_dim {2 * p})")

@@ -9,32 +9,37 @@ values laid out two ways, compared in one run:
 
     paged        dpe_paged_attention(backend="cpu", check_inputs=False, max_seqlen_* given) on a
                  head-major engine buffer [num_blocks, H_k, block_size, 2D + Dv] (vLLM's CPU
-                 cache layout, k_normal | k_scaled | v side by side) with a shuffled block table
+                 cache layout, k_normal | k_scaled | v side by side) with a shuffled block table:
+                 the compiled paged_decode kernel (K and V read in place)
+    chunked      the cpu backend's decode without the compiled extension (backends.paged_cpu.
+                 decode_chunked: aten's CPU flash op over gathered chunks of blocks, lse merge)
     gather       the naive paged decode: gather every sequence's pages into contiguous tensors,
                  then dpe_attention(backend="cpu") (what the cpu backend avoids)
     dpe_contig   dpe_attention(backend="cpu") on contiguous [B, L, H_k, D] caches
     sdpa         plain decode: F.scaled_dot_product_attention(enable_gqa=True) of the normal
                  query over the contiguous [B, H_k, L, D] keys (no DPE)
 
-Ratios: paged / dpe_contig and paged / sdpa (lower is better for paged). The best of
+Ratios: paged / dpe_contig, paged / sdpa and paged / chunked (lower is better for paged). The best of
 --repeats timed calls after one warm-up (common.time_min). vLLM's CPU backend uses
 block_size 128 by default (vllm/platforms/cpu.py), 16 is the GPU default.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 import torch
 import torch.nn.functional as F
 
 from dpe_kernels import dpe_attention, dpe_paged_attention
+from dpe_kernels.backends.paged_cpu import decode_chunked
 
 from .common import WINDOW, machine_description, report_preamble, time_min
 
-HEADER = ("| dtype | B | L | H_q/H_k/D | block | paged ms | gather ms | dpe_contig ms | sdpa ms "
-          "| paged/dpe_contig | paged/sdpa | max abs diff paged vs dpe_contig |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| dtype | B | L | H_q/H_k/D | block | paged ms | chunked ms | gather ms | dpe_contig ms | sdpa ms "
+          "| paged/dpe_contig | paged/sdpa | paged/chunked | max abs diff paged vs dpe_contig |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def parse_config(s: str):
@@ -73,6 +78,11 @@ def run_case(batch, length, cfg, bs, dtype, window, repeats, budget):
         return dpe_paged_attention(*paged_args, window, max_seqlen_q=1, max_seqlen_k=length,
                                    check_inputs=False, backend="cpu")
 
+    scale = 1.0 / math.sqrt(d)
+
+    def chunked():
+        return decode_chunked(qn, qs, kc, ksc, vc, bt, paged_args[6], window, scale, length)[0]
+
     def gather():
         idx = bt.long().reshape(-1)
         g = [c.index_select(0, idx).reshape(batch, -1, *c.shape[2:])[:, :length] for c in (kc, ksc, vc)]
@@ -88,15 +98,17 @@ def run_case(batch, length, cfg, bs, dtype, window, repeats, budget):
 
     diff = (paged().float() - dpe_contig().float()).abs().max().item()
     t = {name: time_min(fn, repeats, budget) * 1e3
-         for name, fn in (("paged", paged), ("gather", gather), ("dpe_contig", dpe_contig), ("sdpa", sdpa))}
+         for name, fn in (("paged", paged), ("chunked", chunked), ("gather", gather), ("dpe_contig", dpe_contig),
+                          ("sdpa", sdpa))}
     return dict(dtype=str(dtype).replace("torch.", ""), B=batch, L=length, cfg="/".join(map(str, cfg)), bs=bs,
                 diff=diff, **t)
 
 
 def fmt(r):
-    return (f"| {r['dtype']} | {r['B']} | {r['L']} | {r['cfg']} | {r['bs']} | {r['paged']:.2f} | {r['gather']:.2f} "
+    return (f"| {r['dtype']} | {r['B']} | {r['L']} | {r['cfg']} | {r['bs']} | {r['paged']:.2f} | {r['chunked']:.2f} "
+            f"| {r['gather']:.2f} "
             f"| {r['dpe_contig']:.2f} | {r['sdpa']:.2f} | {r['paged'] / r['dpe_contig']:.2f} "
-            f"| {r['paged'] / r['sdpa']:.2f} | {r['diff']:.2e} |")
+            f"| {r['paged'] / r['sdpa']:.2f} | {r['paged'] / r['chunked']:.2f} | {r['diff']:.2e} |")
 
 
 def main(argv=None):
