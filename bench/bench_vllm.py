@@ -22,6 +22,11 @@ Measured:
 DPE configuration: ``{"preset": "auto", "target_length": L}`` (the starting scales, no mask) with
 L the longest length; plain vLLM gets the same ``hf_overrides`` / ``max_model_len``. The machine
 load average is recorded around every phase (this CPU is shared).
+
+Threads: vLLM's CPU worker binds every usable core but the ones it reserves for its scheduler
+(one per local rank on x86: ONE thread on a 2-core machine), so the HF run uses the same number
+of torch threads (``--hf-threads``, default computed the same way) and the serving rows compare
+equal compute. The rotary rows run in this process, both ops with torch's threads.
 """
 from __future__ import annotations
 
