@@ -185,6 +185,21 @@ def _rotary(args):
     return rows, dpe_kernels.available_backends("cpu")
 
 
+def _rotary_repeats(args) -> int:
+    """The rotary rows ``args.rotary_repeats`` times: median ratio to vLLM's rotary, and range."""
+    import statistics
+
+    ratios = {}
+    for _ in range(args.rotary_repeats):
+        rows, _backends = _rotary(args)
+        for dtype, op, t, _io, t_vllm in rows:
+            ratios.setdefault((dtype, op), []).append(t / t_vllm)
+    for (dtype, op), v in ratios.items():
+        print(f"| {dtype} | {op} | median {statistics.median(v):.2f}x | range {min(v):.2f}-{max(v):.2f} "
+              f"| {len(v)} runs |")
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="HF dir (default: export SmolLM2 to the cache)")
@@ -201,12 +216,19 @@ def main(argv=None):
                     help="torch threads of the HF run (default: those of vLLM's CPU worker, which binds every "
                          "usable core but one: vLLM reserves one core per local rank for its scheduler)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
+    ap.add_argument("--rotary-repeats", type=int, default=0, metavar="N",
+                    help="only the rotary rows, measured N times: print each op's median ratio to vLLM's "
+                         "rotary and its range (no engine, no report written)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "vllm_cpu.md"))
     args = ap.parse_args(argv)
     if args.hf_threads is None:
         args.hf_threads = vllm_worker_threads()
     if args.hf_threads < 1:
         ap.error(f"--hf-threads must be >= 1, got {args.hf_threads}")
+    if args.rotary_repeats < 0:
+        ap.error(f"--rotary-repeats must be >= 0, got {args.rotary_repeats}")
+    if args.rotary_repeats:
+        return _rotary_repeats(args)
     if args.quick:
         args.lengths, args.decode_tokens, args.batch, args.batch_prompt = [256, 512], 8, 2, 128
         args.batch_gen, args.rotary_tokens, args.repeats = 8, 1024, 2
