@@ -11,6 +11,9 @@
 #              backends against the float64 oracle); writes bench/results/tests_<gpu>.md (pass/fail counts, failures, the command)
 #     bench    bench/bench_rope.py and bench/bench_attention.py with --device cuda
 #     quality  bench/eval_quality.py --device cuda (the SmolLM2 model must be installed)
+#     calibrate  bench/calibrate_smollm2.py --device cuda for the 16K target (resuming the CPU
+#              records committed under bench/results/calibration_smollm2_16k/) and the 32K target;
+#              each writes its report (and the preset only with --ship, after a complete run)
 #
 # Environment:
 #     DPE_WHEELS       a folder of wheels installed first with --target /tmp/site (e.g. transformers,
@@ -82,11 +85,17 @@ stage_quality() {
   $PY bench/eval_quality.py --device cuda
 }
 
+stage_calibrate() {
+  log "calibration on $GPU: 16K (resumes the committed records), then 32K"
+  $PY bench/calibrate_smollm2.py --target 16384 --device cuda || return 1
+  $PY bench/calibrate_smollm2.py --target 32768 --device cuda
+}
+
 rc=0
 for stage in "$@"; do
   case $stage in
-    setup | tests | bench | quality) "stage_$stage" || { rc=1; log "stage $stage FAILED"; } ;;
-    *) echo "unknown stage $stage (setup tests bench quality)" >&2; exit 2 ;;
+    setup | tests | bench | quality | calibrate) "stage_$stage" || { rc=1; log "stage $stage FAILED"; } ;;
+    *) echo "unknown stage $stage (setup tests bench quality calibrate)" >&2; exit 2 ;;
   esac
 done
 exit $rc
