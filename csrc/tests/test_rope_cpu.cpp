@@ -412,7 +412,7 @@ void test_rope_case(const RopeCase& rc, Rng& rng, bool all_isas) {
   RopeRun base = make_run(rc, rng);
 
   std::vector<dpe::CpuIsa> isas = {dpe::active_cpu_isa()};
-  if (all_isas) isas = {dpe::CpuIsa::kBaseline, dpe::CpuIsa::kAvx2, dpe::CpuIsa::kAvx512};
+  if (all_isas) isas = {dpe::CpuIsa::kBaseline, dpe::CpuIsa::kAvx2, dpe::CpuIsa::kAvx512, dpe::CpuIsa::kAvx512Bf16};
   for (dpe::CpuIsa isa : isas) {
     if (!dpe::cpu_isa_supported(isa)) continue;
     CHECK(dpe::set_cpu_isa(isa), "set_cpu_isa");

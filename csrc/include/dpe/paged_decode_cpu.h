@@ -428,6 +428,7 @@ void decode_items_isa(const PagedDecodeParams& p, const Split& sp, float* partia
   const int64_t dh = p.head_dim == p.v_head_dim ? p.head_dim : 0;
   switch (active_cpu_isa()) {
     case CpuIsa::kAvx512:
+    case CpuIsa::kAvx512Bf16:
       if (dh == 64) return decode_items_avx512<64, scalar_t, idx_t>(p, sp, partial, a, e, bad);
       if (dh == 128) return decode_items_avx512<128, scalar_t, idx_t>(p, sp, partial, a, e, bad);
       return decode_items_avx512<0, scalar_t, idx_t>(p, sp, partial, a, e, bad);

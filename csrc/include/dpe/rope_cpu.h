@@ -35,6 +35,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(_OPENMP)
@@ -42,6 +43,9 @@
 #endif
 #if defined(__SSE2__)
 #include <emmintrin.h>
+#endif
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
 #endif
 
 #include "dpe/rope.h"
@@ -291,6 +295,65 @@ DPE_ALWAYS_INLINE void rotate_head_in_place(scalar_t* xy, scalar_t* __restrict y
   for (int64_t d = 2 * num_pairs; d < head_dim; ++d) y_s[d] = xy[d];
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DPE_HAVE_BF16_PATH 1
+// bfloat16, rotate_half layout, on CPUs with AVX512-BF16: the rotation of
+// rotate_head / rotate_head_in_place written with intrinsics so that float ->
+// bfloat16 is the CPU's converter (VCVTNEPS2BF16, round to nearest even, one
+// instruction per 16 values) instead of the portable branch-free rounding,
+// whose operations dominate the 16-bit body. The converter treats float
+// denormals as zero and quiets NaNs keeping their payload (bf16_storage gives
+// 0x7FC0): results differ only there. x may be y_n (in place: each 16-pair
+// slice is loaded before it is stored). Not always_inline: it is inlined into
+// its body's `flatten` entry, whose target covers it.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline __m512 bf16_load16(const uint16_t* src,
+                                                                                        __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, src)), 16));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void bf16_store16(uint16_t* dst, __mmask16 m,
+                                                                                       __m512 v) {
+  const __m256bh h = _mm512_cvtneps_pbh(v);
+  _mm256_mask_storeu_epi16(dst, m, reinterpret_cast<const __m256i&>(h));
+}
+
+template <bool HAS_MASK, bool WRITE_NORMAL>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void rotate_head_bf16_neox(
+    const bf16_storage* x, bf16_storage* y_n, bf16_storage* y_s, const float* cn, const float* sn,
+    const float* cs, const float* ss, const uint32_t* mask_row, int64_t num_pairs, int64_t head_dim) {
+  const int64_t P = num_pairs;
+  const uint16_t* xl = reinterpret_cast<const uint16_t*>(x);
+  uint16_t* yn = reinterpret_cast<uint16_t*>(y_n);
+  uint16_t* ysl = reinterpret_cast<uint16_t*>(y_s);
+  for (int64_t i = 0; i < P; i += 16) {
+    const __mmask16 m = P - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (P - i)) - 1u);
+    const __m512 a = bf16_load16(xl + i, m), b = bf16_load16(xl + P + i, m);
+    const __m512 c = _mm512_maskz_loadu_ps(m, cn + i), s = _mm512_maskz_loadu_ps(m, sn + i);
+    __m512 cq = _mm512_maskz_loadu_ps(m, cs + i), sq = _mm512_maskz_loadu_ps(m, ss + i);
+    if (HAS_MASK) {
+      const __m512i km = _mm512_maskz_loadu_epi32(m, mask_row + i);
+      const __mmask16 key_dim = _mm512_test_epi32_mask(km, km);
+      cq = _mm512_mask_blend_ps(key_dim, c, cq);
+      sq = _mm512_mask_blend_ps(key_dim, s, sq);
+    }
+    // rotate_pair: (a c - b s, a s + b c)
+    const __m512 o0 = _mm512_sub_ps(_mm512_mul_ps(a, cq), _mm512_mul_ps(b, sq));
+    const __m512 o1 = _mm512_add_ps(_mm512_mul_ps(a, sq), _mm512_mul_ps(b, cq));
+    if (WRITE_NORMAL) {
+      bf16_store16(yn + i, m, _mm512_sub_ps(_mm512_mul_ps(a, c), _mm512_mul_ps(b, s)));
+      bf16_store16(yn + P + i, m, _mm512_add_ps(_mm512_mul_ps(a, s), _mm512_mul_ps(b, c)));
+    }
+    bf16_store16(ysl + i, m, o0);
+    bf16_store16(ysl + P + i, m, o1);
+  }
+  // Dimensions past rotary_dim pass through unchanged (bits).
+  for (int64_t d = 2 * P; d < head_dim; ++d) {
+    if (WRITE_NORMAL) y_n[d] = x[d];
+    y_s[d] = x[d];
+  }
+}
+#endif
+
 // One head: in place or not, by a run-time flag (the same for every head).
 template <typename scalar_t, bool NEOX, bool HAS_MASK>
 DPE_ALWAYS_INLINE void rotate_head_any(const scalar_t* x, scalar_t* y_n, scalar_t* y_s,
@@ -440,7 +503,23 @@ class TokenTrig {
   std::vector<Run> runs_;
 };
 
-template <typename scalar_t, typename pos_t, bool NEOX, bool HAS_MASK>
+// One head through the AVX512-BF16 rotation (HW) or the portable one.
+template <bool HW, typename scalar_t, bool NEOX, bool HAS_MASK>
+DPE_ALWAYS_INLINE void rotate_head_dispatch(const scalar_t* x, scalar_t* y_n, scalar_t* y_s, bool in_place,
+                                            const float* cn, const float* sn, const float* cs, const float* ss,
+                                            const uint32_t* mask_row, int64_t num_pairs, int64_t head_dim) {
+#ifdef DPE_HAVE_BF16_PATH
+  if constexpr (HW) {
+    static_assert(std::is_same<scalar_t, bf16_storage>::value && NEOX, "the AVX512-BF16 rotation: bf16, neox");
+    rotate_head_bf16_neox<HAS_MASK, true>(in_place ? y_n : x, y_n, y_s, cn, sn, cs, ss, mask_row, num_pairs,
+                                          head_dim);
+    return;
+  }
+#endif
+  rotate_head_any<scalar_t, NEOX, HAS_MASK>(x, y_n, y_s, in_place, cn, sn, cs, ss, mask_row, num_pairs, head_dim);
+}
+
+template <typename scalar_t, typename pos_t, bool NEOX, bool HAS_MASK, bool HW = false>
 DPE_ALWAYS_INLINE void rope_cpu_tokens_body(const KernelArgs& p, int64_t begin, int64_t end) {
   const int64_t P = p.num_pairs, D = p.head_dim;
   TokenTrig trig(p);
@@ -484,9 +563,9 @@ DPE_ALWAYS_INLINE void rope_cpu_tokens_body(const KernelArgs& p, int64_t begin, 
     for (int64_t h = 0; h < p.heads_q; ++h) {
       const uint32_t* mrow = HAS_MASK ? mask32.data() + p.q_mask_row(h) * P : nullptr;
       scalar_t* ys = qs + p.qs_rows.at(b, s, h);
-      rotate_head_any<scalar_t, NEOX, HAS_MASK>(q + p.q_rows.at(b, s, h), qn + p.qn_rows.at(b, s, h),
-                                                stream ? scratch.data() : ys, p.q_in_place, cn, sn, cqs,
-                                                sqs, mrow, P, D);
+      rotate_head_dispatch<HW, scalar_t, NEOX, HAS_MASK>(q + p.q_rows.at(b, s, h), qn + p.qn_rows.at(b, s, h),
+                                                         stream ? scratch.data() : ys, p.q_in_place, cn, sn, cqs,
+                                                         sqs, mrow, P, D);
       if (stream) stream_row(ys, scratch.data(), row_bytes);
     }
     int64_t ko = 0, ki = 0;
@@ -501,8 +580,8 @@ DPE_ALWAYS_INLINE void rope_cpu_tokens_body(const KernelArgs& p, int64_t begin, 
       scalar_t* yn = kn + p.kn_rows.at(ko, ki, hk);
       scalar_t* ys = ks + p.ks_rows.at(ko, ki, hk * rep);
       if (HAS_MASK && rep > 1) {
-        rotate_head_any<scalar_t, NEOX, false>(x, yn, k_all_scaled.data(), p.k_in_place, cn, sn,
-                                               cks, sks, nullptr, P, D);
+        rotate_head_dispatch<HW, scalar_t, NEOX, false>(x, yn, k_all_scaled.data(), p.k_in_place, cn, sn,
+                                                        cks, sks, nullptr, P, D);
         for (int64_t r = 0; r < rep; ++r) {
           scalar_t* yr = ys + r * p.ks_rows.head;
           select_head<scalar_t>(k_all_scaled.data(), yn, elem_mask.data() + (hk * rep + r) * D,
@@ -511,8 +590,8 @@ DPE_ALWAYS_INLINE void rope_cpu_tokens_body(const KernelArgs& p, int64_t begin, 
         }
       } else {
         const uint32_t* mrow = HAS_MASK ? mask32.data() + hk * P : nullptr;
-        rotate_head_any<scalar_t, NEOX, HAS_MASK>(x, yn, stream ? scratch.data() : ys, p.k_in_place, cn,
-                                                  sn, cks, sks, mrow, P, D);
+        rotate_head_dispatch<HW, scalar_t, NEOX, HAS_MASK>(x, yn, stream ? scratch.data() : ys, p.k_in_place,
+                                                           cn, sn, cks, sks, mrow, P, D);
         if (stream) stream_row(ys, scratch.data(), row_bytes);
       }
     }
@@ -554,10 +633,25 @@ void rope_cpu_tokens_avx512(const KernelArgs& p, int64_t begin, int64_t end) {
   rope_cpu_tokens_body<scalar_t, pos_t, NEOX, HAS_MASK>(p, begin, end);
 }
 
+// AVX-512 with AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake, Sapphire
+// Rapids and later): bfloat16 in the rotate_half layout takes the intrinsic
+// rotation (rotate_head_bf16_neox); everything else is the AVX-512 body.
+template <typename scalar_t, typename pos_t, bool NEOX, bool HAS_MASK>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c,prefer-vector-width=512"), flatten))
+void rope_cpu_tokens_avx512bf16(const KernelArgs& p, int64_t begin, int64_t end) {
+  rope_cpu_tokens_body<scalar_t, pos_t, NEOX, HAS_MASK, std::is_same<scalar_t, bf16_storage>::value && NEOX>(
+      p, begin, end);
+}
+
 inline bool cpu_has_avx512() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return has;
+}
+
+inline bool cpu_has_avx512bf16() {
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
   return has;
 }
 
@@ -570,7 +664,7 @@ inline bool cpu_has_avx2() {
 
 /// The compiled bodies of the CPU kernel. kAuto (the default) runs the best
 /// one this CPU supports; the others exist to test and benchmark each body.
-enum class CpuIsa : int32_t { kAuto = 0, kBaseline = 1, kAvx2 = 2, kAvx512 = 3 };
+enum class CpuIsa : int32_t { kAuto = 0, kBaseline = 1, kAvx2 = 2, kAvx512 = 3, kAvx512Bf16 = 4 };
 
 /// True when this build and CPU can run `isa` (kAuto and kBaseline always).
 inline bool cpu_isa_supported(CpuIsa isa) {
@@ -580,9 +674,11 @@ inline bool cpu_isa_supported(CpuIsa isa) {
 #ifdef DPE_HAVE_AVX2_PATH
     case CpuIsa::kAvx2: return cpu_has_avx2();
     case CpuIsa::kAvx512: return cpu_has_avx512();
+    case CpuIsa::kAvx512Bf16: return cpu_has_avx512bf16();
 #else
     case CpuIsa::kAvx2:
-    case CpuIsa::kAvx512: return false;
+    case CpuIsa::kAvx512:
+    case CpuIsa::kAvx512Bf16: return false;
 #endif
   }
   return false;
@@ -609,6 +705,7 @@ inline CpuIsa active_cpu_isa() {
   const CpuIsa forced = detail::forced_cpu_isa();
   if (forced != CpuIsa::kAuto) return forced;
 #ifdef DPE_HAVE_AVX2_PATH
+  if (cpu_has_avx512bf16()) return CpuIsa::kAvx512Bf16;
   if (cpu_has_avx512()) return CpuIsa::kAvx512;
   if (cpu_has_avx2()) return CpuIsa::kAvx2;
 #endif
@@ -619,6 +716,7 @@ template <typename scalar_t, typename pos_t, bool NEOX, bool HAS_MASK>
 void rope_cpu_tokens_impl(const KernelArgs& p, int64_t begin, int64_t end) {
   switch (active_cpu_isa()) {
 #ifdef DPE_HAVE_AVX2_PATH
+    case CpuIsa::kAvx512Bf16: return rope_cpu_tokens_avx512bf16<scalar_t, pos_t, NEOX, HAS_MASK>(p, begin, end);
     case CpuIsa::kAvx512: return rope_cpu_tokens_avx512<scalar_t, pos_t, NEOX, HAS_MASK>(p, begin, end);
     case CpuIsa::kAvx2: return rope_cpu_tokens_avx2<scalar_t, pos_t, NEOX, HAS_MASK>(p, begin, end);
 #endif
