@@ -20,10 +20,13 @@
 //     Cody-Waite + Taylor, vectorised, within 1 ulp of sinf/cosf;
 //   * the per-head loop runs over contiguous pairs with no calls and no
 //     data-dependent control flow (mask select by bit operations), so the
-//     compiler vectorises it; it is compiled three times (baseline, AVX2+FMA,
-//     AVX-512 with 512-bit vectors) and picked at run time by CPU features;
+//     compiler vectorises it; it is compiled four times (baseline, AVX2+FMA,
+//     AVX-512 with 512-bit vectors, AVX-512 + AVX512-BF16) and picked at run
+//     time by CPU features;
 //   * float16 is the compiler's _Float16 where it has one (F16C conversions
-//     vectorise), bfloat16 a 16-bit storage with branch-free conversions;
+//     vectorise), bfloat16 a 16-bit storage with branch-free conversions, or,
+//     on AVX512-BF16 CPUs in the rotate_half layout, an intrinsic rotation
+//     whose float -> bfloat16 is the CPU's converter (rotate_head_bf16_neox);
 //   * with a per-query-head mask and GQA, each KV head is rotated once fully
 //     scaled and every scaled key head is a bitwise select between that row
 //     and the normal row (no further rotation or rounding);
