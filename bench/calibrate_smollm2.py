@@ -4,6 +4,7 @@ bench/results/calibration_smollm2_<16k|32k>.md.
 
     python bench/calibrate_smollm2.py --target 16384 --threads 1     # run or resume every step, then the report
     python bench/calibrate_smollm2.py --target 32768 --device cuda   # the 32K calibration (GPU recommended)
+    python bench/calibrate_smollm2.py --target 16384 --threads 1 --worker   # a second process helps step 1
     python bench/calibrate_smollm2.py --target 16384 --report-only   # the report from the records so far
     python bench/calibrate_smollm2.py --target 16384 --ship          # after a complete run: write the preset
 
@@ -68,11 +69,15 @@ def mask_argv(target: int, which: str, common):
             "--out-dir", p[which], "--no-plots", *common]
 
 
+def common_args(args):
+    """The dpe command-line options every step shares."""
+    common = ["--device", args.device, "--no-progress"] + (["--threads", str(args.threads)] if args.threads else [])
+    return common + (["--dtype", args.dtype] if args.dtype != "float32" else [])
+
+
 def run(args, dpe_main):
     p = paths(args.target)
-    common = ["--device", args.device, "--no-progress"] + (["--threads", str(args.threads)] if args.threads else [])
-    if args.dtype != "float32":
-        common += ["--dtype", args.dtype]
+    common = common_args(args)
     os.makedirs(p["out"], exist_ok=True)
     rc = dpe_main(detect_argv(args.target, common))
     if rc:
@@ -210,9 +215,16 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--ship", action="store_true", help="write the preset (after a complete run)")
+    ap.add_argument("--worker", action="store_true",
+                    help="help a running calibration of this target (`dpe detect --worker`: the current "
+                         "group's candidates from the far end, into the same records); exits when step 1 is done")
     args = ap.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         ap.error("--threads must be >= 1")
+    if args.worker:
+        from dpe_kernels.tools.cli import main as dpe_main
+
+        return dpe_main(detect_argv(args.target, common_args(args)) + ["--worker"])
     if not args.report_only and not args.ship:
         from dpe_kernels.tools.cli import main as dpe_main
 

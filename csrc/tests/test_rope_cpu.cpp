@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -88,10 +89,26 @@ double decode_bf16(uint16_t b) {
 
 size_t elem_size(DType dt) { return dt == DType::kFloat32 ? 4 : 2; }
 
+// 64-byte aligned storage (a cache line: the streaming stores' alignment), so
+// that views at aligned offsets take the kernel's streaming path.
+template <class T>
+struct LineAligned {
+  using value_type = T;
+  LineAligned() = default;
+  template <class U>
+  LineAligned(const LineAligned<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{64})); }
+  void deallocate(T* ptr, size_t) { ::operator delete(ptr, std::align_val_t{64}); }
+  template <class U>
+  bool operator==(const LineAligned<U>&) const { return true; }
+  template <class U>
+  bool operator!=(const LineAligned<U>&) const { return false; }
+};
+
 // A flat buffer of one dtype, addressed by element index.
 struct Buf {
   DType dt;
-  std::vector<uint8_t> bytes;
+  std::vector<uint8_t, LineAligned<uint8_t>> bytes;
   Buf(DType d, int64_t n, uint8_t fill = 0x7E) : dt(d), bytes(static_cast<size_t>(n) * elem_size(d), fill) {}
   void* data() { return bytes.data(); }
   const void* data() const { return bytes.data(); }
@@ -302,6 +319,7 @@ struct RopeCase {
   IndexType pt;
   int64_t B, S;
   std::vector<int64_t> pos;  // [B * S]
+  bool aligned = false;      // contiguous rows at 64-byte aligned addresses (streaming stores)
 };
 
 struct RopeRun {
@@ -313,8 +331,8 @@ struct RopeRun {
 // q and k views into it (token stride = row length, batch stride = S rows + 3).
 RopeRun make_run(const RopeCase& rc, Rng& rng) {
   const Config& c = rc.c;
-  const int64_t row = (c.Hq + 2 * c.Hk) * c.D + 5;
-  const int64_t bstride = rc.S * row + 3;
+  const int64_t row = (c.Hq + 2 * c.Hk) * c.D + (rc.aligned ? 0 : 5);
+  const int64_t bstride = rc.S * row + (rc.aligned ? 0 : 3);
   RopeRun r{Buf(rc.dt, rc.B * bstride), Buf(rc.dt, 1), Buf(rc.dt, 1), Buf(rc.dt, 1), Buf(rc.dt, 1),
             {}, {}, {}, {}, {}, {}};
   for (int64_t i = 0; i < r.qkv.size(); ++i) r.qkv.set(i, rng.symmetric());
@@ -326,6 +344,11 @@ RopeRun make_run(const RopeCase& rc, Rng& rng) {
   // q_scaled head-major inside each sequence: [B, H, S, D] storage viewed as [B, S, H, D]
   r.qsv = {1, c.Hq * rc.S * (c.D + 1), c.D + 1, rc.S * (c.D + 1)};
   r.ksv = {5, rc.S * c.Hks() * (c.D + 2) + 11, c.Hks() * (c.D + 2), c.D + 2};
+  if (rc.aligned) {  // every output contiguous [B, S, H, D] from offset 0
+    r.qnv = {0, rc.S * c.Hq * c.D, c.Hq * c.D, c.D};
+    r.qsv = r.qnv;
+    r.ksv = {0, rc.S * c.Hks() * c.D, c.Hks() * c.D, c.D};
+  }
   r.qn = Buf(rc.dt, extent(r.qnv, rc.B, rc.S, c.Hq, c.D) + 4);
   r.kn = Buf(rc.dt, extent(r.knv, rc.B, rc.S, c.Hk, c.D));
   r.qs = Buf(rc.dt, extent(r.qsv, rc.B, rc.S, c.Hq, c.D) + 2);
@@ -697,7 +720,7 @@ void test_validation(Rng& rng) {
        [](dpe::RopeParams& p) { p.k_normal = const_cast<void*>(p.q); p.k_normal_strides = p.q_strides; }},
       {"two outputs", ErrorCode::kInvalidAlias, "outputs", [](dpe::RopeParams& p) { p.k_scaled = p.q_scaled; }},
   };
-  const std::vector<uint8_t> before = r.qn.bytes;
+  const auto before = r.qn.bytes;
   for (const Bad& b : bads) {
     dpe::RopeParams p = good;
     b.mutate(p);
@@ -840,6 +863,20 @@ int main() {
                   IndexType::kInt64, 1, 20, {}};
       rc.pos = test_positions(rc.S, IndexType::kInt64, rng);
       test_rope_case(rc, rng, true);
+      // Aligned contiguous rows (the engine's common case): with streaming on,
+      // the intrinsic bodies store these rows non-temporally. D = 128 and
+      // partial rotary D = 128 / R = 96 (whole 16-pair vectors, pass-through
+      // dims after them), D = 64 / R = 40 (a masked tail: never streamed).
+      for (DType dt : dtypes) {
+        for (MaskKind mk : masks) {
+          const int64_t dims[3][2] = {{128, 128}, {128, 96}, {64, 40}};
+          for (const auto& dr : dims) {
+            RopeCase ra{make_config(4, 2, dr[0], dr[1], layout, mk, rng), dt, IndexType::kInt64, 2, 7, {}, true};
+            ra.pos = test_positions(ra.B * ra.S, IndexType::kInt64, rng);
+            test_rope_case(ra, rng, true);
+          }
+        }
+      }
     }
   }
   dpe::set_stream_min_bytes(dpe::kStreamMinBytes);

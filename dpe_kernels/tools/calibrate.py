@@ -402,11 +402,75 @@ def replay(records: Iterable[dict], *, target_length: int, train_length: int, sc
     return trace
 
 
+def sweep_frontier(records: Iterable[dict], *, target_length: int, train_length: int, scales: Sequence[int],
+                   samples: int, fresh_samples: Optional[int] = None, max_passes: int = 3, num_groups: int = 8,
+                   base: Optional[dict] = None) -> List[Tuple[Tuple[int, ...], int]]:
+    """The (configuration, sample) pairs the ascent needs before its next decision that the records do
+    not hold, in the order it scores them: the rest of the current group's sweep (every candidate of
+    one group is scored before the group's decision, so they can be scored in any order, by any
+    number of processes), or the start's sweep samples, or the fresh comparison. Empty when the
+    ascent is complete."""
+    records = list(records)
+    fresh = samples if fresh_samples is None else fresh_samples
+    scales = sorted(set(scales))
+    trace = replay(records, target_length=target_length, train_length=train_length, scales=scales,
+                   samples=samples, fresh_samples=fresh, max_passes=max_passes, num_groups=num_groups, base=base)
+    if trace["pending"] is None:
+        return []
+    have = {(tuple(r["scales"]), r["sample"]) for r in records if base is None or _record_matches(r, base)}
+    start = tuple(trace["start"])
+    cur = list(start)
+    for step in trace["steps"]:
+        if step["chosen"] is not None:
+            cur[step["group"]] = step["chosen"]
+    cur = tuple(cur)
+    cfg, i = tuple(trace["pending"]["scales"]), trace["pending"]["sample"]
+    sweep_idx, fresh_idx = list(range(samples)), list(range(samples, samples + fresh))
+    if i >= samples:  # the final comparison: the final configuration, then the start, on fresh samples
+        todo = [(cur, j) for j in fresh_idx] + [(start, j) for j in fresh_idx]
+    elif cfg == cur:  # the incumbent's own scores (the start, before the first sweep)
+        todo = [(cur, j) for j in sweep_idx]
+    else:
+        g = next(k for k in range(len(cur)) if cfg[k] != cur[k])
+        todo = [(cur[:g] + (s,) + cur[g + 1:], j) for s in scales if s != cur[g] for j in sweep_idx]
+    return [x for x in todo if x not in have]
+
+
+class _Claims:
+    """Which (configuration, sample) another live process on this machine is scoring: one JSON line
+    per claim in ``<jsonl>.claims``; a claim whose process has exited no longer counts."""
+
+    def __init__(self, jsonl: os.PathLike):
+        self.path = Path(str(jsonl) + ".claims")
+
+    def claim(self, cfg: Tuple[int, ...], sample: int):
+        from .eval.runner import append_record
+
+        append_record(self.path, {"scales": list(cfg), "sample": sample, "pid": os.getpid(),
+                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+    def live(self) -> set:
+        from .eval.runner import read_records
+
+        out = set()
+        for c in read_records(self.path):
+            pid = int(c.get("pid", -1))
+            if pid == os.getpid():
+                continue
+            try:
+                os.kill(pid, 0)
+            except (ProcessLookupError, PermissionError, OverflowError, ValueError):
+                continue
+            out.add((tuple(c["scales"]), c["sample"]))
+        return out
+
+
 def detect(model, tokenizer, *, target_length: int, train_length: Optional[int] = None,
            scales: Sequence[int] = (1, 2, 4, 8, 16), scorer: str = "passkey-logprob", samples: int = 4,
            fresh_samples: Optional[int] = None, max_passes: int = 3, window: int = 1024, num_groups: int = 8,
            mask: Optional[torch.Tensor] = None, jsonl: Optional[os.PathLike] = None, progress: bool = True,
-           seed: int = 0, attention_backend: str = "auto", log=print) -> DetectResult:
+           seed: int = 0, attention_backend: str = "auto", log=print, worker: bool = False,
+           poll_s: float = 20.0) -> Optional[DetectResult]:
     """Step 2: :func:`coordinate_ascent` from the Self-Extend point at ``target_length``.
 
     Samples ``0 .. samples-1`` drive the sweep, ``samples .. samples+fresh_samples-1`` (default
@@ -414,10 +478,17 @@ def detect(model, tokenizer, *, target_length: int, train_length: Optional[int] 
     (configuration, sample) is one record appended to ``jsonl``; a rerun with the same setting
     reads them back and scores only what is missing, so an interrupted calibration resumes (the
     ascent is deterministic given the scores). Returns :class:`DetectResult`.
+
+    More processes can share the work on one ``jsonl`` (same setting): the main one (``worker=False``)
+    makes the decisions; each ``worker=True`` process scores the current group's candidates from the
+    far end of :func:`sweep_frontier` and returns None when the ascent is complete. Before each
+    forward every process rereads the records, and marks what it scores in ``<jsonl>.claims``; a
+    process waiting for a (configuration, sample) another live process claimed scores something else
+    on the frontier meanwhile, or polls every ``poll_s`` seconds.
     """
     from tqdm.auto import tqdm
 
-    from .eval.runner import append_record, resume_records
+    from .eval.runner import append_record, read_records, resume_records
     from ..integrations.hf import apply_dpe
     from .models import train_length as model_train_length
 
@@ -430,6 +501,10 @@ def detect(model, tokenizer, *, target_length: int, train_length: Optional[int] 
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     if samples < 2:
         raise ValueError(f"samples must be >= 2 (a gain is accepted only beyond its standard error), got {samples}")
+    if worker and not jsonl:
+        raise ValueError("worker=True shares the work through the records: it needs jsonl")
+    if not isinstance(poll_s, (int, float)) or isinstance(poll_s, bool) or not poll_s > 0:
+        raise ValueError(f"poll_s must be a positive number of seconds, got {poll_s!r}")
     if not scales or any(not is_int(s) or s < 1 for s in scales):
         raise ValueError(f"scales must be positive ints, got {list(scales)!r}")
     scales = sorted(set(scales))
@@ -441,36 +516,85 @@ def detect(model, tokenizer, *, target_length: int, train_length: Optional[int] 
     base = {"target_length": target_length, "train_length": T, "scorer": scorer, "window": window,
             "masked": mask is not None, "mask_id": _mask_id(mask), "seed": seed, "dtype": dtype}
     cache: Dict[tuple, dict] = {}
-    for r in resume_records(jsonl) if jsonl else []:
-        if _record_matches(r, base) and len(r["scales"]) == num_groups:
-            cache.setdefault((tuple(r["scales"]), r["sample"]), r)
+
+    def load(rs):
+        for r in rs:
+            if _record_matches(r, base) and len(r["scales"]) == num_groups:
+                cache.setdefault((tuple(r["scales"]), r["sample"]), r)
+
+    load(resume_records(jsonl) if jsonl else [])
+    claims = _Claims(jsonl) if jsonl else None
     records: List[dict] = []
     used = set()
     fresh_idx = list(range(samples, samples + fresh_samples))
     bar = tqdm(desc=f"detect ({scorer} @ {target_length})", unit="run", disable=not progress)
+    frontier_kw = dict(target_length=target_length, train_length=T, scales=scales, samples=samples,
+                       fresh_samples=fresh_samples, max_passes=max_passes, num_groups=num_groups, base=base)
+
+    def score_one(cfg: Tuple[int, ...], i: int):
+        if claims is not None:
+            claims.claim(cfg, i)
+        bar.set_postfix_str(f"scales {list(cfg)}")
+        handle = apply_dpe(model, DPEConfig.uniform(window, list(cfg), P, mask=mask),
+                           attention_backend=attention_backend)
+        try:
+            res = score_sample(model, tokenizer, scorer, target_length, i, T, seed)
+        finally:
+            handle.remove()
+        rec = {**base, "phase": "fresh" if i in fresh_idx else "sweep", "scales": list(cfg),
+               "sample": i, **res, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        cache[(cfg, i)] = rec
+        if jsonl:
+            append_record(jsonl, rec)
+        bar.update(1)
+
+    def other_work(front: bool):
+        """An unclaimed (configuration, sample) of the frontier, from its front or its end, or None."""
+        todo = [x for x in sweep_frontier(cache.values(), **frontier_kw) if x not in cache]
+        taken = claims.live() if claims is not None else set()
+        free = [x for x in todo if x not in taken]
+        return (free[0] if front else free[-1]) if free else None
+
+    def ensure(cfg: Tuple[int, ...], i: int):
+        while (cfg, i) not in cache:
+            if jsonl:
+                load(read_records(jsonl))  # another process's records
+                if (cfg, i) in cache:
+                    break
+            if claims is None or (cfg, i) not in claims.live():
+                score_one(cfg, i)
+                break
+            nxt = other_work(front=True)  # claimed by a live worker: help elsewhere meanwhile
+            if nxt is not None:
+                score_one(*nxt)
+            else:
+                time.sleep(poll_s)
 
     def score(cfg: Tuple[int, ...], idx: Sequence[int]) -> List[float]:
-        todo = [i for i in idx if (cfg, i) not in cache]
-        if todo:
-            bar.set_postfix_str(f"scales {list(cfg)}")
-            handle = apply_dpe(model, DPEConfig.uniform(window, list(cfg), P, mask=mask),
-                               attention_backend=attention_backend)
-            try:
-                for i in todo:
-                    res = score_sample(model, tokenizer, scorer, target_length, i, T, seed)
-                    rec = {**base, "phase": "fresh" if i in fresh_idx else "sweep", "scales": list(cfg),
-                           "sample": i, **res, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-                    cache[(cfg, i)] = rec
-                    if jsonl:
-                        append_record(jsonl, rec)
-                    bar.update(1)
-            finally:
-                handle.remove()
+        for i in idx:
+            ensure(cfg, i)
         for i in idx:
             if (cfg, i) not in used:
                 used.add((cfg, i))
                 records.append(cache[(cfg, i)])
         return [float(cache[(cfg, i)]["score"]) for i in idx]
+
+    if worker:
+        try:
+            while True:
+                load(read_records(jsonl))
+                todo = [x for x in sweep_frontier(cache.values(), **frontier_kw) if x not in cache]
+                if not todo:
+                    if log:
+                        log(f"detect worker: the ascent is complete ({len(cache)} records of this setting)")
+                    return None
+                nxt = other_work(front=False) if len(todo) > 1 else None  # the main one scores the front
+                if nxt is None or nxt == todo[0]:
+                    time.sleep(poll_s)
+                    continue
+                score_one(*nxt)
+        finally:
+            bar.close()
 
     trace: dict = {}
     try:

@@ -332,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train-length", type=_positive_int, default=None, help="pre-training length (default: model config)")
     t.add_argument("--out", default="dpe_config.json", help="config JSON (default: dpe_config.json)")
     t.add_argument("--jsonl", default=None, help="records (default: OUT with .jsonl)")
+    t.add_argument("--worker", action="store_true",
+                   help="help a running `dpe detect` with the same arguments: score the current group's "
+                        "candidates from the far end into the same --jsonl (the main process makes the "
+                        "decisions and writes OUT); exits when the ascent is complete")
     t.add_argument("--seed", type=_int, default=0, help="seed of the keys / needles (default: 0)")
     t.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     _add_model_args(t)
@@ -685,7 +689,10 @@ def cmd_detect(args) -> int:
         res = detect(model, tok, target_length=args.target_length, train_length=T, scales=args.scales,
                      scorer=args.scorer, samples=args.samples, fresh_samples=args.fresh_samples,
                      max_passes=args.max_passes, window=args.window, num_groups=args.groups, mask=args.mask_obj,
-                     jsonl=jsonl, progress=args.progress, seed=args.seed)
+                     jsonl=jsonl, progress=args.progress, seed=args.seed, worker=args.worker)
+    if res is None:  # a worker: the main process writes the configuration
+        print(f"detect worker: done; records in {jsonl}")
+        return 0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     res.config.to_json(out)

@@ -193,6 +193,123 @@ def test_ascent_keeps_the_start_when_fresh_samples_disagree():
     assert t["kept"] == [4, 4] and t["fresh"] is None and t["passes"] == 1
 
 
+def _accepting_table():
+    """The table of test_ascent_accepts_only_beyond_the_standard_error (start (4, 4), scales 2 4 8,
+    sweep samples 0-3, fresh 4-7): group 0 moves to 8, group 1 stays, the final is kept."""
+    table = {(4, 4): [0.0, 1.0, 2.0, 3.0], (2, 4): [3.0, 0.0, 5.0, 2.0], (8, 4): [0.5, 1.5, 2.5, 3.5],
+             (8, 2): [0.5, 1.5, 2.5, 3.5], (8, 8): [0.4, 1.5, 2.5, 3.5]}
+    for cfg in list(table):
+        table[cfg] = table[cfg] + [9.0] * 4
+    table[(8, 4)][4:] = [9.5] * 4
+    return table
+
+
+def test_sweep_frontier_follows_the_ascent():
+    """Filled from the far end, as a worker does, the frontier always names what the ascent needs
+    before its next decision, and the records it led to give the ascent's own result."""
+    table = _accepting_table()
+    kw = dict(target_length=16384, train_length=8192, scales=[2, 4, 8], samples=4, fresh_samples=4,
+              max_passes=3, num_groups=2)
+    records = []
+    frontiers = []
+    while True:
+        f = C.sweep_frontier(records, **kw)
+        if not f:
+            break
+        frontiers.append(f)
+        assert len(frontiers) < 100
+        cfg, i = f[-1]
+        records.append({"scales": list(cfg), "sample": i, "score": table[cfg][i]})
+    assert frontiers[0] == [((4, 4), j) for j in range(4)]                      # the start's samples
+    assert frontiers[4] == [((2, 4), j) for j in range(4)] + [((8, 4), j) for j in range(4)]  # group 0
+    assert frontiers[12] == [((8, 2), j) for j in range(4)] + [((8, 8), j) for j in range(4)]  # group 1
+    assert frontiers[-1] == [((8, 4), 4)]                                        # the fresh comparison's last
+    assert all(len(b) == len(a) - 1 for a, b in zip(frontiers, frontiers[1:]) if len(b) < len(a))
+    want = C.coordinate_ascent(_table_score(table), (4, 4), [2, 4, 8], [0, 1, 2, 3], [4, 5, 6, 7], max_passes=3)
+    got = C.replay(records, **kw)
+    assert got["pending"] is None and got["kept"] == want["kept"] == [8, 4] and got["steps"] == want["steps"]
+    # records of another setting are not this run's (base), and nothing is needed twice
+    other = [{**r, "scorer": "ppl"} for r in records]
+    assert C.sweep_frontier(other, **kw, base={"scorer": "passkey-logprob"})[0] == ((4, 4), 0)
+    assert len({(tuple(r["scales"]), r["sample"]) for r in records}) == len(records)
+
+
+_WORKER = """
+import sys, time, torch
+from dpe_kernels.tools import calibrate as C
+from dpe_kernels.tools.models import tiny_random_llama
+torch.set_num_threads(1)
+model, tok = tiny_random_llama(layers=3)
+real = C.score_sample
+def slow(*a, **k):  # its claims stay live a while: the main one meets them
+    time.sleep(0.4)
+    return real(*a, **k)
+C.score_sample = slow
+kw = dict(target_length=320, train_length=256, scales=[2, 4], scorer="passkey-logprob", samples=2, fresh_samples=2,
+          max_passes=2, window=32, num_groups=2, progress=False, log=None)
+res = C.detect(model, tok, jsonl=sys.argv[1], worker=True, poll_s=0.05, **kw)
+assert res is None
+print("worker done")
+"""
+
+
+def test_detect_with_a_worker_process(tiny, tmp_path, monkeypatch):
+    """A worker process and the main one share one ascent: no (configuration, sample) is scored
+    twice, the worker scores some, and the decisions are those of a run alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model, tok = tiny
+    kw = dict(target_length=320, train_length=256, scales=[2, 4], scorer="passkey-logprob", samples=2,
+              fresh_samples=2, max_passes=2, window=32, num_groups=2, progress=False, log=None)
+    alone = C.detect(model, tok, jsonl=tmp_path / "alone.jsonl", **kw)
+    jsonl = tmp_path / "shared.jsonl"
+    worker = subprocess.Popen([sys.executable, "-c", _WORKER, str(jsonl)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        claims = tmp_path / "shared.jsonl.claims"
+        deadline = time.time() + 120
+        while not claims.exists() and time.time() < deadline and worker.poll() is None:
+            time.sleep(0.05)  # the worker starts first: with no records it takes the start's last sample
+        assert claims.exists(), worker.communicate()[0] if worker.poll() is not None else "worker never claimed"
+        real = C.score_sample
+
+        def slow(*a, **k):  # both slow, so each meets the other's live claims
+            time.sleep(0.3)
+            return real(*a, **k)
+
+        monkeypatch.setattr(C, "score_sample", slow)
+
+        def hung(*_):
+            raise TimeoutError("detect with a worker did not finish in 180 s")
+
+        old = signal.signal(signal.SIGALRM, hung)  # a deadlock fails the test instead of hanging it
+        signal.alarm(180)
+        try:
+            shared = C.detect(model, tok, jsonl=jsonl, poll_s=0.05, **kw)
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
+        out, _ = worker.communicate(timeout=120)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert worker.returncode == 0 and "worker done" in out, out
+    assert shared.trace["kept"] == alone.trace["kept"] and shared.trace["steps"] == alone.trace["steps"]
+    lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
+    keys = [(tuple(r["scales"]), r["sample"]) for r in lines]
+    assert len(keys) == len(set(keys)) == len(alone.records)  # nothing scored twice, nothing missing
+    by_worker = {(tuple(c["scales"]), c["sample"]) for c in map(json.loads, claims.read_text().splitlines())
+                 if c["pid"] == worker.pid}
+    assert by_worker and by_worker <= set(keys) and len(by_worker) < len(keys)
+    alone_scores = {(tuple(r["scales"]), r["sample"]): r["score"] for r in alone.records}
+    assert all(r["score"] == pytest.approx(alone_scores[(tuple(r["scales"]), r["sample"])], abs=1e-5) for r in lines)
+
+
 def test_ascent_bad_input():
     with pytest.raises(ValueError, match="at least 2 samples"):
         C.coordinate_ascent(lambda c, i: [0.0] * len(i), (4,), [2, 4], [0], [1])
@@ -272,6 +389,10 @@ def test_detect_bad_input(tiny):
         C.detect(model, tok, target_length=300, samples=1, progress=False)
     with pytest.raises(ValueError, match="max_passes"):
         C.detect(model, tok, target_length=300, max_passes=0, progress=False)
+    with pytest.raises(ValueError, match="needs jsonl"):
+        C.detect(model, tok, target_length=300, worker=True, progress=False)
+    with pytest.raises(ValueError, match="poll_s"):
+        C.detect(model, tok, target_length=300, poll_s=0, progress=False)
 
 
 def test_cli_select_dims_and_detect(tmp_path, capsys):

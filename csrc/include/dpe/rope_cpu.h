@@ -26,7 +26,7 @@
 //   * float16 is the compiler's _Float16 where it has one (F16C conversions
 //     vectorise), bfloat16 a 16-bit storage with branch-free conversions, or,
 //     on AVX512-BF16 CPUs in the rotate_half layout, an intrinsic rotation
-//     whose float -> bfloat16 is the CPU's converter (rotate_head_bf16_neox);
+//     whose float -> bfloat16 is the CPU's converter (rotate_head_avx512_neox);
 //   * with a per-query-head mask and GQA, each KV head is rotated once fully
 //     scaled and every scaled key head is a bitwise select between that row
 //     and the normal row (no further rotation or rounding);
@@ -300,59 +300,146 @@ DPE_ALWAYS_INLINE void rotate_head_in_place(scalar_t* xy, scalar_t* __restrict y
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define DPE_HAVE_BF16_PATH 1
-// bfloat16, rotate_half layout, on CPUs with AVX512-BF16: the rotation of
-// rotate_head / rotate_head_in_place written with intrinsics so that float ->
-// bfloat16 is the CPU's converter (VCVTNEPS2BF16, round to nearest even, one
-// instruction per 16 values) instead of the portable branch-free rounding,
-// whose operations dominate the 16-bit body. The converter treats float
-// denormals as zero and quiets NaNs keeping their payload (bf16_storage gives
-// 0x7FC0): results differ only there. x may be y_n (in place: each 16-pair
-// slice is loaded before it is stored). Not always_inline: it is inlined into
-// its body's `flatten` entry, whose target covers it.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline __m512 bf16_load16(const uint16_t* src,
-                                                                                        __mmask16 m) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, src)), 16));
-}
+// float32 and bfloat16, rotate_half layout, on CPUs with AVX512-BF16: the
+// rotation of rotate_head / rotate_head_in_place written with intrinsics.
+//   * bfloat16: float -> bfloat16 is the CPU's converter (VCVTNEPS2BF16,
+//     round to nearest even, one instruction per 16 values) instead of the
+//     portable branch-free rounding, whose operations dominate the 16-bit
+//     body. The converter treats float denormals as zero and quiets NaNs
+//     keeping their payload (bf16_storage gives 0x7FC0): results differ only
+//     there.
+//   * streaming: fresh outputs (the scaled rows; the normal rows when not in
+//     place) of a large call go straight from registers to memory with
+//     non-temporal stores, a full 64-byte line (float32) or half a line
+//     (bfloat16) per store, so no line is read for ownership first and no
+//     scratch copy is made (see kStreamMinBytes). NT_N / NT_S are only set by
+//     the caller when the row is aligned to the store (64 / 32 bytes) and the
+//     pairs fill whole 16-lane vectors (num_pairs % 16 == 0).
+// x may be y_n (in place: each 16-pair slice is loaded before it is stored).
+// One target for both element types (the bf16 converter needs avx512bf16), so
+// this body runs on AVX512-BF16 CPUs only; the AVX-512 body without it keeps
+// the portable rotation. The entry, rotate_heads_avx512_neox, rotates every
+// head of one token: it cannot be inlined into the target-less token loop
+// (rope_cpu_tokens_body), and one call per head measured ~20% slower in
+// bfloat16 than one per token.
+// The target of rope_cpu_tokens_avx512bf16 exactly (GCC inlines only between
+// equal targets); the helpers are always_inline into rotate_heads_avx512_neox.
+#define DPE_AVX512BF16_ATTR target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c,prefer-vector-width=512")
+#define DPE_AVX512BF16_TARGET __attribute__((DPE_AVX512BF16_ATTR, always_inline))
 
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void bf16_store16(uint16_t* dst, __mmask16 m,
-                                                                                       __m512 v) {
-  const __m256bh h = _mm512_cvtneps_pbh(v);
-  _mm256_mask_storeu_epi16(dst, m, reinterpret_cast<const __m256i&>(h));
-}
-
-template <bool HAS_MASK, bool WRITE_NORMAL>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void rotate_head_bf16_neox(
-    const bf16_storage* x, bf16_storage* y_n, bf16_storage* y_s, const float* cn, const float* sn,
-    const float* cs, const float* ss, const uint32_t* mask_row, int64_t num_pairs, int64_t head_dim) {
-  const int64_t P = num_pairs;
-  const uint16_t* xl = reinterpret_cast<const uint16_t*>(x);
-  uint16_t* yn = reinterpret_cast<uint16_t*>(y_n);
-  uint16_t* ysl = reinterpret_cast<uint16_t*>(y_s);
-  for (int64_t i = 0; i < P; i += 16) {
-    const __mmask16 m = P - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (P - i)) - 1u);
-    const __m512 a = bf16_load16(xl + i, m), b = bf16_load16(xl + P + i, m);
-    const __m512 c = _mm512_maskz_loadu_ps(m, cn + i), s = _mm512_maskz_loadu_ps(m, sn + i);
-    __m512 cq = _mm512_maskz_loadu_ps(m, cs + i), sq = _mm512_maskz_loadu_ps(m, ss + i);
-    if (HAS_MASK) {
-      const __m512i km = _mm512_maskz_loadu_epi32(m, mask_row + i);
-      const __mmask16 key_dim = _mm512_test_epi32_mask(km, km);
-      cq = _mm512_mask_blend_ps(key_dim, c, cq);
-      sq = _mm512_mask_blend_ps(key_dim, s, sq);
-    }
-    // rotate_pair: (a c - b s, a s + b c)
-    const __m512 o0 = _mm512_sub_ps(_mm512_mul_ps(a, cq), _mm512_mul_ps(b, sq));
-    const __m512 o1 = _mm512_add_ps(_mm512_mul_ps(a, sq), _mm512_mul_ps(b, cq));
-    if (WRITE_NORMAL) {
-      bf16_store16(yn + i, m, _mm512_sub_ps(_mm512_mul_ps(a, c), _mm512_mul_ps(b, s)));
-      bf16_store16(yn + P + i, m, _mm512_add_ps(_mm512_mul_ps(a, s), _mm512_mul_ps(b, c)));
-    }
-    bf16_store16(ysl + i, m, o0);
-    bf16_store16(ysl + P + i, m, o1);
+struct F32Lanes {  // 16 float32 values
+  using elem = float;
+  template <bool FULL>
+  DPE_AVX512BF16_TARGET static __m512 load(const float* src, __mmask16 m) {
+    return FULL ? _mm512_loadu_ps(src) : _mm512_maskz_loadu_ps(m, src);
   }
+  template <bool FULL, bool NT>
+  DPE_AVX512BF16_TARGET static void store(float* dst, __mmask16 m, __m512 v) {
+    if (NT) _mm512_stream_ps(dst, v);  // 64-byte aligned, FULL (caller's guarantee)
+    else if (FULL) _mm512_storeu_ps(dst, v);
+    else _mm512_mask_storeu_ps(dst, m, v);
+  }
+};
+
+struct Bf16Lanes {  // 16 bfloat16 values, computed in float32
+  using elem = bf16_storage;
+  template <bool FULL>
+  DPE_AVX512BF16_TARGET static __m512 load(const bf16_storage* src, __mmask16 m) {
+    // (maskz forms with a full mask: the unmasked intrinsics start from
+    // _mm512_undefined, which GCC 12 reports as maybe-uninitialized)
+    const __m256i h = FULL ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))
+                           : _mm256_maskz_loadu_epi16(m, src);
+    return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xFFFF, _mm512_maskz_cvtepu16_epi32(0xFFFF, h), 16));
+  }
+  template <bool FULL, bool NT>
+  DPE_AVX512BF16_TARGET static void store(bf16_storage* dst, __mmask16 m, __m512 v) {
+    const __m256bh hb = _mm512_cvtneps_pbh(v);
+    const __m256i h = reinterpret_cast<const __m256i&>(hb);
+    if (NT) _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), h);  // 32-byte aligned, FULL
+    else if (FULL) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), h);
+    else _mm256_mask_storeu_epi16(dst, m, h);
+  }
+};
+
+// 16 pairs starting at pair i; FULL: all 16 lanes (unmasked loads, measured
+// faster than masked ones on Zen 4), else the first `m` lanes.
+template <class Lanes, bool FULL, bool HAS_MASK, bool NT_N, bool NT_S>
+DPE_AVX512BF16_TARGET inline void rotate_16_pairs(const typename Lanes::elem* x, typename Lanes::elem* y_n,
+                                                  typename Lanes::elem* y_s, const float* cn, const float* sn,
+                                                  const float* cs, const float* ss, const uint32_t* mask_row,
+                                                  int64_t P, int64_t i, __mmask16 m) {
+  const __m512 a = Lanes::template load<FULL>(x + i, m), b = Lanes::template load<FULL>(x + P + i, m);
+  const __m512 c = FULL ? _mm512_loadu_ps(cn + i) : _mm512_maskz_loadu_ps(m, cn + i);
+  const __m512 s = FULL ? _mm512_loadu_ps(sn + i) : _mm512_maskz_loadu_ps(m, sn + i);
+  __m512 cq = FULL ? _mm512_loadu_ps(cs + i) : _mm512_maskz_loadu_ps(m, cs + i);
+  __m512 sq = FULL ? _mm512_loadu_ps(ss + i) : _mm512_maskz_loadu_ps(m, ss + i);
+  if (HAS_MASK) {
+    const __m512i km = FULL ? _mm512_loadu_si512(mask_row + i) : _mm512_maskz_loadu_epi32(m, mask_row + i);
+    const __mmask16 key_dim = _mm512_test_epi32_mask(km, km);
+    cq = _mm512_mask_blend_ps(key_dim, c, cq);
+    sq = _mm512_mask_blend_ps(key_dim, s, sq);
+  }
+  // rotate_pair: (a c - b s, a s + b c)
+  Lanes::template store<FULL, NT_N>(y_n + i, m, _mm512_sub_ps(_mm512_mul_ps(a, c), _mm512_mul_ps(b, s)));
+  Lanes::template store<FULL, NT_N>(y_n + P + i, m, _mm512_add_ps(_mm512_mul_ps(a, s), _mm512_mul_ps(b, c)));
+  Lanes::template store<FULL, NT_S>(y_s + i, m, _mm512_sub_ps(_mm512_mul_ps(a, cq), _mm512_mul_ps(b, sq)));
+  Lanes::template store<FULL, NT_S>(y_s + P + i, m, _mm512_add_ps(_mm512_mul_ps(a, sq), _mm512_mul_ps(b, cq)));
+}
+
+template <class Lanes, bool HAS_MASK, bool NT_N, bool NT_S>
+DPE_AVX512BF16_TARGET inline void rotate_head_avx512_neox(const typename Lanes::elem* x, typename Lanes::elem* y_n,
+                                                          typename Lanes::elem* y_s, const float* cn, const float* sn,
+                                                          const float* cs, const float* ss, const uint32_t* mask_row,
+                                                          int64_t num_pairs, int64_t head_dim) {
+  const int64_t P = num_pairs;
+  int64_t i = 0;
+  for (; i + 16 <= P; i += 16)
+    rotate_16_pairs<Lanes, true, HAS_MASK, NT_N, NT_S>(x, y_n, y_s, cn, sn, cs, ss, mask_row, P, i, 0xFFFF);
+  // NT_* only with whole vectors: the tail is always ordinary stores.
+  if (i < P)
+    rotate_16_pairs<Lanes, false, HAS_MASK, false, false>(x, y_n, y_s, cn, sn, cs, ss, mask_row, P, i,
+                                                          static_cast<__mmask16>((1u << (P - i)) - 1u));
   // Dimensions past rotary_dim pass through unchanged (bits).
   for (int64_t d = 2 * P; d < head_dim; ++d) {
-    if (WRITE_NORMAL) y_n[d] = x[d];
+    y_n[d] = x[d];
     y_s[d] = x[d];
+  }
+}
+
+// The streaming choice per row: NT stores need the row aligned to the store
+// width and whole vectors.
+template <class Lanes, bool HAS_MASK>
+DPE_AVX512BF16_TARGET inline void rotate_head_avx512_neox_any(const typename Lanes::elem* x,
+                                                              typename Lanes::elem* y_n, typename Lanes::elem* y_s,
+                                                              bool stream_n, bool stream_s, const float* cn,
+                                                              const float* sn, const float* cs, const float* ss,
+                                                              const uint32_t* mask_row, int64_t num_pairs,
+                                                              int64_t head_dim) {
+  constexpr uintptr_t kAlign = sizeof(typename Lanes::elem) * 16 - 1;  // 64 bytes float32, 32 bfloat16
+  const bool whole = num_pairs % 16 == 0;
+  stream_n = stream_n && whole && (reinterpret_cast<uintptr_t>(y_n) & kAlign) == 0;
+  stream_s = stream_s && whole && (reinterpret_cast<uintptr_t>(y_s) & kAlign) == 0;
+  if (stream_s) {
+    if (stream_n) rotate_head_avx512_neox<Lanes, HAS_MASK, true, true>(x, y_n, y_s, cn, sn, cs, ss, mask_row, num_pairs, head_dim);
+    else rotate_head_avx512_neox<Lanes, HAS_MASK, false, true>(x, y_n, y_s, cn, sn, cs, ss, mask_row, num_pairs, head_dim);
+  } else {
+    rotate_head_avx512_neox<Lanes, HAS_MASK, false, false>(x, y_n, y_s, cn, sn, cs, ss, mask_row, num_pairs, head_dim);
+  }
+}
+
+// Heads h = 0 .. H-1 of one token: rows x + h * x_head, y_n + h * yn_head,
+// y_s + h * ys_head; mask row (h / mask_div) of mask32 (HAS_MASK).
+template <class Lanes, bool HAS_MASK>
+__attribute__((DPE_AVX512BF16_ATTR)) void rotate_heads_avx512_neox(
+    const typename Lanes::elem* x, int64_t x_head, typename Lanes::elem* y_n, int64_t yn_head,
+    typename Lanes::elem* y_s, int64_t ys_head, int64_t H, const uint32_t* mask32, int64_t mask_div, bool in_place,
+    bool stream_n, bool stream_s, const float* cn, const float* sn, const float* cs, const float* ss, int64_t P,
+    int64_t D) {
+  for (int64_t h = 0; h < H; ++h) {
+    typename Lanes::elem* yn = y_n + h * yn_head;
+    const uint32_t* mrow = HAS_MASK ? mask32 + (h / mask_div) * P : nullptr;
+    rotate_head_avx512_neox_any<Lanes, HAS_MASK>(in_place ? yn : x + h * x_head, yn, y_s + h * ys_head,
+                                                 stream_n && !in_place, stream_s, cn, sn, cs, ss, mrow, P, D);
   }
 }
 #endif
@@ -408,15 +495,19 @@ DPE_ALWAYS_INLINE void select_head(const scalar_t* __restrict a, const scalar_t*
 // read of every scaled byte, a third of the in-place kernel's traffic. Below
 // kStreamMinBytes the outputs likely stay in cache for their consumer (the
 // attention that follows), where ordinary stores are cheaper; above it they
-// are evicted anyway. The row is rotated into an L1 scratch row and copied out
-// with 16-byte streaming stores (SSE2, in every x86-64 build; the
-// write-combining buffers merge them into full lines). Other targets, or a
-// row not 16-byte aligned, use memcpy. float32 only: measured on an AVX-512
-// EPYC (T = 16K, 32/8 heads, D = 128, in place, the same process alternating
-// both), streaming took float32 from 46-51 to 44-47 ms on one thread and 31-39
-// to 29-36 ms on two, but bfloat16 from 27-29 to 32-33 ms: the 16-bit body is
-// bound by its conversions, not by memory, and the scratch pass costs more
-// than the read-for-ownership it saves.
+// are evicted anyway. Two ways:
+//   * the intrinsic AVX512-BF16 bodies (float32 and bfloat16, rotate_half)
+//     store aligned rows straight from registers (rotate_head_avx512_neox),
+//     and the normal rows too when they are fresh (not in place). Measured on
+//     an AVX-512 EPYC (Zen 4, no AMX; T = 16K, 32/8 heads, D = 128, in place,
+//     one thread): float32 34-38 -> 28-30 ms, bfloat16 20-21 -> 17-18 ms;
+//   * elsewhere float32 only: the row is rotated into an L1 scratch row and
+//     copied out with 16-byte streaming stores (SSE2, in every x86-64 build;
+//     the write-combining buffers merge them into full lines); other targets,
+//     or a row not 16-byte aligned, use memcpy. Measured as above: 46-51 ->
+//     44-47 ms (one thread); for the portable bfloat16 body the scratch pass
+//     cost more than it saved (27-29 -> 32-33 ms), so bfloat16 is not
+//     streamed there.
 constexpr int64_t kStreamMinBytes = int64_t{16} << 20;
 
 namespace detail {
@@ -506,20 +597,31 @@ class TokenTrig {
   std::vector<Run> runs_;
 };
 
-// One head through the AVX512-BF16 rotation (HW) or the portable one.
+// All heads of one token through the AVX512-BF16 rotation (HW: float32 or
+// bfloat16, rotate_half layout) or, head by head, the portable one.
 template <bool HW, typename scalar_t, bool NEOX, bool HAS_MASK>
-DPE_ALWAYS_INLINE void rotate_head_dispatch(const scalar_t* x, scalar_t* y_n, scalar_t* y_s, bool in_place,
-                                            const float* cn, const float* sn, const float* cs, const float* ss,
-                                            const uint32_t* mask_row, int64_t num_pairs, int64_t head_dim) {
+DPE_ALWAYS_INLINE void rotate_heads_dispatch(const scalar_t* x, int64_t x_head, scalar_t* y_n, int64_t yn_head,
+                                             scalar_t* y_s, int64_t ys_head, int64_t H, const uint32_t* mask32,
+                                             int64_t mask_div, bool in_place, bool stream_n, bool stream_s,
+                                             const float* cn, const float* sn, const float* cs, const float* ss,
+                                             int64_t num_pairs, int64_t head_dim) {
 #ifdef DPE_HAVE_BF16_PATH
   if constexpr (HW) {
-    static_assert(std::is_same<scalar_t, bf16_storage>::value && NEOX, "the AVX512-BF16 rotation: bf16, neox");
-    rotate_head_bf16_neox<HAS_MASK, true>(in_place ? y_n : x, y_n, y_s, cn, sn, cs, ss, mask_row, num_pairs,
-                                          head_dim);
+    static_assert(NEOX, "the AVX512-BF16 rotation: rotate_half layout");
+    using Lanes = typename std::conditional<std::is_same<scalar_t, float>::value, F32Lanes, Bf16Lanes>::type;
+    static_assert(std::is_same<typename Lanes::elem, scalar_t>::value, "the AVX512-BF16 rotation: float32, bfloat16");
+    rotate_heads_avx512_neox<Lanes, HAS_MASK>(x, x_head, y_n, yn_head, y_s, ys_head, H, mask32, mask_div, in_place,
+                                              stream_n, stream_s, cn, sn, cs, ss, num_pairs, head_dim);
     return;
   }
 #endif
-  rotate_head_any<scalar_t, NEOX, HAS_MASK>(x, y_n, y_s, in_place, cn, sn, cs, ss, mask_row, num_pairs, head_dim);
+  (void)stream_n;
+  (void)stream_s;
+  for (int64_t h = 0; h < H; ++h) {
+    const uint32_t* mrow = HAS_MASK ? mask32 + (h / mask_div) * num_pairs : nullptr;
+    rotate_head_any<scalar_t, NEOX, HAS_MASK>(x + h * x_head, y_n + h * yn_head, y_s + h * ys_head, in_place, cn, sn,
+                                              cs, ss, mrow, num_pairs, head_dim);
+  }
 }
 
 template <typename scalar_t, typename pos_t, bool NEOX, bool HAS_MASK, bool HW = false>
@@ -547,8 +649,15 @@ DPE_ALWAYS_INLINE void rope_cpu_tokens_body(const KernelArgs& p, int64_t begin, 
   std::vector<scalar_t> k_all_scaled(static_cast<size_t>(D));
   const int64_t scaled_bytes =
       p.num_tokens() * (p.heads_q + p.heads_ks) * D * static_cast<int64_t>(sizeof(scalar_t));
-  const bool stream = sizeof(scalar_t) == 4 && scaled_bytes >= detail::stream_min_bytes();
-  std::vector<scalar_t> scratch(stream ? static_cast<size_t>(D) : 0);
+  const bool large = scaled_bytes >= detail::stream_min_bytes();
+  // Streaming (see kStreamMinBytes): the intrinsic rotation (HW) stores
+  // straight from registers; the portable float32 body rotates into an L1
+  // scratch row and streams it out (stream_row), as does the float32 select
+  // of per-query-head scaled keys in either.
+  const bool stream_hw = HW && large;
+  const bool stream = !HW && sizeof(scalar_t) == 4 && large;
+  const bool stream_select = sizeof(scalar_t) == 4 && large;
+  std::vector<scalar_t> scratch(stream || stream_select ? static_cast<size_t>(D) : 0);
   const size_t row_bytes = static_cast<size_t>(D) * sizeof(scalar_t);
   const float *sn = trig.sin_n(), *sqs = trig.sin_qs(), *sks = trig.sin_ks();
   const float *cn = trig.cos_n(), *cqs = trig.cos_qs(), *cks = trig.cos_ks();
@@ -563,39 +672,52 @@ DPE_ALWAYS_INLINE void rope_cpu_tokens_body(const KernelArgs& p, int64_t begin, 
   for (int64_t t = begin; t < end; ++t) {
     const int64_t b = t / p.seqlen, s = t % p.seqlen;
     trig.update(p.position<pos_t>(b, s));
-    for (int64_t h = 0; h < p.heads_q; ++h) {
-      const uint32_t* mrow = HAS_MASK ? mask32.data() + p.q_mask_row(h) * P : nullptr;
-      scalar_t* ys = qs + p.qs_rows.at(b, s, h);
-      rotate_head_dispatch<HW, scalar_t, NEOX, HAS_MASK>(q + p.q_rows.at(b, s, h), qn + p.qn_rows.at(b, s, h),
-                                                         stream ? scratch.data() : ys, p.q_in_place, cn, sn, cqs,
-                                                         sqs, mrow, P, D);
-      if (stream) stream_row(ys, scratch.data(), row_bytes);
+    if (!stream) {  // every query head of the token in one call
+      rotate_heads_dispatch<HW, scalar_t, NEOX, HAS_MASK>(
+          q + p.q_rows.at(b, s, 0), p.q_rows.head, qn + p.qn_rows.at(b, s, 0), p.qn_rows.head,
+          qs + p.qs_rows.at(b, s, 0), p.qs_rows.head, p.heads_q, mask32.data(),
+          HAS_MASK ? p.heads_q / p.mask_heads : 1, p.q_in_place, stream_hw, stream_hw, cn, sn, cqs, sqs, P, D);
+    } else {  // portable float32 streaming: each head through the scratch row
+      for (int64_t h = 0; h < p.heads_q; ++h) {
+        rotate_heads_dispatch<HW, scalar_t, NEOX, HAS_MASK>(
+            q + p.q_rows.at(b, s, h), 0, qn + p.qn_rows.at(b, s, h), 0, scratch.data(), 0, 1,
+            mask32.data() + (HAS_MASK ? p.q_mask_row(h) * P : 0), 1, p.q_in_place, false, false, cn, sn, cqs, sqs,
+            P, D);
+        stream_row(qs + p.qs_rows.at(b, s, h), scratch.data(), row_bytes);
+      }
     }
     int64_t ko = 0, ki = 0;
     if (!p.key_row(b, s, &ko, &ki)) continue;  // negative slot: no cache write
-    // Each KV head is read from memory once. With a per-query-head mask it
-    // feeds `rep` scaled key heads (k_scaled has H_q heads) that differ only
-    // in which pairs take the scaled angle: rotate once fully scaled into a
-    // scratch row, then each scaled head is a bitwise select between that row
-    // and the normal output (no further rotation or rounding).
-    for (int64_t hk = 0; hk < p.heads_k; ++hk) {
-      const scalar_t* x = k + p.k_rows.at(b, s, hk);
-      scalar_t* yn = kn + p.kn_rows.at(ko, ki, hk);
-      scalar_t* ys = ks + p.ks_rows.at(ko, ki, hk * rep);
-      if (HAS_MASK && rep > 1) {
-        rotate_head_dispatch<HW, scalar_t, NEOX, false>(x, yn, k_all_scaled.data(), p.k_in_place, cn, sn,
-                                                        cks, sks, nullptr, P, D);
+    if (HAS_MASK && rep > 1) {
+      // Each KV head is read from memory once. With a per-query-head mask it
+      // feeds `rep` scaled key heads (k_scaled has H_q heads) that differ only
+      // in which pairs take the scaled angle: rotate once fully scaled into a
+      // scratch row (read right back: never streamed), then each scaled head
+      // is a bitwise select between that row and the normal output (no
+      // further rotation or rounding).
+      for (int64_t hk = 0; hk < p.heads_k; ++hk) {
+        scalar_t* yn = kn + p.kn_rows.at(ko, ki, hk);
+        rotate_heads_dispatch<HW, scalar_t, NEOX, false>(k + p.k_rows.at(b, s, hk), 0, yn, 0, k_all_scaled.data(),
+                                                         0, 1, nullptr, 1, p.k_in_place, stream_hw, false, cn, sn,
+                                                         cks, sks, P, D);
         for (int64_t r = 0; r < rep; ++r) {
-          scalar_t* yr = ys + r * p.ks_rows.head;
+          scalar_t* yr = ks + p.ks_rows.at(ko, ki, hk * rep + r);
           select_head<scalar_t>(k_all_scaled.data(), yn, elem_mask.data() + (hk * rep + r) * D,
-                                stream ? scratch.data() : yr, D);
-          if (stream) stream_row(yr, scratch.data(), row_bytes);
+                                stream_select ? scratch.data() : yr, D);
+          if (stream_select) stream_row(yr, scratch.data(), row_bytes);
         }
-      } else {
-        const uint32_t* mrow = HAS_MASK ? mask32.data() + hk * P : nullptr;
-        rotate_head_dispatch<HW, scalar_t, NEOX, HAS_MASK>(x, yn, stream ? scratch.data() : ys, p.k_in_place,
-                                                           cn, sn, cks, sks, mrow, P, D);
-        if (stream) stream_row(ys, scratch.data(), row_bytes);
+      }
+    } else if (!stream) {  // one scaled key head per KV head; mask row hk
+      rotate_heads_dispatch<HW, scalar_t, NEOX, HAS_MASK>(
+          k + p.k_rows.at(b, s, 0), p.k_rows.head, kn + p.kn_rows.at(ko, ki, 0), p.kn_rows.head,
+          ks + p.ks_rows.at(ko, ki, 0), p.ks_rows.head, p.heads_k, mask32.data(), 1, p.k_in_place, stream_hw,
+          stream_hw, cn, sn, cks, sks, P, D);
+    } else {
+      for (int64_t hk = 0; hk < p.heads_k; ++hk) {
+        rotate_heads_dispatch<HW, scalar_t, NEOX, HAS_MASK>(
+            k + p.k_rows.at(b, s, hk), 0, kn + p.kn_rows.at(ko, ki, hk), 0, scratch.data(), 0, 1,
+            mask32.data() + (HAS_MASK ? hk * P : 0), 1, p.k_in_place, false, false, cn, sn, cks, sks, P, D);
+        stream_row(ks + p.ks_rows.at(ko, ki, hk), scratch.data(), row_bytes);
       }
     }
     if (p.v_cache != nullptr) {  // rope_and_cache: v goes to its cache unchanged
@@ -607,7 +729,7 @@ DPE_ALWAYS_INLINE void rope_cpu_tokens_body(const KernelArgs& p, int64_t begin, 
       }
     }
   }
-  if (stream) stream_fence();
+  if (large) stream_fence();
 }
 
 // The body compiled three times: for the baseline ISA, for AVX2+FMA (8-wide
@@ -637,13 +759,15 @@ void rope_cpu_tokens_avx512(const KernelArgs& p, int64_t begin, int64_t end) {
 }
 
 // AVX-512 with AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake, Sapphire
-// Rapids and later): bfloat16 in the rotate_half layout takes the intrinsic
-// rotation (rotate_head_bf16_neox); everything else is the AVX-512 body.
+// Rapids and later): float32 and bfloat16 in the rotate_half layout take the
+// intrinsic rotation (rotate_head_avx512_neox, streaming stores direct from
+// registers); everything else is the AVX-512 body.
 template <typename scalar_t, typename pos_t, bool NEOX, bool HAS_MASK>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c,prefer-vector-width=512"), flatten))
 void rope_cpu_tokens_avx512bf16(const KernelArgs& p, int64_t begin, int64_t end) {
-  rope_cpu_tokens_body<scalar_t, pos_t, NEOX, HAS_MASK, std::is_same<scalar_t, bf16_storage>::value && NEOX>(
-      p, begin, end);
+  constexpr bool kIntrinsic =
+      NEOX && (std::is_same<scalar_t, bf16_storage>::value || std::is_same<scalar_t, float>::value);
+  rope_cpu_tokens_body<scalar_t, pos_t, NEOX, HAS_MASK, kIntrinsic>(p, begin, end);
 }
 
 inline bool cpu_has_avx512() {
