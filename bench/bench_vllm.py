@@ -186,17 +186,45 @@ def _rotary(args):
 
 
 def _rotary_repeats(args) -> int:
-    """The rotary rows ``args.rotary_repeats`` times: median ratio to vLLM's rotary, and range."""
+    """The rotary rows ``args.rotary_repeats`` times: each op's median time and ratio to vLLM's rotary
+    (with its range), printed and written to ``args.rotary_out``."""
     import statistics
 
-    ratios = {}
+    import torch
+
+    from dpe_kernels.tools.benchmarks.common import machine_description
+
+    times, ratios, io = {}, {}, {}
+    env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    cmd = env + "python bench/bench_vllm.py " + " ".join(sys.argv[1:])
+    load0 = _load()
     for _ in range(args.rotary_repeats):
         rows, _backends = _rotary(args)
-        for dtype, op, t, _io, t_vllm in rows:
+        for dtype, op, t, nbytes, t_vllm in rows:
+            times.setdefault((dtype, op), []).append(t)
             ratios.setdefault((dtype, op), []).append(t / t_vllm)
+            io[(dtype, op)] = nbytes
+    load1 = _load()
+    lines = ["# Rotary op: vLLM's CPU rotary_embedding vs dpe_rope (CPU)\n",
+             f"Produced by `{cmd}` (vLLM's venv). "
+             f"Machine: {machine_description('cpu')}. T = {args.rotary_tokens} tokens, 32 query / 8 KV heads, "
+             f"D = 128, rotate_half; every repeat measures the three ops one after another in this process "
+             f"(best of {args.repeats} calls each) with {torch.get_num_threads()} threads; load average "
+             f"{load0:.2f} -> {load1:.2f} (2 cores). The ratio is per repeat, to vLLM's time in the same repeat.\n",
+             "| dtype | op | median ms | GB/s (median) | median ratio to vLLM | range | repeats |",
+             "|---|---|---|---|---|---|---|"]
     for (dtype, op), v in ratios.items():
-        print(f"| {dtype} | {op} | median {statistics.median(v):.2f}x | range {min(v):.2f}-{max(v):.2f} "
-              f"| {len(v)} runs |")
+        t = statistics.median(times[(dtype, op)])
+        line = (f"| {dtype} | {op} | {t * 1e3:.2f} | {io[(dtype, op)] / t / 1e9:.1f} | {statistics.median(v):.2f}x "
+                f"| {min(v):.2f}-{max(v):.2f} | {len(v)} |")
+        lines.append(line)
+        print(line)
+    lines.append("\nBytes per op: vLLM's in place reads and writes q and k; dpe_rope reads q and k and writes the "
+                 "normal and the scaled outputs (1.5x vLLM's bytes). What this machine's memory allows for those "
+                 "bytes: `csrc/bench/bench_rope_traffic.cpp` (bench/results/rope_cpu_traffic.md).")
+    if args.rotary_out:
+        Path(args.rotary_out).write_text("\n".join(lines) + "\n")
+        print(f"wrote {args.rotary_out}")
     return 0
 
 
@@ -218,7 +246,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
     ap.add_argument("--rotary-repeats", type=int, default=0, metavar="N",
                     help="only the rotary rows, measured N times: print each op's median ratio to vLLM's "
-                         "rotary and its range (no engine, no report written)")
+                         "rotary and its range, and write them to --rotary-out (no engine, no vllm_cpu.md)")
+    ap.add_argument("--rotary-out", default=str(ROOT / "bench" / "results" / "vllm_rotary_cpu.md"),
+                    help="the --rotary-repeats report ('' for none)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "vllm_cpu.md"))
     args = ap.parse_args(argv)
     if args.hf_threads is None:
