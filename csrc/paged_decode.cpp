@@ -7,7 +7,7 @@
 // DPE decode attention (one query per sequence) over paged caches
 // [num_blocks, block_size, H, D] of any strides (stride 1 on head_dim),
 // read in place through the block table. The schema and fake live in
-// dpe_kernels/_ops.py; the kernel is csrc/include/dpe/paged_decode_cpu.h
+// dpe_kernels/ops.py; the kernel is csrc/include/dpe/paged_decode_cpu.h
 // (torch-free). The Python caller (dpe_kernels/backends/paged_cpu.py)
 // validates first; these checks are the same contract for direct callers.
 #include <ATen/Parallel.h>

@@ -12,7 +12,7 @@
 //   rotates and writes k_normal / k_scaled / v into paged caches at
 //   slot_mapping[t] (negative: skipped), q_normal / q_scaled to the outputs.
 //
-// The schemas and fake (meta) implementations live in dpe_kernels/_ops.py,
+// The schemas and fake (meta) implementations live in dpe_kernels/ops.py,
 // which defines them before it loads this library: here only the CPU
 // implementations are registered (TORCH_LIBRARY_IMPL). The CUDA ones are in
 // rope_cuda.cu; the kernels in include/dpe/ (torch-free).

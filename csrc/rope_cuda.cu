@@ -1,7 +1,7 @@
 // CUDA implementations of the dpe_kernels ops: tensors in, the torch-free
 // entry points dpe::rope_cuda / dpe::rope_and_cache_cuda
 // (include/dpe/rope_cuda.cuh) out, on the current stream. Schemas and fakes:
-// dpe_kernels/_ops.py; CPU implementations: rope.cpp.
+// dpe_kernels/ops.py; CPU implementations: rope.cpp.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>

@@ -7,7 +7,7 @@
 // reach torch.ops.dpe_kernels.* directly (TORCH_CHECK_VALUE -> ValueError,
 // TORCH_CHECK_TYPE -> TypeError).
 //
-// The op schemas live in Python (dpe_kernels/_ops.py, defined before this
+// The op schemas live in Python (dpe_kernels/ops.py, defined before this
 // library loads); the C++ side only registers implementations per device.
 #pragma once
 

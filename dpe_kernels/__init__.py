@@ -2,7 +2,7 @@
 
 Layout:
     dpe_kernels/            core: config (DPEConfig, presets), rope, attention, cache, reference
-                            (the float64 oracles), _ops (the compiled library and every op's fake)
+                            (the float64 oracles), ops (the compiled library and every op's fake)
     dpe_kernels/backends/   cpu / flash / Triton implementations behind backend=
     dpe_kernels/integrations/  Hugging Face (hf, baselines) and the vLLM plugin (vllm)
     dpe_kernels/tools/      the `dpe` CLI, evaluation, calibration, model loading, benchmarks
@@ -27,7 +27,7 @@ Public API:
     rope_reference, attention_reference, decode_rerotate_reference   the float64-capable oracles
     apply_dpe, remove_dpe, apply_method   the Hugging Face integration (imported on first use)
 """
-from . import _ops
+from . import ops
 from .attention import (
     ATTENTION_BACKENDS,
     available_attention_backends,
@@ -61,12 +61,12 @@ __all__ = [
 
 def has_extension() -> bool:
     """True when the compiled extension (CPU kernels, and CUDA ones in a CUDA build) loaded."""
-    return _ops.HAS_EXT
+    return ops.HAS_EXT
 
 
 def extension_error():
     """Why the compiled extension did not load (a string), or None when it did."""
-    return _ops.EXT_ERROR
+    return ops.EXT_ERROR
 
 
 # Hugging Face integration, imported on first use (it needs no transformers import itself, but

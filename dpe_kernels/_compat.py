@@ -21,7 +21,8 @@ MOVED = {
     "dpe_kernels.eval": "dpe_kernels.tools.eval",
     "dpe_kernels.rope_triton": "dpe_kernels.backends.triton_rope",
     "dpe_kernels.attention_triton": "dpe_kernels.backends.triton_attention",
-    "dpe_kernels._ext": "dpe_kernels._ops",
+    "dpe_kernels._ext": "dpe_kernels.ops",
+    "dpe_kernels._ops": "dpe_kernels.ops",
 }
 
 

@@ -27,7 +27,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import _ops
+from . import ops
 from .config import DPEConfig
 from .reference import rope_reference
 from .utils import FLOAT_DTYPES, check_inference_only, is_int, scaled_key_heads, triton_usable
@@ -60,9 +60,9 @@ def available_rope_backends(device: torch.device | str = "cpu", op: str = "rope"
     (``op="rope_and_cache"`` for :func:`dpe_rope_and_cache`)."""
     device = torch.device(device)
     out = ["reference"]
-    if device.type == "cpu" and _ops.has_kernel(op, "CPU"):
+    if device.type == "cpu" and ops.has_kernel(op, "CPU"):
         out.append("cpu")
-    if device.type == "cuda" and _ops.has_kernel(op, "CUDA"):
+    if device.type == "cuda" and ops.has_kernel(op, "CUDA"):
         out.append("cuda")
     if triton_usable(device):
         out.append("triton")
@@ -80,7 +80,7 @@ def _pick_backend(backend: str, device: torch.device, op: str = "rope") -> str:
         return "reference"
     if backend not in avail:
         why = {
-            "cpu": "the compiled extension is not loaded" if not _ops.HAS_EXT else "q is not a CPU tensor",
+            "cpu": "the compiled extension is not loaded" if not ops.HAS_EXT else "q is not a CPU tensor",
             "cuda": "q is not a CUDA tensor or the extension was built without CUDA",
             "triton": "triton needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU) and the triton package",
         }.get(backend, "")

@@ -25,7 +25,6 @@ def test_no_module_imports_another_modules_underscore_names():
     bad = []
     for path in _sources():
         for node in ast.walk(ast.parse(path.read_text())):
-            # (`from . import _ops` imports a private MODULE of the package, not a name of another module)
             if isinstance(node, ast.ImportFrom) and node.module not in (None, "__future__"):
                 for alias in node.names:
                     if alias.name.startswith("_") and alias.name != "__version__":

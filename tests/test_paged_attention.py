@@ -43,8 +43,8 @@ def backend_context(backend):
         return
     import dpe_kernels.backends.paged_cpu as pc
 
-    real = pc._ops.has_kernel
-    with mock.patch.object(pc._ops, "has_kernel", lambda op, key: op != "paged_decode" and real(op, key)):
+    real = pc.ops.has_kernel
+    with mock.patch.object(pc.ops, "has_kernel", lambda op, key: op != "paged_decode" and real(op, key)):
         yield "cpu"
 
 
@@ -538,7 +538,7 @@ def test_triton_kernels_compile_for_gpu():
 
 # --------------------------------------------------------------------------- the compiled cpu decode kernel
 needs_decode_kernel = pytest.mark.skipif(
-    DEVICE != "cpu" or not __import__("dpe_kernels")._ops.has_kernel("paged_decode", "CPU"),
+    DEVICE != "cpu" or not __import__("dpe_kernels").ops.has_kernel("paged_decode", "CPU"),
     reason="the compiled CPU paged_decode kernel (the extension) is not loaded")
 
 

@@ -40,7 +40,7 @@ from typing import List, Tuple
 
 import torch
 
-from .. import _ops
+from .. import ops
 from ..attention import dpe_attention
 from ..paged_attention import gather_sequence
 
@@ -200,7 +200,7 @@ def _decode(qn, qs, k_cache, ks_cache, v_cache, bt, seq_lens, window: int, scale
     """One query per sequence (at position seq_len - 1): ``qn``/``qs`` ``[B, H_q, D]``.
     Returns ``(out [B, H_q, Dv] float32, lse [B, H_q] float32)``: the compiled kernel when the
     extension is loaded, else :func:`decode_chunked`."""
-    if _ops.has_kernel("paged_decode", "CPU"):
+    if ops.has_kernel("paged_decode", "CPU"):
         if seq_lens.dtype != bt.dtype:
             seq_lens = seq_lens.to(bt.dtype)
         return torch.ops.dpe_kernels.paged_decode(qn, qs, k_cache, ks_cache, v_cache, bt, seq_lens, window,
@@ -274,7 +274,7 @@ def paged_attention_cpu(q_normal, q_scaled, k_cache, ks_cache, v_cache, block_ta
         out.zero_()
         lse.fill_(-_INF)
         return
-    decode_ok = info.D == info.Dv or _ops.has_kernel("paged_decode", "CPU")  # the fallback needs D == Dv
+    decode_ok = info.D == info.Dv or ops.has_kernel("paged_decode", "CPU")  # the fallback needs D == Dv
     if decode_ok and info.max_seqlen_q <= 1 and info.T_q == info.B:
         # every sequence has exactly one query, row b: no host read at all
         o, l = _decode(q_normal, q_scaled, k_cache, ks_cache, v_cache, block_table, seq_lens,
