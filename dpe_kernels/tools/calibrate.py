@@ -548,12 +548,11 @@ def detect(model, tokenizer, *, target_length: int, train_length: Optional[int] 
             append_record(jsonl, rec)
         bar.update(1)
 
-    def other_work(front: bool):
-        """An unclaimed (configuration, sample) of the frontier, from its front or its end, or None."""
+    def frontier():
+        """What the ascent needs next and no record holds yet, and the part of it nobody claimed."""
         todo = [x for x in sweep_frontier(cache.values(), **frontier_kw) if x not in cache]
         taken = claims.live() if claims is not None else set()
-        free = [x for x in todo if x not in taken]
-        return (free[0] if front else free[-1]) if free else None
+        return todo, [x for x in todo if x not in taken]
 
     def ensure(cfg: Tuple[int, ...], i: int):
         while (cfg, i) not in cache:
@@ -564,9 +563,9 @@ def detect(model, tokenizer, *, target_length: int, train_length: Optional[int] 
             if claims is None or (cfg, i) not in claims.live():
                 score_one(cfg, i)
                 break
-            nxt = other_work(front=True)  # claimed by a live worker: help elsewhere meanwhile
-            if nxt is not None:
-                score_one(*nxt)
+            free = frontier()[1]  # claimed by a live worker: help elsewhere meanwhile
+            if free:
+                score_one(*free[0])
             else:
                 time.sleep(poll_s)
 
@@ -583,16 +582,15 @@ def detect(model, tokenizer, *, target_length: int, train_length: Optional[int] 
         try:
             while True:
                 load(read_records(jsonl))
-                todo = [x for x in sweep_frontier(cache.values(), **frontier_kw) if x not in cache]
+                todo, free = frontier()
                 if not todo:
                     if log:
                         log(f"detect worker: the ascent is complete ({len(cache)} records of this setting)")
                     return None
-                nxt = other_work(front=False) if len(todo) > 1 else None  # the main one scores the front
-                if nxt is None or nxt == todo[0]:
+                if not free or free[-1] == todo[0]:  # the main one scores the front
                     time.sleep(poll_s)
                     continue
-                score_one(*nxt)
+                score_one(*free[-1])
         finally:
             bar.close()
 
