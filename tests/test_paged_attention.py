@@ -312,7 +312,7 @@ def test_triton_split_kv(num_splits, bs):
 
 @needs_triton
 def test_triton_default_splits_decode():
-    from dpe_kernels.backends.triton_paged import num_kv_splits
+    from dpe_kernels.backends.triton_utils import num_kv_splits
 
     assert num_kv_splits(1, 200, torch.device(DEVICE)) > 1   # one program, a long context: split
     assert num_kv_splits(1000, 200, torch.device(DEVICE)) == 1  # the grid is already full
@@ -461,6 +461,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import dpe_kernels.backends.triton_paged as tp
+import dpe_kernels.backends.triton_utils as tu
 from dpe_kernels.backends.triton_utils import INTERPRETED
 
 assert not INTERPRETED
@@ -498,8 +499,8 @@ for arch, dt, d, dv, rows, group, page, split in json.loads(sys.argv[1]):
     ok = compile_one(tp._paged_fwd_kernel, const, arch, ptr, warps, stages)
     if split:
         cptr = lambda n: "*fp32" if n in ("po_ptr", "pl_ptr", "lse_ptr") else "*" + elem
-        ok = ok and compile_one(tp._combine_kernel, dict(HEAD_DIM_V=dv, RETURN_LSE=True, BF16_BY_BITS=False,
-                                                          BLOCK_S=16, BLOCK_DV=bdv), arch, cptr, 4, 1)
+        ok = ok and compile_one(tu.combine_splits_kernel, dict(HEAD_DIM_V=dv, RETURN_LSE=True, BF16_BY_BITS=False,
+                                                               BLOCK_S=16, BLOCK_DV=bdv), arch, cptr, 4, 1)
     res.append([arch, dt, page, split, ok])
 print(json.dumps(res))
 '''

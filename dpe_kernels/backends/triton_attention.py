@@ -37,6 +37,14 @@ Layouts (as :func:`dpe_kernels.attention.dpe_attention`):
   into the rows of one program ("pack GQA"), so each K/V tile is loaded once
   for all of them (decode: one program per KV head instead of ``n_rep``).
 
+Split-KV (flash-decoding): with few query tiles (decode) the grid's first
+axis also splits each tile's keys into ``num_splits`` ranges of whole key
+tiles; each program writes a float32 partial ``(out, lse)`` of its range and
+``triton_utils.combine_splits_kernel`` merges them by log-sum-exp (a range
+with no key, e.g. past a short sequence's end, has lse -inf and weight 0).
+``num_splits=None`` asks ``triton_utils.num_kv_splits`` (about two programs
+per SM, >= 256 keys per split); prefill grids are large enough for one.
+
 Returns ``out`` (dtype of q, head dim of v) and, with ``return_lse``, the
 float32 natural-log ``lse`` shaped ``[B, S_q, H_q]`` / ``[T_q, H_q]``. A row
 without any key (a padding query) gets ``out = 0`` and ``lse = -inf``.
@@ -52,8 +60,8 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from .triton_utils import (INTERPRETED, bf16_bits_to_f32, classify_key_tiles, next_pow2, register_triton_op,
-                           round_bf16_bits, round_out)
+from .triton_utils import (INTERPRETED, bf16_bits_to_f32, classify_key_tiles, combine_splits_kernel, next_pow2,
+                           num_kv_splits, register_triton_op, round_bf16_bits, round_out)
 
 __all__ = ["attention_triton"]
 
@@ -171,9 +179,10 @@ def _attn_tiles(
 
 @triton.jit
 def _dpe_attn_fwd_kernel(
-    qn_ptr, qs_ptr, kn_ptr, ks_ptr, v_ptr, out_ptr, lse_ptr,
+    qn_ptr, qs_ptr, kn_ptr, ks_ptr, v_ptr, out_ptr, lse_ptr, po_ptr, pl_ptr,
     cu_q_ptr, cu_k_ptr, kv_start_ptr,
     S_q, S_k,                    # batched lengths (VARLEN: read from cu_seqlens instead)
+    num_splits, keys_per_split,  # split-KV: key ranges per query tile, keys per range (a multiple of BLOCK_N)
     n_rep, ks_div,               # H_q // H_k; query heads per k_scaled head (n_rep or 1)
     window, qk_scale,            # qk_scale = softmax_scale * log2(e)
     qn_sb, qn_ss, qn_sh, qs_sb, qs_ss, qs_sh,
@@ -184,16 +193,21 @@ def _dpe_attn_fwd_kernel(
     HAS_PADDING: tl.constexpr,   # kv_start_ptr: first real key of each sequence (left padding)
     VARLEN: tl.constexpr,        # packed layout, offsets from cu_seqlens
     RETURN_LSE: tl.constexpr,
+    SPLIT: tl.constexpr,         # write float32 partials (po/pl) for combine_splits_kernel
     BF16_BY_BITS: tl.constexpr,  # interpreter with bfloat16 data (see triton_utils.bf16_bits_to_f32)
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32), else the default
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    # Grid: (query-row tiles, head groups, batch); grid axes 1 and 2 are
-    # limited to 65535 each, axis 0 (long sequences) is not. Rows of a program
-    # are (query position, packed head) pairs, row = s * G + r: with G > 1 the
-    # G query heads of one KV head share every K/V tile load.
-    start_m = tl.program_id(0)
+    # Grid: (query-row tiles x key splits, head groups, batch); grid axes 1
+    # and 2 are limited to 65535 each, axis 0 (long sequences) is not. Rows of
+    # a program are (query position, packed head) pairs, row = s * G + r: with
+    # G > 1 the G query heads of one KV head share every K/V tile load. With
+    # num_splits > 1 (decode: few query tiles) each program walks one range of
+    # keys_per_split keys (flash-decoding), so a decode step launches enough
+    # programs to fill the GPU.
+    start_m = tl.program_id(0) // num_splits
+    split = tl.program_id(0) % num_splits
     hg = tl.program_id(1)
     b = tl.program_id(2)
 
@@ -272,7 +286,9 @@ def _dpe_attn_fwd_kernel(
     # [m0 - (n0 + BLOCK_N - 1), m1 - n0].
     m0 = (start_m * BLOCK_M) // G + off
     m1 = (tl.minimum(start_m * BLOCK_M + BLOCK_M, rows) - 1) // G + off
-    n_tiles, j_s, j_n, j_d = classify_key_tiles(m0, m1, lo, m1 + 1, window, BLOCK_N)
+    k_lo = lo + split * keys_per_split       # this split's keys: [k_lo, k_hi)
+    k_hi = tl.minimum(k_lo + keys_per_split, m1 + 1)
+    n_tiles, j_s, j_n, j_d = classify_key_tiles(m0, m1, k_lo, k_hi, window, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -282,41 +298,48 @@ def _dpe_attn_fwd_kernel(
     # loops of the common tiles carry no select and no mask.
     acc, l_i, m_i = _attn_tiles(
         acc, l_i, m_i, q_n, q_s, kn_base, ks_base, v_base, kn_ss, ks_ss, v_ss,
-        k_off, ks_off, v_off, kd_ok, vd_ok, pos_m, lo, 0, j_s, seqlen_k, window, qk_scale, offs_n,
+        k_off, ks_off, v_off, kd_ok, vd_ok, pos_m, k_lo, 0, j_s, seqlen_k, window, qk_scale, offs_n,
         _SCALED, False, EVEN_D, EVEN_DV, BLOCK_N, BF16_BY_BITS, DOT_PRECISION)
     acc, l_i, m_i = _attn_tiles(
         acc, l_i, m_i, q_n, q_s, kn_base, ks_base, v_base, kn_ss, ks_ss, v_ss,
-        k_off, ks_off, v_off, kd_ok, vd_ok, pos_m, lo, j_s, j_n, seqlen_k, window, qk_scale, offs_n,
+        k_off, ks_off, v_off, kd_ok, vd_ok, pos_m, k_lo, j_s, j_n, seqlen_k, window, qk_scale, offs_n,
         _BOTH, True, EVEN_D, EVEN_DV, BLOCK_N, BF16_BY_BITS, DOT_PRECISION)
     acc, l_i, m_i = _attn_tiles(
         acc, l_i, m_i, q_n, q_s, kn_base, ks_base, v_base, kn_ss, ks_ss, v_ss,
-        k_off, ks_off, v_off, kd_ok, vd_ok, pos_m, lo, j_n, j_d, seqlen_k, window, qk_scale, offs_n,
+        k_off, ks_off, v_off, kd_ok, vd_ok, pos_m, k_lo, j_n, j_d, seqlen_k, window, qk_scale, offs_n,
         _NORMAL, False, EVEN_D, EVEN_DV, BLOCK_N, BF16_BY_BITS, DOT_PRECISION)
     acc, l_i, m_i = _attn_tiles(
         acc, l_i, m_i, q_n, q_s, kn_base, ks_base, v_base, kn_ss, ks_ss, v_ss,
-        k_off, ks_off, v_off, kd_ok, vd_ok, pos_m, lo, j_d, n_tiles, seqlen_k, window, qk_scale, offs_n,
+        k_off, ks_off, v_off, kd_ok, vd_ok, pos_m, k_lo, j_d, n_tiles, seqlen_k, window, qk_scale, offs_n,
         _NORMAL, True, EVEN_D, EVEN_DV, BLOCK_N, BF16_BY_BITS, DOT_PRECISION)
 
     # --- epilogue: normalise; rows without a key -> out 0, lse -inf ------------
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
     out = acc / l_safe[:, None]
-    o_ptrs = (out_ptr + (b64 * o_sb + q_row0 * o_ss + h0_64 * o_sh)
-              + (ds * o_ss + dh * o_sh)[:, None] + offs_dv[None, :])
+    # back to natural log: lse = ln(2) * (m + log2(l))
+    lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     if HEAD_DIM_V == BLOCK_DV:
         o_mask = row_ok[:, None]
     else:
         o_mask = row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :]
-    if BF16_BY_BITS:
-        out = round_out(out, out_ptr.dtype.element_ty, True)
+    if SPLIT:
+        # workspace [T_q, H_q, num_splits, (Dv)], float32, contiguous; T_q
+        # counts the batch's query rows (b * S_q + s, or the packed token)
+        if VARLEN:
+            tok0 = q_start
+        else:
+            tok0 = b64 * S_q
+        prow = ((tok0 + s_idx.to(tl.int64)) * (tl.num_programs(1) * G) + h_q) * num_splits + split
+        tl.store(po_ptr + prow[:, None] * HEAD_DIM_V + offs_dv[None, :], out, mask=o_mask)
+        tl.store(pl_ptr + prow, lse, mask=row_ok)
     else:
-        out = out.to(out_ptr.dtype.element_ty)
-    tl.store(o_ptrs, out, mask=o_mask)
-    if RETURN_LSE:
-        # back to natural log: lse = ln(2) * (m + log2(l))
-        lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-        l_ptrs = lse_ptr + (b64 * l_sb + q_row0 * l_ss + h0_64 * l_sh) + (ds * l_ss + dh * l_sh)
-        tl.store(l_ptrs, lse, mask=row_ok)
+        o_ptrs = (out_ptr + (b64 * o_sb + q_row0 * o_ss + h0_64 * o_sh)
+                  + (ds * o_ss + dh * o_sh)[:, None] + offs_dv[None, :])
+        tl.store(o_ptrs, round_out(out, out_ptr.dtype.element_ty, BF16_BY_BITS), mask=o_mask)
+        if RETURN_LSE:
+            l_ptrs = lse_ptr + (b64 * l_sb + q_row0 * l_ss + h0_64 * l_sh) + (ds * l_ss + dh * l_sh)
+            tl.store(l_ptrs, lse, mask=row_ok)
 
 
 # --------------------------------------------------------------------------- launcher
@@ -405,7 +428,7 @@ def _empty_outputs(q_normal, v, return_lse):
 
 
 def _launch(q_normal, q_scaled, k_normal, k_scaled, v, window, softmax_scale, key_padding_mask,
-            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, return_lse, out, lse):
+            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_splits, return_lse, out, lse):
     varlen = cu_seqlens_q is not None
     hq, d = q_normal.shape[-2], q_normal.shape[-1]
     hk, hks, dv = k_normal.shape[-2], k_scaled.shape[-2], v.shape[-1]
@@ -421,7 +444,7 @@ def _launch(q_normal, q_scaled, k_normal, k_scaled, v, window, softmax_scale, ke
         cu_q, cu_k = cu_seqlens_q, cu_seqlens_k
     else:
         batch, s_q, s_k = q_normal.shape[0], q_normal.shape[1], k_normal.shape[1]
-        max_seqlen_q = s_q
+        max_seqlen_q, max_seqlen_k = s_q, s_k
         cu_q = cu_k = out                    # never read (VARLEN=False)
     if batch == 0 or max_seqlen_q == 0 or hq == 0 or out.numel() == 0:
         return
@@ -437,7 +460,22 @@ def _launch(q_normal, q_scaled, k_normal, k_scaled, v, window, softmax_scale, ke
     smem = _smem_limit(q_normal.device.index if q_normal.device.index is not None
                        else torch.cuda.current_device()) if q_normal.is_cuda else 0
     bm, bn, warps, stages = _block_config(q_normal.dtype, block_d, block_dv, rows, smem)
-    grid = (triton.cdiv(rows, bm), n_groups, batch)
+    m_tiles = triton.cdiv(rows, bm)
+    # Split-KV (flash-decoding): few query tiles (decode) would leave most of
+    # the GPU idle with one program per (tile, head group, sequence); each
+    # key range of a tile becomes a program, merged by combine_splits_kernel.
+    if num_splits <= 0:
+        num_splits = num_kv_splits(m_tiles * n_groups * batch, max_seqlen_k, q_normal.device)
+    keys_per_split = triton.cdiv(triton.cdiv(max(max_seqlen_k, 1), num_splits), bn) * bn
+    num_splits = triton.cdiv(max(max_seqlen_k, 1), keys_per_split)
+    split = num_splits > 1
+    t_q = out.numel() // max(hq * dv, 1)     # query rows of the batch (out is contiguous)
+    if split:
+        po = torch.empty((t_q, hq, num_splits, dv), dtype=torch.float32, device=q_normal.device)
+        pl = torch.empty((t_q, hq, num_splits), dtype=torch.float32, device=q_normal.device)
+    else:
+        po = pl = out                        # never read (SPLIT=False)
+    grid = (m_tiles * num_splits, n_groups, batch)
     # A view with an enormous token stride (> 2^31 / tile rows elements) is
     # copied once rather than giving every kernel 64-bit tile offsets.
     span = max(bm, bn) + group
@@ -457,9 +495,9 @@ def _launch(q_normal, q_scaled, k_normal, k_scaled, v, window, softmax_scale, ke
         guard = torch.cuda.device(q_normal.device)
     with guard:
         torch.library.wrap_triton(_dpe_attn_fwd_kernel)[grid](
-            q_normal, q_scaled, k_normal, k_scaled, v, out, lse,
+            q_normal, q_scaled, k_normal, k_scaled, v, out, lse, po, pl,
             cu_q, cu_k, kv_start,
-            s_q, s_k, n_rep, ks_div,
+            s_q, s_k, num_splits, keys_per_split, n_rep, ks_div,
             int(window), float(softmax_scale) * _LOG2E,
             sb[0], q_normal.stride(-3), q_normal.stride(-2),
             sb[1], q_scaled.stride(-3), q_scaled.stride(-2),
@@ -473,18 +511,28 @@ def _launch(q_normal, q_scaled, k_normal, k_scaled, v, window, softmax_scale, ke
             HAS_PADDING=key_padding_mask is not None,
             VARLEN=varlen,
             RETURN_LSE=bool(return_lse),
+            SPLIT=split,
             BF16_BY_BITS=INTERPRETED and q_normal.dtype == torch.bfloat16,
             DOT_PRECISION="ieee" if q_normal.dtype == torch.float32 else "tf32",
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv,
             num_warps=warps, num_stages=stages,
         )
+        if split:
+            torch.library.wrap_triton(combine_splits_kernel)[(t_q, hq)](
+                po, pl, out, lse if return_lse else out, num_splits, hq,
+                out.stride(-3), out.stride(-2), *((lse.stride(-2), lse.stride(-1)) if return_lse else (0, 0)),
+                HEAD_DIM_V=dv, RETURN_LSE=bool(return_lse),
+                BF16_BY_BITS=INTERPRETED and q_normal.dtype == torch.bfloat16,
+                BLOCK_S=max(2, next_pow2(num_splits)), BLOCK_DV=block_dv,
+                num_warps=1 if INTERPRETED else 4,
+            )
 
 
 def _run(q_normal, q_scaled, k_normal, k_scaled, v, window, softmax_scale, key_padding_mask,
-         cu_seqlens_q, cu_seqlens_k, max_seqlen_q, return_lse):
+         cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_splits, return_lse):
     out, lse = _empty_outputs(q_normal, v, return_lse)
     _launch(q_normal, q_scaled, k_normal, k_scaled, v, window, softmax_scale, key_padding_mask,
-            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, return_lse, out, lse)
+            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_splits, return_lse, out, lse)
     return out, lse
 
 
@@ -500,18 +548,22 @@ def _attention_triton_impl(
     cu_seqlens_q: Optional[torch.Tensor],
     cu_seqlens_k: Optional[torch.Tensor],
     max_seqlen_q: int,
+    max_seqlen_k: int,
+    num_splits: int,
     return_lse: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused DPE attention on Triton: ``(out, lse)``; ``lse`` is empty
     (shape ``[0]``) unless ``return_lse``. Arguments as
-    :func:`attention_triton`, plus ``max_seqlen_q`` (packed layout: the
-    longest query length, sizes the grid; ignored when batched)."""
+    :func:`attention_triton`, plus ``max_seqlen_q`` / ``max_seqlen_k``
+    (packed layout: the longest query / key length, size the grid and the
+    key splits; ignored when batched) and ``num_splits`` (0: chosen by
+    num_kv_splits)."""
     return _run(q_normal, q_scaled, k_normal, k_scaled, v, window, softmax_scale, key_padding_mask,
-                cu_seqlens_q, cu_seqlens_k, max_seqlen_q, return_lse)
+                cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_splits, return_lse)
 
 
 def _attention_triton_fake(q_normal, q_scaled, k_normal, k_scaled, v, window, softmax_scale, key_padding_mask,
-                           cu_seqlens_q, cu_seqlens_k, max_seqlen_q, return_lse):
+                           cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_splits, return_lse):
     return _empty_outputs(q_normal, v, return_lse)
 
 
@@ -531,6 +583,9 @@ def attention_triton(
     cu_seqlens_q: Optional[torch.Tensor] = None,
     cu_seqlens_k: Optional[torch.Tensor] = None,
     return_lse: bool = False,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    num_splits: Optional[int] = None,
 ):
     """DPE attention in one fused Triton kernel: ``out`` or ``(out, lse)``.
 
@@ -541,13 +596,28 @@ def attention_triton(
     the keys; ``softmax_scale`` a float. ``out`` has q's dtype and v's head
     dim; ``lse`` is float32, natural log, ``[B, S_q, H_q]`` / ``[T_q, H_q]``,
     ``-inf`` (and ``out`` 0) for rows with no key.
+
+    Packed layout: ``max_seqlen_q`` / ``max_seqlen_k``, the longest query /
+    key length, size the grid and the key splits; pass them (as flash-attn
+    takes them) to avoid a host synchronisation, else they are read from
+    ``cu_seqlens_*`` (one). ``num_splits``: key ranges per query tile
+    (split-KV, merged by log-sum-exp); None chooses by the grid's size
+    (decode splits, prefill does not), 1 never splits.
     """
-    max_seqlen_q = 0
-    if cu_seqlens_q is not None:
-        # sizes the grid (flash-attn takes it as an argument; one host sync here)
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
+                                   or num_splits < 1):
+        raise ValueError(f"num_splits must be None or an int >= 1, got {num_splits!r}")
+    if cu_seqlens_q is not None and (max_seqlen_q is None or max_seqlen_k is None):
+        # one host sync for both (flash-attn takes them as arguments)
         if cu_seqlens_q.numel() > 1:
-            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item())
+            lens = torch.stack([(cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max(),
+                                (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()]).tolist()
+        else:
+            lens = [0, 0]
+        max_seqlen_q = lens[0] if max_seqlen_q is None else max_seqlen_q
+        max_seqlen_k = lens[1] if max_seqlen_k is None else max_seqlen_k
     out, lse = torch.ops.dpe_kernels.attention_triton(
         q_normal, q_scaled, k_normal, k_scaled, v, int(window), float(softmax_scale),
-        key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, bool(return_lse))
+        key_padding_mask, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q or 0), int(max_seqlen_k or 0),
+        int(num_splits or 0), bool(return_lse))
     return (out, lse) if return_lse else out

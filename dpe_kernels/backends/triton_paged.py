@@ -32,14 +32,14 @@ a tile (the launcher checks they fit).
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import INTERPRETED, bf16_bits_to_f32, classify_key_tiles, next_pow2, round_bf16_bits, round_out
+from .triton_utils import (INTERPRETED, bf16_bits_to_f32, classify_key_tiles, combine_splits_kernel, next_pow2,
+                           num_kv_splits, round_bf16_bits, round_out)
 
 __all__ = ["paged_attention_triton", "num_kv_splits"]
 
@@ -292,60 +292,7 @@ def _paged_fwd_kernel(
             tl.store(lse_ptr + tok * l_ts + h_q.to(tl.int64) * l_hs, lse, mask=row_ok)
 
 
-@triton.jit
-def _combine_kernel(
-    po_ptr, pl_ptr, out_ptr, lse_ptr, num_splits, H_q,
-    o_ts, o_hs, l_ts, l_hs,
-    HEAD_DIM_V: tl.constexpr, RETURN_LSE: tl.constexpr, BF16_BY_BITS: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
-):
-    """Merge the num_splits partials of one (token, head) by their lse."""
-    t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1).to(tl.int64)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    s_ok = offs_s < num_splits
-    row = (t * H_q + h) * num_splits
-    l = tl.load(pl_ptr + row + offs_s, mask=s_ok, other=float("-inf"))
-    m = tl.max(l, 0)
-    m_use = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(l - m_use)                                    # 0 for an empty split
-    tot = tl.sum(w, 0)
-    o_mask = s_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :]
-    po = tl.load(po_ptr + (row + offs_s)[:, None] * HEAD_DIM_V + offs_dv[None, :], mask=o_mask, other=0.0)
-    o = tl.sum(po * w[:, None], 0) / tl.where(tot > 0.0, tot, 1.0)
-    tl.store(out_ptr + t * o_ts + h * o_hs + offs_dv, round_out(o, out_ptr.dtype.element_ty, BF16_BY_BITS),
-             mask=offs_dv < HEAD_DIM_V)
-    if RETURN_LSE:
-        tl.store(lse_ptr + t * l_ts + h * l_hs, tl.where(tot > 0.0, m_use + tl.log(tot), float("-inf")))
-
-
 # --------------------------------------------------------------------------- launcher
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
-
-
-# Split-KV sizing. Each split should hold enough keys to amortise its
-# partial write and the combine (flash-decoding uses splits of >= 256 keys);
-# on a GPU the splits fill about two waves of programs. Under the
-# interpreter (tests) a tiny split size and a small target exercise several
-# splits on short contexts.
-_MIN_KEYS_PER_SPLIT = 16 if INTERPRETED else 256
-_MAX_SPLITS = 8 if INTERPRETED else 64
-
-
-def num_kv_splits(programs: int, max_seqlen_k: int, device: torch.device) -> int:
-    """How many key ranges to split each (query tile, head group) over:
-    enough programs for about two per SM (4 under the interpreter),
-    at least _MIN_KEYS_PER_SPLIT keys each, at most _MAX_SPLITS."""
-    target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 4
-    if programs >= target or max_seqlen_k <= _MIN_KEYS_PER_SPLIT:
-        return 1
-    return max(1, min(triton.cdiv(target, programs), max_seqlen_k // _MIN_KEYS_PER_SPLIT, _MAX_SPLITS))
-
-
 def _block_config(dtype: torch.dtype, bd: int, rows: int) -> Tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages). A power-of-two page of at
     least BLOCK_N keys holds whole tiles (TILE_IN_PAGE: one block-table load
@@ -434,7 +381,7 @@ def paged_attention_triton(q_normal, q_scaled, k_cache, ks_cache, v_cache, block
             num_warps=warps, num_stages=stages,
         )
         if split:
-            _combine_kernel[(t_q, hq)](
+            combine_splits_kernel[(t_q, hq)](
                 po, pl, out, lse_t, num_splits, hq,
                 out.stride(0), out.stride(1), l_strides[0], l_strides[1],
                 HEAD_DIM_V=dv, RETURN_LSE=bool(return_lse), BF16_BY_BITS=bf16_bits,

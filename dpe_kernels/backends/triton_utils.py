@@ -1,7 +1,8 @@
 """What the Triton kernels share: the interpreter flag, the bfloat16 helpers the
-interpreter needs, ``next_pow2``, and the one registration pattern of a Triton
-op (a ``torch.library.triton_op``, its opaque eager twin and the twin's fake),
-written once here for every kernel module."""
+interpreter needs, ``next_pow2``, the key-tile classification, split-KV (how
+many splits, and the kernel that merges them), and the one registration
+pattern of a Triton op (a ``torch.library.triton_op``, its opaque eager twin
+and the twin's fake), written once here for every kernel module."""
 import functools
 from typing import Callable, Tuple
 
@@ -11,7 +12,7 @@ import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 __all__ = ["INTERPRETED", "next_pow2", "classify_key_tiles", "load_f32", "round_out", "bf16_bits_to_f32", "round_bf16_bits",
-           "register_triton_op"]
+           "register_triton_op", "num_kv_splits", "combine_splits_kernel"]
 
 
 @triton.jit
@@ -114,3 +115,60 @@ def register_triton_op(name: str, impl: Callable, fake: Callable, mutates_args: 
         return impl(*args, **kwargs)
 
     return torch.library.triton_op(f"dpe_kernels::{name}", mutates_args=mutates_args)(op)
+
+
+@triton.jit
+def combine_splits_kernel(
+    po_ptr, pl_ptr, out_ptr, lse_ptr, num_splits, H_q,
+    o_ts, o_hs, l_ts, l_hs,
+    HEAD_DIM_V: tl.constexpr, RETURN_LSE: tl.constexpr, BF16_BY_BITS: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Merge the num_splits partials of one (token, head) by their lse: the
+    split-KV epilogue of every kernel here. Workspace ``po [T_q, H_q,
+    num_splits, Dv]`` / ``pl [T_q, H_q, num_splits]``, float32, contiguous (a
+    split with no key holds lse -inf); grid ``(T_q, H_q)``; ``out`` / ``lse``
+    rows addressed by token and head strides."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    s_ok = offs_s < num_splits
+    row = (t * H_q + h) * num_splits
+    l = tl.load(pl_ptr + row + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.max(l, 0)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(l - m_use)                                    # 0 for an empty split
+    tot = tl.sum(w, 0)
+    o_mask = s_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :]
+    po = tl.load(po_ptr + (row + offs_s)[:, None] * HEAD_DIM_V + offs_dv[None, :], mask=o_mask, other=0.0)
+    o = tl.sum(po * w[:, None], 0) / tl.where(tot > 0.0, tot, 1.0)
+    tl.store(out_ptr + t * o_ts + h * o_hs + offs_dv, round_out(o, out_ptr.dtype.element_ty, BF16_BY_BITS),
+             mask=offs_dv < HEAD_DIM_V)
+    if RETURN_LSE:
+        tl.store(lse_ptr + t * l_ts + h * l_hs, tl.where(tot > 0.0, m_use + tl.log(tot), float("-inf")))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
+
+
+# Split-KV sizing. Each split should hold enough keys to amortise its
+# partial write and the combine (flash-decoding uses splits of >= 256 keys);
+# on a GPU the splits fill about two waves of programs. Under the
+# interpreter (tests) a tiny split size and a small target exercise several
+# splits on short contexts.
+_MIN_KEYS_PER_SPLIT = 16 if INTERPRETED else 256
+_MAX_SPLITS = 8 if INTERPRETED else 64
+
+
+def num_kv_splits(programs: int, max_seqlen_k: int, device: torch.device) -> int:
+    """How many key ranges to split each (query tile, head group) over:
+    enough programs for about two per SM (4 under the interpreter),
+    at least _MIN_KEYS_PER_SPLIT keys each, at most _MAX_SPLITS."""
+    target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 4
+    if programs >= target or max_seqlen_k <= _MIN_KEYS_PER_SPLIT:
+        return 1
+    return max(1, min(triton.cdiv(target, programs), max_seqlen_k // _MIN_KEYS_PER_SPLIT, _MAX_SPLITS))

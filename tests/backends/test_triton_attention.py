@@ -108,6 +108,60 @@ def test_decode(s_k):
     check(make(3, 1, s_k, GQA_PACKED, 16, torch.float16), 16)
 
 
+# --------------------------------------------------------------------------- split-KV
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 5])
+@pytest.mark.parametrize("heads", [GQA_PACKED, GQA_PER_Q], ids=["gqa_packed", "gqa_per_q"])
+def test_split_kv_decode(num_splits, heads):
+    """Decode with the keys split into ranges (one program each, merged by
+    log-sum-exp): every split count gives the oracle's answer, across the
+    window edge, with left padding (a row whose keys all fall in the first
+    splits, one with no key at all) and in half precision."""
+    s_k, window = 70, 20
+    lengths = [70, 33, 0]
+    ins = make(len(lengths), 1, s_k, heads, 16)
+    kpm = torch.zeros(len(lengths), s_k, dtype=torch.bool, device=DEVICE)
+    for b, n in enumerate(lengths):
+        kpm[b, s_k - n:] = True
+    out, lse = run(ins, window, key_padding_mask=kpm, num_splits=num_splits)
+    assert_attention_close(out, lse, ins, window, softmax_scale=scale_of(ins), key_padding_mask=kpm)
+    assert (out[2] == 0).all() and (lse[2] == NEG_INF).all()
+    one, one_lse = run(ins, window, key_padding_mask=kpm, num_splits=1)
+    assert torch.allclose(out, one, atol=1e-5, rtol=0) and torch.allclose(lse, one_lse, atol=1e-5, rtol=0)
+    half = make(2, 1, 45, heads, 16, torch.bfloat16)
+    o, l = run(half, 9, num_splits=num_splits)
+    assert_attention_close(o, l, half, 9, softmax_scale=scale_of(half))
+
+
+def test_split_kv_varlen_and_prefill():
+    """Packed sequences of different lengths (splits past a short sequence's
+    end are empty) and a prefill tile split the same way; max_seqlen_* given
+    (no host sync) or read from cu_seqlens."""
+    seqs = [(1, 40), (3, 3), (1, 66), (20, 50)]
+    t_q, t_k = sum(a for a, _ in seqs), sum(b for _, b in seqs)
+    ins = make(None, t_q, t_k, GQA_PACKED, 16, packed=True)
+    cu_q = torch.tensor([0] + [sum(a for a, _ in seqs[:i + 1]) for i in range(len(seqs))], device=DEVICE)
+    cu_k = torch.tensor([0] + [sum(b for _, b in seqs[:i + 1]) for i in range(len(seqs))], device=DEVICE)
+    kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    for extra in (dict(num_splits=4), dict(num_splits=3, max_seqlen_q=20, max_seqlen_k=66)):
+        out, lse = run(ins, 8, **kw, **extra)
+        assert_attention_close(out, lse, ins, 8, softmax_scale=scale_of(ins), **kw)
+
+
+def test_split_kv_auto_and_bad_input():
+    """None picks splits for a decode-sized grid (the interpreter's target is 4
+    programs), and the merged result is the unsplit one; a bad count is refused."""
+    from dpe_kernels.backends.triton_utils import num_kv_splits
+
+    assert num_kv_splits(1, 200, torch.device(DEVICE)) > 1
+    ins = make(1, 1, 200, GQA_PACKED, 16)
+    auto, auto_lse = run(ins, 30)
+    one, one_lse = run(ins, 30, num_splits=1)
+    assert torch.allclose(auto, one, atol=1e-5, rtol=0) and torch.allclose(auto_lse, one_lse, atol=1e-5, rtol=0)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="num_splits"):
+            run(ins, 30, num_splits=bad)
+
+
 # --------------------------------------------------------------------------- padding / varlen
 @pytest.mark.parametrize("s_q", [1, 7, 30])
 def test_left_padded_batch(s_q):
@@ -213,8 +267,9 @@ def test_through_dpe_attention():
 
 def test_opcheck():
     ins = make(1, 5, 7, (2, 1, 1), 16)
-    torch.library.opcheck(torch.ops.dpe_kernels.attention_triton.default,
-                          (*ins, 3, 0.25, None, None, None, 0, True))
+    for splits in (0, 2):  # auto, and two key ranges merged by combine_splits_kernel
+        torch.library.opcheck(torch.ops.dpe_kernels.attention_triton.default,
+                              (*ins, 3, 0.25, None, None, None, 0, 0, splits, True))
 
 
 def test_torch_compile_traces_without_graph_break():
@@ -240,22 +295,22 @@ assert not at.INTERPRETED
 K = at._dpe_attn_fwd_kernel
 names = K.arg_names
 res = []
-for arch, dt, d, dv, rows, group, pad, varlen in json.loads(sys.argv[1]):
+for arch, dt, d, dv, rows, group, pad, varlen, split in json.loads(sys.argv[1]):
     import torch
     tdt = getattr(torch, dt)
     bd, bdv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
     bm, bn, warps, stages = at._block_config(tdt, bd, bdv, rows, 232448 if arch >= 90 else 166912)
     ptr = "*" + {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dt]
     const = dict(G=group, HEAD_DIM=d, HEAD_DIM_V=dv, HAS_PADDING=pad, VARLEN=varlen, RETURN_LSE=True,
-                 BF16_BY_BITS=False, DOT_PRECISION="ieee" if dt == "float32" else "tf32",
+                 SPLIT=split, BF16_BY_BITS=False, DOT_PRECISION="ieee" if dt == "float32" else "tf32",
                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv)
     sig, attrs = {}, {}
     for i, n in enumerate(names):
         if n in const:
             sig[n] = "constexpr"
         elif n.endswith("_ptr"):
-            sig[n] = {"lse_ptr": "*fp32", "cu_q_ptr": "*i32", "cu_k_ptr": "*i32",
-                      "kv_start_ptr": "*i32"}.get(n, ptr)
+            sig[n] = {"lse_ptr": "*fp32", "po_ptr": "*fp32", "pl_ptr": "*fp32", "cu_q_ptr": "*i32",
+                      "cu_k_ptr": "*i32", "kv_start_ptr": "*i32"}.get(n, ptr)
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[n] = "fp32" if n == "qk_scale" else "i64" if n.endswith("_sb") else "i32"
@@ -287,10 +342,11 @@ def test_compiles_for_gpu():
     except Exception as e:  # pragma: no cover - triton without its NVIDIA backend
         pytest.skip(f"triton's NVIDIA backend is not available: {e}")
     cases = [
-        # arch, dtype, D, Dv, rows, G, padding, varlen
-        [90, "bfloat16", 128, 128, 4096, 4, True, False],  # prefill, pack GQA, left padding
-        [80, "float16", 80, 64, 8, 8, False, True],        # decode-like rows, odd head dims, varlen
-        [90, "float32", 24, 24, 100, 1, False, False],     # IEEE fp32 dot, padded head dim
+        # arch, dtype, D, Dv, rows, G, padding, varlen, split-KV
+        [90, "bfloat16", 128, 128, 4096, 4, True, False, False],  # prefill, pack GQA, left padding
+        [80, "float16", 80, 64, 8, 8, False, True, True],         # decode-like rows, odd head dims, varlen, split
+        [90, "bfloat16", 64, 64, 3, 3, True, False, True],        # decode, pack GQA, padding, split
+        [90, "float32", 24, 24, 100, 1, False, False, False],     # IEEE fp32 dot, padded head dim
     ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(cases)], capture_output=True,
