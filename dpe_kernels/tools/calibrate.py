@@ -438,24 +438,27 @@ def sweep_frontier(records: Iterable[dict], *, target_length: int, train_length:
 
 class _Claims:
     """Which (configuration, sample) another live process on this machine is scoring: one JSON line
-    per claim in ``<jsonl>.claims``; a claim whose process has exited no longer counts."""
+    per claim in ``<jsonl>.claims``; a claim whose process has exited, or older than ``ttl_s``
+    (a reused process id must not make a waiting process wait for ever), no longer counts."""
 
-    def __init__(self, jsonl: os.PathLike):
+    def __init__(self, jsonl: os.PathLike, ttl_s: float = 6 * 3600.0):
         self.path = Path(str(jsonl) + ".claims")
+        self.ttl_s = ttl_s
 
     def claim(self, cfg: Tuple[int, ...], sample: int):
         from .eval.runner import append_record
 
         append_record(self.path, {"scales": list(cfg), "sample": sample, "pid": os.getpid(),
-                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "epoch": time.time()})
 
     def live(self) -> set:
         from .eval.runner import read_records
 
         out = set()
+        now = time.time()
         for c in read_records(self.path):
             pid = int(c.get("pid", -1))
-            if pid == os.getpid():
+            if pid == os.getpid() or not now - float(c.get("epoch", 0.0)) < self.ttl_s:
                 continue
             try:
                 os.kill(pid, 0)

@@ -234,6 +234,22 @@ def test_sweep_frontier_follows_the_ascent():
     assert len({(tuple(r["scales"]), r["sample"]) for r in records}) == len(records)
 
 
+def test_claims_count_only_while_their_process_lives_and_not_for_ever(tmp_path):
+    import os
+    import time
+
+    jsonl = tmp_path / "r.jsonl"
+    claims = C._Claims(jsonl, ttl_s=3600)
+    claims.claim((4, 4), 0)                                   # this process's own: not another's
+    lines = [{"scales": [2, 4], "sample": 1, "pid": os.getppid(), "epoch": time.time()},         # live
+             {"scales": [8, 4], "sample": 1, "pid": os.getppid(), "epoch": time.time() - 7200},  # too old
+             {"scales": [2, 4], "sample": 2, "pid": 2 ** 22 + 12345, "epoch": time.time()},      # no process
+             {"scales": [2, 4], "sample": 3, "pid": os.getppid()}]                                 # no time
+    with open(claims.path, "a") as f:
+        f.writelines(json.dumps(x) + "\n" for x in lines)
+    assert claims.live() == {((2, 4), 1)}
+
+
 _WORKER = """
 import sys, time, torch
 from dpe_kernels.tools import calibrate as C
