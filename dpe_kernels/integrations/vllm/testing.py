@@ -153,31 +153,32 @@ def hf_reference(model_dir, requests: Sequence[dict], *, dpe_config=None, device
     """Greedy tokens, their log-probs and prompt log-probs from HF ``transformers`` (float32),
     with :func:`~dpe_kernels.integrations.hf.apply_dpe` when ``dpe_config`` is given."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from ..hf import apply_dpe, cache_kwargs
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True,
                                                  attn_implementation="sdpa").to(device).eval()
     handle = None
     if dpe_config is not None:
-        from ..hf import apply_dpe
-
         handle = apply_dpe(model, dpe_config)
     out: Dict[str, dict] = {}
     try:
         with torch.inference_mode():
             for r in requests:
                 ids = torch.tensor([r["prompt"]], device=device)
-                fwd = model(ids, use_cache=True)
+                cache = DynamicCache(config=model.config)
+                fwd = model(ids, use_cache=True, **cache_kwargs(cache))
                 lp = torch.log_softmax(fwd.logits[0].float(), -1)
                 res = {"prompt_logprobs": lp[:-1].gather(-1, ids[0, 1:, None])[:, 0].double().tolist()}
                 toks, lps = [], []
-                last, past = lp[-1], fwd.past_key_values
+                last = lp[-1]
                 for _ in range(r.get("max_tokens", 1)):  # greedy, raw log-probs (no logits processor)
                     t = int(torch.argmax(last))
                     toks.append(t)
                     lps.append(float(last[t]))
-                    fwd = model(torch.tensor([[t]], device=device), past_key_values=past, use_cache=True)
-                    last, past = torch.log_softmax(fwd.logits[0, -1].float(), -1), fwd.past_key_values
+                    fwd = model(torch.tensor([[t]], device=device), use_cache=True, **cache_kwargs(cache))
+                    last = torch.log_softmax(fwd.logits[0, -1].float(), -1)
                 res["tokens"], res["logprobs"] = toks, lps
                 out[r["name"]] = res
     finally:
