@@ -40,7 +40,7 @@ import torch
 
 from ..config import DPEConfig, extension_factor, uniform_scale
 from ..utils import is_int
-from .eval.stats import mean_se, paired_gain
+from .eval.stats import cluster_mean, cluster_paired_gain
 
 __all__ = ["key_dimension_scores", "top_k_masks", "select_dims", "load_dims_mask", "default_top_k",
            "self_extend_scales", "scorer_sample", "score_sample", "coordinate_ascent", "replay", "detect",
@@ -225,7 +225,7 @@ def scorer_sample(scorer: str, sample: int, seed: int = 0) -> dict:
 
 
 def score_sample(model, tokenizer, scorer: str, length: int, sample: int, train_length: int,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, needles: Optional[int] = None) -> dict:
     """One sample of ``scorer`` at ``length`` tokens on the model as it is patched now:
     ``{"score": float, ...}`` (higher is better) with what is needed to recompute it.
 
@@ -233,8 +233,25 @@ def score_sample(model, tokenizer, scorer: str, length: int, sample: int, train_
       (:mod:`.eval.logprob`: one forward, no generation); ``exact`` is the exact-match score of
       the same pass;
     * ``passkey`` / ``niah``: greedy generation, exact key / fraction of the 4 values recalled;
-    * ``ppl``: minus the mean next-token loss of the positions beyond ``train_length``.
+    * ``ppl``: minus the mean next-token loss of the positions beyond ``train_length``;
+    * with ``needles`` (the ``-logprob`` scorers): sample ``i`` is context ``i`` of
+      :func:`~.eval.multi.multi_logprob` (needle j at depth (j + 0.5) / N); ``score`` is the mean of
+      its needles' answer log-probabilities, ``needle_scores`` each one (what the ascent pairs).
     """
+    if needles is not None:
+        if not scorer.endswith("-logprob"):
+            raise ValueError(f"needles applies to the -logprob scorers, got scorer {scorer!r}")
+        from .eval.multi import multi_logprob
+
+        t0 = time.perf_counter()
+        recs = multi_logprob(model, tokenizer, scorer.split("-")[0], length, 0.5, needles, sample, seed)
+        lps = [r["logprob"] for r in recs]
+        return {"needles": needles, "score": sum(lps) / len(lps), "needle_scores": lps,
+                "exact": sum(r["score"] for r in recs) / len(recs),
+                "needle_exact": [r["score"] for r in recs], "needle_depths": [r["needle_depth"] for r in recs],
+                "answers": [r["answer"] for r in recs], "labels": [r["needle_label"] for r in recs],
+                "context_tokens": recs[0]["context_tokens"], "context_seconds": recs[0]["context_seconds"],
+                "seconds": round(time.perf_counter() - t0, 2)}
     spec = scorer_sample(scorer, sample, seed)
     t0 = time.perf_counter()
     if scorer == "ppl":
@@ -284,7 +301,9 @@ def coordinate_ascent(score: Callable[[Tuple[int, ...], Sequence[int]], List[flo
     """Coordinate ascent over the groups' scales from ``start`` (the Self-Extend point).
 
     ``score(scales, samples)`` returns one score per sample (higher is better; the same sample
-    index is the same prompt for every configuration). Each pass sweeps the groups in order;
+    index is the same prompt for every configuration), or per sample the list of its needles'
+    scores (a multi-needle context: then means are over needles and standard errors are
+    cluster-robust over contexts, :func:`~.eval.stats.cluster_paired_gain`). Each pass sweeps the groups in order;
     group ``g`` tries every scale of ``scales`` with the other groups at their CURRENT scales,
     and a candidate is accepted only when its mean paired gain over the incumbent on the same
     samples exceeds the gain's standard error (``mean(d) > sd(d) / sqrt(n)``); among accepted
@@ -311,15 +330,15 @@ def coordinate_ascent(score: Callable[[Tuple[int, ...], Sequence[int]], List[flo
         trace["passes"] = p
         changed = False
         for g in range(len(cur)):
-            inc_mean = mean_se(cur_scores)[0]
+            inc_mean = cluster_mean(cur_scores)
             cands = []
             for s in scales:
                 if s == cur[g]:
                     continue
                 cfg = cur[:g] + (int(s),) + cur[g + 1:]
                 sc = score(cfg, samples)
-                gain, se = paired_gain(sc, cur_scores)
-                cands.append({"scale": int(s), "mean": mean_se(sc)[0], "gain": gain, "se": se,
+                gain, se = cluster_paired_gain(sc, cur_scores)
+                cands.append({"scale": int(s), "mean": cluster_mean(sc), "gain": gain, "se": se,
                               "accepted": bool(gain > se)})  # nan se (cannot happen for n >= 2) rejects
             ok = [c for c in cands if c["accepted"]]
             step = {"pass": p, "group": g, "incumbent": list(cur), "incumbent_mean": inc_mean,
@@ -345,8 +364,8 @@ def coordinate_ascent(score: Callable[[Tuple[int, ...], Sequence[int]], List[flo
     kept = start_t
     if cur != start_t and fresh_samples:
         f_final, f_start = score(cur, fresh_samples), score(start_t, fresh_samples)
-        gain, se = paired_gain(f_final, f_start)
-        m_final, m_start = mean_se(f_final)[0], mean_se(f_start)[0]
+        gain, se = cluster_paired_gain(f_final, f_start)
+        m_final, m_start = cluster_mean(f_final), cluster_mean(f_start)
         kept = cur if m_final > m_start else start_t
         trace["fresh"] = {"final_mean": m_final, "start_mean": m_start, "gain": gain, "se": se,
                           "kept": "final" if kept == cur else "start"}
@@ -366,9 +385,16 @@ def _mask_id(mask: Optional[torch.Tensor]) -> Optional[str]:
     return hashlib.sha1(str(list(m.shape)).encode() + m.numpy().tobytes()).hexdigest()[:12]
 
 
+def _ascent_score(r: dict):
+    """What the ascent pairs: a multi-needle record's list of needle scores, else its score."""
+    ns = r.get("needle_scores")
+    return [float(x) for x in ns] if ns is not None else float(r["score"])
+
+
 def _record_matches(r: dict, base: dict) -> bool:
-    """A record of this run's setting (records from before dtype / mask_id were recorded: float32, no id)."""
-    defaults = {"dtype": "float32", "mask_id": None}
+    """A record of this run's setting (records from before dtype / mask_id / needles were recorded:
+    float32, no id, single needle)."""
+    defaults = {"dtype": "float32", "mask_id": None, "needles": None}
     return all(r.get(k, defaults.get(k)) == v for k, v in base.items())
 
 
@@ -377,10 +403,10 @@ def replay(records: Iterable[dict], *, target_length: int, train_length: int, sc
            num_groups: int = 8, base: Optional[dict] = None) -> dict:
     """The ascent's trace from records alone (no model): how far a (partial) run got. Stops at the
     first configuration / sample the records do not hold; then ``trace["pending"]`` names it."""
-    cache: Dict[tuple, float] = {}
+    cache: Dict[tuple, object] = {}
     for r in records:
         if base is None or _record_matches(r, base):
-            cache[(tuple(r["scales"]), r["sample"])] = float(r["score"])
+            cache[(tuple(r["scales"]), r["sample"])] = _ascent_score(r)
 
     def score(cfg, idx):
         out = []
@@ -473,8 +499,12 @@ def detect(model, tokenizer, *, target_length: int, train_length: Optional[int] 
            fresh_samples: Optional[int] = None, max_passes: int = 3, window: int = 1024, num_groups: int = 8,
            mask: Optional[torch.Tensor] = None, jsonl: Optional[os.PathLike] = None, progress: bool = True,
            seed: int = 0, attention_backend: str = "auto", log=print, worker: bool = False,
-           poll_s: float = 20.0) -> Optional[DetectResult]:
+           poll_s: float = 20.0, needles: Optional[int] = None) -> Optional[DetectResult]:
     """Step 2: :func:`coordinate_ascent` from the Self-Extend point at ``target_length``.
+
+    With ``needles`` (the ``-logprob`` scorers) a sample is a context of that many needles, each
+    scored as if it alone followed the context (:func:`score_sample`); gains are paired per needle
+    with cluster-robust standard errors over contexts.
 
     Samples ``0 .. samples-1`` drive the sweep, ``samples .. samples+fresh_samples-1`` (default
     ``fresh_samples = samples``) are the fresh ones of the final comparison. Every scored
@@ -497,6 +527,13 @@ def detect(model, tokenizer, *, target_length: int, train_length: Optional[int] 
 
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {SCORERS}, got {scorer!r}")
+    if needles is not None:
+        from .eval.multi import MAX_NEEDLES
+
+        if not is_int(needles) or not 1 <= needles <= MAX_NEEDLES:
+            raise ValueError(f"needles must be an int in [1, {MAX_NEEDLES}], got {needles!r}")
+        if not scorer.endswith("-logprob"):
+            raise ValueError(f"needles applies to the -logprob scorers, got scorer {scorer!r}")
     fresh_samples = samples if fresh_samples is None else fresh_samples
     for name, v in (("target_length", target_length), ("samples", samples), ("window", window),
                     ("num_groups", num_groups), ("max_passes", max_passes), ("fresh_samples", fresh_samples)):
@@ -517,7 +554,8 @@ def detect(model, tokenizer, *, target_length: int, train_length: Optional[int] 
         raise ValueError(f"{P} pairs do not split into {num_groups} equal groups")
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     base = {"target_length": target_length, "train_length": T, "scorer": scorer, "window": window,
-            "masked": mask is not None, "mask_id": _mask_id(mask), "seed": seed, "dtype": dtype}
+            "masked": mask is not None, "mask_id": _mask_id(mask), "seed": seed, "dtype": dtype,
+            "needles": needles}
     cache: Dict[tuple, dict] = {}
 
     def load(rs):
@@ -541,7 +579,7 @@ def detect(model, tokenizer, *, target_length: int, train_length: Optional[int] 
         handle = apply_dpe(model, DPEConfig.uniform(window, list(cfg), P, mask=mask),
                            attention_backend=attention_backend)
         try:
-            res = score_sample(model, tokenizer, scorer, target_length, i, T, seed)
+            res = score_sample(model, tokenizer, scorer, target_length, i, T, seed, needles)
         finally:
             handle.remove()
         rec = {**base, "phase": "fresh" if i in fresh_idx else "sweep", "scales": list(cfg),
@@ -579,7 +617,7 @@ def detect(model, tokenizer, *, target_length: int, train_length: Optional[int] 
             if (cfg, i) not in used:
                 used.add((cfg, i))
                 records.append(cache[(cfg, i)])
-        return [float(cache[(cfg, i)]["score"]) for i in idx]
+        return [_ascent_score(cache[(cfg, i)]) for i in idx]
 
     if worker:
         try:
@@ -604,7 +642,7 @@ def detect(model, tokenizer, *, target_length: int, train_length: Optional[int] 
     finally:
         bar.close()
     trace.update({"scorer": scorer, "target_length": target_length, "train_length": T, "scales_tried": scales,
-                  "window": window, "masked": mask is not None, "dtype": dtype, "seed": seed})
+                  "window": window, "masked": mask is not None, "dtype": dtype, "seed": seed, "needles": needles})
     if log:
         log(f"detect: kept scales {trace['kept']} (start {trace['start']}, final of the ascent {trace['final']}, "
             f"{trace['passes']} pass(es){', converged' if trace['converged'] else ''}; scorer {scorer}, "

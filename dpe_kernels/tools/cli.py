@@ -64,6 +64,15 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _needles(text: str) -> int:
+    from .eval.multi import MAX_NEEDLES
+
+    v = _positive_int(text)
+    if v > MAX_NEEDLES:
+        raise argparse.ArgumentTypeError(f"must be 1..{MAX_NEEDLES} (one label per needle), got {text!r}")
+    return v
+
+
 def _non_negative_int(text: str) -> int:
     try:
         v = int(text)
@@ -213,6 +222,7 @@ def _add_dpe_args(p: argparse.ArgumentParser, default_help: str = "auto"):
 def build_parser() -> argparse.ArgumentParser:
     from .calibrate import SCORERS
     from .eval.methods import METHODS
+    from .eval.multi import MAX_NEEDLES
     from .eval.runner import DEFAULT_FORMAT, SCORINGS, TASKS
 
     parser = _Parser(prog="dpe", description="DPE: training-free long-context extension for RoPE models "
@@ -253,7 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--depths", nargs="+", type=_depth_item, default=["5"],
                    help="needle depths: one integer N (N evenly spaced in 0..1) or fractions (default: 5)")
     e.add_argument("--samples", type=_positive_int, default=2,
-                   help="keys per (length, depth); texts for ppl (default: 2)")
+                   help="keys per (length, depth); texts for ppl; contexts per (length, depth) with --needles "
+                        "(default: 2)")
+    e.add_argument("--needles", type=_needles, default=None,
+                   help=f"with --scoring logprob: N labelled needles per context (1..{MAX_NEEDLES}), each question "
+                        "scored as if it alone followed the context (the context runs once); needle j at depth "
+                        "(j + depth) / N. Default: the single-needle prompts")
     e.add_argument("--format", dest="fmt", default=DEFAULT_FORMAT, choices=("raw", "chat"),
                    help=f"prompt format (default: {DEFAULT_FORMAT})")
     e.add_argument("--haystack", default=None, choices=("filler", "essays"),
@@ -323,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "error) (default: 4)")
     t.add_argument("--fresh-samples", type=_positive_int, default=None,
                    help="fresh samples of the final comparison with the start (default: --samples)")
+    t.add_argument("--needles", type=_needles, default=None,
+                   help=f"with a -logprob scorer: a sample is a context of N labelled needles (1..{MAX_NEEDLES}), each "
+                        "question scored as if it alone followed the context; gains are paired per needle with "
+                        "standard errors over contexts (default: single-needle samples)")
     t.add_argument("--max-passes", type=_positive_int, default=3, help="passes over the groups at most (default: 3)")
     t.add_argument("--window", type=_positive_int, default=1024, help="DPE window (default: 1024)")
     t.add_argument("--groups", type=_positive_int, default=8, help="groups of equal size (default: 8)")
@@ -450,6 +469,9 @@ def validate_eval(args):
     args.mask_obj = _read_mask(args)
     if "dpe" in args.methods:
         _check_calibrated_length(args, args.dpe_preset, args.config_obj, max(args.lengths))
+    if args.needles is not None and (args.task == "ppl" or args.scoring != "logprob"):
+        raise CLIError(f"--needles applies to --task passkey / niah with --scoring logprob (got --task {args.task}, "
+                       f"--scoring {args.scoring})")
 
 
 def validate_select_dims(args):
@@ -465,6 +487,8 @@ def validate_detect(args):
     if args.train_length and args.target_length <= args.train_length:
         raise CLIError(f"--target-length {args.target_length} is not beyond --train-length {args.train_length}: "
                        "nothing to extend")
+    if args.needles is not None and not args.scorer.endswith("-logprob"):
+        raise CLIError(f"--needles applies to the -logprob scorers, got --scorer {args.scorer}")
 
 
 def validate_bench(args):
@@ -594,7 +618,8 @@ def cmd_eval(args) -> int:
                         samples=args.samples, fmt=args.fmt, haystack=args.haystack, model_name=args.model,
                         train_length=args.train_length, target_length=args.target_length,
                         dpe_preset=args.dpe_preset or "auto", dpe_config=args.config_obj, dpe_mask=args.mask_obj,
-                        skip_zero=args.skip_zero, seed=args.seed, bucket=args.bucket, scoring=args.scoring)
+                        skip_zero=args.skip_zero, seed=args.seed, bucket=args.bucket, scoring=args.scoring,
+                        needles=args.needles)
         model, tok = _load(args)
         if "dpe" in args.methods:
             _check_against_model(model, args.config_obj, args.mask_obj)
@@ -689,7 +714,8 @@ def cmd_detect(args) -> int:
         res = detect(model, tok, target_length=args.target_length, train_length=T, scales=args.scales,
                      scorer=args.scorer, samples=args.samples, fresh_samples=args.fresh_samples,
                      max_passes=args.max_passes, window=args.window, num_groups=args.groups, mask=args.mask_obj,
-                     jsonl=jsonl, progress=args.progress, seed=args.seed, worker=args.worker)
+                     jsonl=jsonl, progress=args.progress, seed=args.seed, worker=args.worker,
+                     needles=args.needles)
     if res is None:  # a worker: the main process writes the configuration
         print(f"detect worker: done; records in {jsonl}")
         return 0

@@ -383,6 +383,39 @@ def test_detect_logprob_resumes_and_replays(tiny, tmp_path, monkeypatch):
     assert calls and all(c[0] == "ppl" for c in calls)
 
 
+def test_detect_multi_needle(tiny, tmp_path):
+    """With needles a sample is a context: the ascent pairs needle scores with standard errors over
+    contexts, the records hold every needle's score, and the run resumes from them."""
+    model, tok = tiny
+    jsonl = tmp_path / "multi.jsonl"
+    kw = dict(target_length=700, train_length=256, scales=[2, 4], scorer="passkey-logprob", samples=2,
+              fresh_samples=2, max_passes=1, window=32, num_groups=2, jsonl=jsonl, progress=False, log=None,
+              needles=3)
+    res = C.detect(model, tok, **kw)
+    lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
+    assert lines and all(r["needles"] == 3 and len(r["needle_scores"]) == 3 for r in lines)
+    for r in lines:
+        assert r["score"] == pytest.approx(sum(r["needle_scores"]) / 3)
+    step = res.trace["steps"][0]
+    cand = step["candidates"][0]
+    cur = {r["sample"]: r["needle_scores"] for r in lines if r["scales"] == step["incumbent"]}
+    cfg = [cand["scale"]] + step["incumbent"][1:]
+    new = {r["sample"]: r["needle_scores"] for r in lines if r["scales"] == cfg}
+    from dpe_kernels.tools.eval.stats import cluster_paired_gain
+
+    want = cluster_paired_gain([new[i] for i in (0, 1)], [cur[i] for i in (0, 1)])
+    assert (cand["gain"], cand["se"]) == pytest.approx(want)
+    rep = C.replay(lines, target_length=700, train_length=256, scales=[2, 4], samples=2, fresh_samples=2,
+                   max_passes=1, num_groups=2, base={"needles": 3})
+    assert rep["pending"] is None and rep["steps"] == res.trace["steps"]
+    # single-needle records are not reused for it, and it resumes from its own
+    n = len(lines)
+    C.detect(model, tok, **kw)
+    assert len(jsonl.read_text().splitlines()) == n
+    with pytest.raises(ValueError, match="needles"):
+        C.detect(model, tok, **{**kw, "scorer": "ppl"})
+
+
 def test_score_sample_logprob_fields(tiny):
     model, tok = tiny
     r = C.score_sample(model, tok, "niah-logprob", 1200, 1, 256)

@@ -205,6 +205,32 @@ def test_runner_end_to_end_and_resume(tiny, tmp_path):
     assert get_handle(model) is None
 
 
+def test_runner_multi_needle_records_and_resume(tiny, tmp_path):
+    model, tok = tiny
+    out = tmp_path / "m.jsonl"
+    spec = R.EvalSpec(task="passkey", methods=["rope", "dpe"], lengths=[700], depths=[0.5], samples=2,
+                      model_name="tiny", scoring="logprob", needles=3)
+    new = R.run_eval(model, tok, spec, out, progress=False, log=lambda s: None)
+    assert len(new) == 2 * 2 * 3  # methods x contexts x needles
+    assert sorted((r["method"], r["sample"], r["needle"]) for r in new) == sorted(
+        (m, c, j) for m in ("rope", "dpe") for c in (0, 1) for j in range(3))
+    assert all(r["needles"] == 3 and r["prompt_tokens"] <= 700 for r in new)
+    assert R.run_eval(model, tok, spec, out, progress=False, log=lambda s: None) == []
+    # a context cut off after its first needle's record: the context is scored again, only the
+    # missing needles are written
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines[:-2]) + "\n")
+    redo = R.run_eval(model, tok, spec, out, progress=False, log=lambda s: None)
+    assert [r["needle"] for r in redo] == [1, 2] and len(R.read_records(out)) == 12
+    # single-needle records of the same cells are another sample set
+    single = R.run_eval(model, tok, R.EvalSpec(task="passkey", methods=["rope"], lengths=[700], depths=[0.5],
+                                               samples=2, model_name="tiny", scoring="logprob"), out,
+                        progress=False, log=lambda s: None)
+    assert len(single) == 2 and all("needles" not in r for r in single)
+    with pytest.raises(ValueError, match="needles"):
+        R.EvalSpec(task="passkey", scoring="generate", needles=2)
+
+
 def test_runner_skips_after_zero(tiny, tmp_path):
     model, tok = tiny
     out = tmp_path / "r.jsonl"

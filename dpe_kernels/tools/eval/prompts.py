@@ -21,7 +21,8 @@ import torch
 
 from .data import PASSKEY_FILLER, load_essays
 
-__all__ = ["FORMATS", "Prompt", "build_prompt", "haystack_ids", "encode", "format_pieces"]
+__all__ = ["FORMATS", "Prompt", "build_prompt", "build_context", "question_ids", "haystack_ids", "encode",
+           "format_pieces"]
 
 FORMATS = ("raw", "chat")
 _SENTINEL = "\x00DPE_CONTENT\x00"
@@ -117,17 +118,17 @@ def _sentence_ends(tokenizer, hay: List[int], lo: int, hi: int) -> List[int]:
     return out
 
 
-def build_prompt(tokenizer, length: int, *, intro: str, needles: Sequence[Tuple[float, str]], question: str,
-                 answer_prefix: str, fmt: str = "raw", haystack: str = "filler") -> Prompt:
-    """A prompt of exactly ``length`` tokens with each needle text at its depth (0..1) of the haystack."""
+def build_context(tokenizer, length: int, *, intro: str, needles: Sequence[Tuple[float, str]], reserve: int,
+                  fmt: str = "raw", haystack: str = "filler") -> Prompt:
+    """The shared part of a prompt: ``[format prefix] intro haystack-with-needles``, exactly
+    ``length - reserve`` tokens, ``reserve`` being what follows it (question, format suffix,
+    answer prefix). Each needle text sits at its depth (0..1) of the haystack."""
     if length < 1:
         raise ValueError(f"length must be >= 1, got {length}")
-    pre, post = format_pieces(tokenizer, fmt)
+    pre, _ = format_pieces(tokenizer, fmt)
     intro_ids = encode(tokenizer, intro)
     needle_ids = [encode(tokenizer, " " + text) for _, text in needles]
-    q_ids = encode(tokenizer, " " + question if fmt == "raw" else "\n" + question)
-    ans_ids = encode(tokenizer, (" " if fmt == "raw" else "") + answer_prefix)
-    fixed = len(pre) + len(intro_ids) + sum(map(len, needle_ids)) + len(q_ids) + len(post) + len(ans_ids)
+    fixed = len(pre) + len(intro_ids) + sum(map(len, needle_ids)) + reserve
     n_hay = length - fixed
     if n_hay < 0:
         raise ValueError(f"length {length} is shorter than the prompt without haystack ({fixed} tokens)")
@@ -157,7 +158,26 @@ def build_prompt(tokenizer, length: int, *, intro: str, needles: Sequence[Tuple[
         positions[i] = len(ids)
         ids += needle_ids[i]
         prev = cut
-    ids += hay[prev:] + q_ids + list(post) + ans_ids
-    assert len(ids) == length, (len(ids), length)
+    ids += hay[prev:]
+    if len(ids) != length - reserve:
+        raise RuntimeError(f"context built with {len(ids)} tokens, {length - reserve} intended")
     return Prompt(ids, positions, [p / length for p in positions],
                   meta={"haystack_tokens": n_hay, "format": fmt, "haystack": haystack})
+
+
+def question_ids(tokenizer, question: str, answer_prefix: str, fmt: str = "raw") -> List[int]:
+    """What follows the context: the question, the format's suffix, the answer prefix."""
+    _, post = format_pieces(tokenizer, fmt)
+    q_ids = encode(tokenizer, " " + question if fmt == "raw" else "\n" + question)
+    ans_ids = encode(tokenizer, (" " if fmt == "raw" else "") + answer_prefix)
+    return q_ids + list(post) + ans_ids
+
+
+def build_prompt(tokenizer, length: int, *, intro: str, needles: Sequence[Tuple[float, str]], question: str,
+                 answer_prefix: str, fmt: str = "raw", haystack: str = "filler") -> Prompt:
+    """A prompt of exactly ``length`` tokens with each needle text at its depth (0..1) of the haystack."""
+    tail = question_ids(tokenizer, question, answer_prefix, fmt)
+    p = build_context(tokenizer, length, intro=intro, needles=needles, reserve=len(tail), fmt=fmt,
+                      haystack=haystack)
+    p.input_ids = p.input_ids + tail
+    return p

@@ -14,6 +14,11 @@ answer's first number / the values found in it), ``logprob`` (teacher-forced, on
 generation: the answer's log-probability and exact match from the same pass, see
 :mod:`.logprob`; ``score`` is the exact-match score) or ``both`` (``score`` from generation, the
 teacher-forced fields beside it as ``logprob``, ``tf_score``, ``tf_correct``, ...).
+
+``needles`` (passkey / niah with ``logprob`` scoring): N labelled needles per context, each question
+scored as if it alone followed the context (:mod:`.multi`); the context of (depth, sample) holds
+needle j at depth ``(j + depth) / N`` and yields N records (``needle`` 0..N-1), one per question.
+Without it (None) the single-needle prompts above.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from ...config import DPEConfig
 from . import methods as M
 from .generate import greedy_generate
 from .logprob import niah_logprob, passkey_logprob
+from .multi import multi_logprob
 from .niah import NIAH_MAX_NEW_TOKENS, niah_prompt, niah_sample, score_niah
 from .passkey import PASSKEY_MAX_NEW_TOKENS, passkey_key, passkey_prompt, passkey_stop, score_passkey
 from .perplexity import bucket_means, loss_by_position, ppl_tokens
@@ -78,6 +84,7 @@ class EvalSpec:
     seed: int = 0
     bucket: int = 1024                    # ppl bucket size in tokens
     scoring: str = "generate"             # passkey / niah: generate, logprob or both (see the module doc)
+    needles: Optional[int] = None         # logprob scoring: N labelled needles per context (module doc)
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -90,6 +97,9 @@ class EvalSpec:
         self.lengths = sorted(int(x) for x in self.lengths)
         if self.haystack is None:
             self.haystack = "essays" if self.task == "niah" else "filler"
+        if self.needles is not None and (self.task == "ppl" or self.scoring != "logprob"):
+            raise ValueError(f"needles applies to the passkey / niah tasks with logprob scoring, got task "
+                             f"{self.task!r}, scoring {self.scoring!r}")
 
 
 def record_key(r: dict) -> tuple:
@@ -98,7 +108,7 @@ def record_key(r: dict) -> tuple:
     depth = r.get("depth")
     return (r.get("task"), r.get("model"), r.get("format"), r.get("scoring", "generate"),
             r.get("dtype", "float32"), r.get("method"), int(r.get("length", 0)),
-            None if depth is None else round(float(depth), 4), r.get("sample"))
+            None if depth is None else round(float(depth), 4), r.get("sample"), r.get("needles"), r.get("needle"))
 
 
 def read_records(path) -> List[dict]:
@@ -171,7 +181,11 @@ def _teacher_forced(model, tokenizer, spec: EvalSpec, length: int, depth, sample
     return niah_logprob(model, tokenizer, length, depth, key, values, spec.fmt, spec.haystack)
 
 
-def _run_one(model, tokenizer, spec: EvalSpec, length: int, depth, sample: int) -> dict:
+def _run_one(model, tokenizer, spec: EvalSpec, length: int, depth, sample: int):
+    """One record body, or a list of them (one per needle) with ``spec.needles``."""
+    if spec.needles is not None:
+        return multi_logprob(model, tokenizer, spec.task, length, depth, spec.needles, sample, spec.seed,
+                             spec.fmt, spec.haystack)
     if spec.task != "ppl" and spec.scoring == "logprob":
         return _teacher_forced(model, tokenizer, spec, length, depth, sample)
     if spec.task != "ppl" and spec.scoring == "both":
@@ -239,14 +253,17 @@ def run_eval(model, tokenizer, spec: EvalSpec, out_path, *, progress: bool = Tru
             "train_length": T, "seed": spec.seed, "device": device_name(model), "dtype": dtype}
     if spec.task != "ppl":
         base["scoring"] = spec.scoring
+    needle_ids = [None] if spec.needles is None else list(range(spec.needles))
+    if spec.needles is not None:
+        base["needles"] = spec.needles
     try:
         # Length-major: every method at the shortest length first, so an interrupted run has
         # comparable rows for all methods (skip-after-0 only needs the shorter lengths done).
         for length in spec.lengths:
             for method in spec.methods:
                 todo = [(d, i) for d, i in plan
-                        if record_key({**base, "method": method, "length": length, "depth": d, "sample": i})
-                        not in done]
+                        if any(record_key({**base, "method": method, "length": length, "depth": d, "sample": i,
+                                           "needle": j}) not in done for j in needle_ids)]
                 skip_key = record_key({**base, "method": method, "length": length, "depth": None,
                                        "sample": None})
                 if skip_key in done and spec.skip_zero:
@@ -275,17 +292,20 @@ def run_eval(model, tokenizer, spec: EvalSpec, out_path, *, progress: bool = Tru
                 try:
                     for depth, sample in todo:
                         bar.set_postfix_str(f"{method} {length} d={depth} s={sample}")
-                        res = _run_one(model, tokenizer, spec, length, depth, sample)
-                        rec = {**base, "method": method, "params": params, "length": length, "depth": depth,
-                               "sample": sample, **res, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-                        append_record(out_path, rec)
-                        done.add(record_key(rec))
-                        all_records.append(rec)
-                        new.append(rec)
-                        scores.append(res["score"])
-                        secs.append(res["seconds"])
-                        if "logprob" in res:
-                            lps.append(res["logprob"])
+                        got = _run_one(model, tokenizer, spec, length, depth, sample)
+                        for res in (got if isinstance(got, list) else [got]):
+                            rec = {**base, "method": method, "params": params, "length": length, "depth": depth,
+                                   "sample": sample, **res, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                            if record_key(rec) in done:  # a context cut off while its needles were written
+                                continue
+                            append_record(out_path, rec)
+                            done.add(record_key(rec))
+                            all_records.append(rec)
+                            new.append(rec)
+                            scores.append(res["score"])
+                            secs.append(res["seconds"])
+                            if "logprob" in res:
+                                lps.append(res["logprob"])
                         bar.update(1)
                 finally:
                     handle.remove()

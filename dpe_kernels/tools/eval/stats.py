@@ -5,14 +5,18 @@
 * :func:`paired_gain`: the mean and standard error of the per-sample differences of two
   configurations scored on the same samples (the calibration's acceptance rule);
 * :func:`t_quantile`: the Student-t quantile, by bisection on the CDF written with the
-  regularised incomplete beta function (Lentz's continued fraction).
+  regularised incomplete beta function (Lentz's continued fraction);
+* :func:`cluster_paired_gain`, :func:`cluster_bootstrap`: the same for clustered samples (the
+  needles of one multi-needle context): a cluster-robust standard error, and a bootstrap interval
+  that resamples whole contexts.
 """
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence, Tuple
+from typing import List, NamedTuple, Sequence, Tuple
 
-__all__ = ["t_quantile", "t_interval", "paired_gain", "mean_se", "Interval"]
+__all__ = ["t_quantile", "t_interval", "paired_gain", "mean_se", "Interval", "cluster_mean", "cluster_paired_gain",
+           "cluster_bootstrap"]
 
 
 class Interval(NamedTuple):
@@ -119,3 +123,65 @@ def paired_gain(candidate: Sequence[float], incumbent: Sequence[float]) -> Tuple
         raise ValueError(f"paired scores need the same non-zero number of samples, got {len(candidate)} "
                          f"and {len(incumbent)}")
     return mean_se([float(c) - float(b) for c, b in zip(candidate, incumbent)])
+
+
+def _flat(values) -> List[float]:
+    return [float(x) for v in values for x in (v if isinstance(v, (list, tuple)) else [v])]
+
+
+def cluster_mean(values: Sequence) -> float:
+    """Mean over every item of ``values``, an item being a float or a list of floats (one cluster)."""
+    xs = _flat(values)
+    if not xs:
+        raise ValueError("no values")
+    return sum(xs) / len(xs)
+
+
+def cluster_paired_gain(candidate: Sequence, incumbent: Sequence) -> Tuple[float, float]:
+    """(mean, standard error) of the paired differences when the samples come in clusters (the
+    needles of one context are not independent): ``candidate[c]`` and ``incumbent[c]`` are the
+    lists of scores of cluster ``c`` (plain floats are clusters of one, which gives
+    :func:`paired_gain`). The mean is over all items; the error is the cluster-robust one,
+    ``sqrt(C / (C - 1) * sum_c (sum_j (d_cj - mean))^2) / N`` (nan for fewer than 2 clusters)."""
+    if len(candidate) != len(incumbent) or not candidate:
+        raise ValueError(f"paired scores need the same non-zero number of clusters, got {len(candidate)} "
+                         f"and {len(incumbent)}")
+    diffs = []
+    for c, b in zip(candidate, incumbent):
+        c = list(c) if isinstance(c, (list, tuple)) else [c]
+        b = list(b) if isinstance(b, (list, tuple)) else [b]
+        if len(c) != len(b) or not c:
+            raise ValueError(f"a cluster has {len(c)} candidate and {len(b)} incumbent scores")
+        diffs.append([float(x) - float(y) for x, y in zip(c, b)])
+    n = sum(len(d) for d in diffs)
+    m = sum(map(sum, diffs)) / n
+    k = len(diffs)
+    if k < 2:
+        return m, float("nan")
+    ss = sum(sum(x - m for x in d) ** 2 for d in diffs)
+    return m, math.sqrt(k / (k - 1) * ss) / n
+
+
+def cluster_bootstrap(values: Sequence[Sequence[float]], level: float = 0.95, reps: int = 2000,
+                      seed: int = 0) -> Interval:
+    """Mean over all items and a percentile bootstrap interval that resamples whole clusters
+    (contexts), ``values[c]`` being the scores of cluster ``c``; nan bounds for fewer than 2."""
+    import random
+
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    clusters = [[float(x) for x in (v if isinstance(v, (list, tuple)) else [v])] for v in values]
+    m = cluster_mean(clusters)
+    n = sum(map(len, clusters))
+    if len(clusters) < 2:
+        return Interval(m, float("nan"), float("nan"), n)
+    rng = random.Random(seed)
+    sums = [(sum(c), len(c)) for c in clusters]
+    stats = []
+    for _ in range(reps):
+        pick = [sums[rng.randrange(len(sums))] for _ in sums]
+        stats.append(sum(s for s, _ in pick) / sum(k for _, k in pick))
+    stats.sort()
+    lo = stats[int(math.floor((1 - level) / 2 * (reps - 1)))]
+    hi = stats[int(math.ceil((1 + level) / 2 * (reps - 1)))]
+    return Interval(m, lo, hi, n)

@@ -44,3 +44,35 @@ def test_interval_and_paired_gain():
         t_quantile(0.9, 0)
     with pytest.raises(ValueError, match="level"):
         t_interval([1.0, 2.0], level=1.0)
+
+
+def test_cluster_paired_gain():
+    from dpe_kernels.tools.eval.stats import cluster_mean, cluster_paired_gain
+
+    # clusters of one are the plain paired gain
+    a, b = [1.0, 2.5, 0.5, 4.0], [0.5, 2.0, 1.0, 3.0]
+    assert cluster_paired_gain(a, b) == pytest.approx(paired_gain(a, b))
+    # by hand: differences [1, 1] and [0, 2, -2]: mean 2/5; per-cluster sums of (d - m): 1.2, -1.2
+    got = cluster_paired_gain([[2.0, 3.0], [1.0, 4.0, 0.0]], [[1.0, 2.0], [1.0, 2.0, 2.0]])
+    assert got[0] == pytest.approx(0.4)
+    assert got[1] == pytest.approx(math.sqrt(2 / 1 * (1.2 ** 2 + 1.2 ** 2)) / 5)
+    # a shift common to a whole cluster counts once per cluster, not once per needle
+    one = cluster_paired_gain([[1.0] * 10, [0.0] * 10], [[0.0] * 10, [0.0] * 10])
+    iid = paired_gain([1.0] * 10 + [0.0] * 10, [0.0] * 20)
+    assert one[0] == iid[0] == 0.5 and one[1] > 3 * iid[1]
+    assert math.isnan(cluster_paired_gain([[1.0, 2.0]], [[0.0, 0.0]])[1])
+    assert cluster_mean([[1.0, 2.0], 3.0]) == 2.0
+    with pytest.raises(ValueError, match="cluster"):
+        cluster_paired_gain([[1.0]], [[1.0, 2.0]])
+
+
+def test_cluster_bootstrap():
+    from dpe_kernels.tools.eval.stats import cluster_bootstrap
+
+    iv = cluster_bootstrap([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.5, 0.5, 0.5], [0.2, 0.4, 0.3]], reps=4000)
+    assert iv.mean == pytest.approx(0.45) and iv.n == 12
+    assert 0.0 <= iv.low < iv.mean < iv.high <= 1.0
+    # identical contexts: no spread at all, however many needles
+    tight = cluster_bootstrap([[0.1, 0.9]] * 5)
+    assert tight.low == pytest.approx(0.5) and tight.high == pytest.approx(0.5)
+    assert math.isnan(cluster_bootstrap([[1.0, 2.0]]).low)
