@@ -373,7 +373,7 @@ def run_kind(case: Case, backend: str, ins: Dict[str, torch.Tensor]) -> Dict[str
         for t in range(n0, n0 + p["steps"]):
             outs.append(dpe_attention_step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], pos[:, t:t + 1],
                                            ins["inv_freq"], cfg, cache, 0, ins.get("mask"), **kw))
-        return {"out": torch.cat(outs, 1)}
+        return {"prefill_out": outs[0], "decode_out": torch.cat(outs[1:], 1)}
     if kind == "paged":
         out, lse = dpe_paged_attention(ins["q_normal"], ins["q_scaled"], ins["k_cache"], ins["ks_cache"],
                                        ins["v_cache"], ins["block_table"], ins["seq_lens"], ins["query_start_loc"],
@@ -424,7 +424,7 @@ def reference_outputs(case: Case, ins: Dict[str, torch.Tensor], *, float64: bool
                                         src.get("mask"), layout=p["layout"], rotary_dim=p["rotary_dim"],
                                         compute_dtype=cdt)
         out, _ = attention_reference(qn, qs, kn, ks, src["v"].to(qn.dtype), p["window"], None)
-        return {"out": out}
+        return {"prefill_out": out[:, : p["prompt"]], "decode_out": out[:, p["prompt"]:]}
     if kind == "paged":
         out, lse = dpe_paged_attention(src["q_normal"], src["q_scaled"], src["k_cache"], src["ks_cache"],
                                        src["v_cache"], src["block_table"], src["seq_lens"], src["query_start_loc"],
@@ -482,4 +482,4 @@ def authors_outputs(case: Case, ins: Dict[str, torch.Tensor]):
         rows.append(decode_rerotate_reference(q[:, t:t + 1], k[:, :t + 1], v[:, :t + 1], int(pos[0, t]),
                                               src["inv_freq"], cfg, src.get("mask"), layout=p["layout"],
                                               rotary_dim=p["rotary_dim"]))
-    return {"out": torch.cat(rows, 1)}
+    return {"prefill_out": rows[0], "decode_out": torch.cat(rows[1:], 1)}
