@@ -307,7 +307,8 @@ def _write_out(out_dir: Path, result: dict, info: dict, title: str, stem: str = 
     (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
 
 
-def _print_result(result: dict, info: dict, out=sys.stdout) -> None:
+def _print_result(result: dict, info: dict, out=None) -> None:
+    out = out or sys.stdout
     print(f"machine: {machine_line(info)}", file=out)
     print(format_table(result["rows"]), file=out)
     print(AUTHORS_NOTE if result.get("reference") == "authors" else TOLERANCE_NOTE, file=out)

@@ -222,7 +222,7 @@ def golden_cases() -> List[Case]:
     for bs, ks in ((4, "q"), (3, "kv")):
         g.append(Case("paged", "paged/decode", f"paged-decode-bs{bs}-ks_{ks}",
                       dict(hq=4, hk=2, d=16, dv=16, window=5, block_size=bs, ks_heads=ks, layout="contig",
-                           lens=[0, 3, 5, 6, 14], q_lens=[1, 1, 1, 1, 1])))
+                           lens=[1, 3, 5, 6, 14], q_lens=[1, 1, 1, 1, 1])))
     g.append(Case("attention", "attention/prefill", "attention-prefill",
                   dict(B=1, hq=4, hk=2, d=16, dv=16, window=4, sq=11, sk=11, ks_heads="kv")))
     return g
