@@ -2,7 +2,6 @@
 vectors round-trip (export, compute with our kernels, --against passes; a perturbed output fails), the
 authors' formulation is reported where it differs, and bad command lines exit 2 on one line."""
 import json
-import sys
 import time
 
 import pytest
