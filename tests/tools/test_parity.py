@@ -216,3 +216,19 @@ def test_python_api_bad_arguments_name_them():
 
 def test_registered_in_the_cli():
     assert "parity" in cli.SUBCOMMANDS
+
+
+def test_checked_in_golden_set_passes_our_cpu_kernels(tmp_path, capsys):
+    """csrc/tests/golden/ (read by the C++ test) is current: our cpu backend passes it through --against."""
+    import shutil
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[2] / "csrc" / "tests" / "golden"
+    if not (src / "manifest.json").is_file():
+        pytest.skip("no source checkout (csrc/tests/golden)")
+    d = tmp_path / "golden"
+    shutil.copytree(src, d)
+    assert (src / "manifest.txt").stat().st_size > 0 and not (src / "outputs").exists()
+    assert dpe(["parity", "--compute", str(d), "--backend", "cpu"], capsys)[0] == 0
+    rc, out, _ = dpe(["parity", "--against", str(d)], capsys)
+    assert rc == 0 and "FAIL" not in out, out
