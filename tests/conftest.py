@@ -4,7 +4,8 @@ backends under test.
 Tolerance rule (flash-attn's): a kernel's max abs error against the float64
 oracle is at most twice the error of the same-dtype PyTorch reference run
 against the same oracle, plus a floor ATOL[dtype] for the case where that
-reference error is ~0.
+reference error is ~0. Defined once, in dpe_kernels.tools.parity (``ATOL``,
+``tolerance``), which `dpe parity` applies too; imported here.
 """
 import os
 
@@ -18,8 +19,7 @@ if not torch.cuda.is_available():
 
 import dpe_kernels  # noqa: E402
 from dpe_kernels import DPEConfig, available_backends, dpe_rope, rope_reference  # noqa: E402
-
-ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+from dpe_kernels.tools.parity import ATOL, tolerance  # noqa: E402,F401  (the one tolerance rule)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -49,7 +49,7 @@ def assert_rope_close(got, q, k, positions, inv_freq, config, mask=None, layout=
         assert g.dtype == q.dtype, f"{name}: dtype {g.dtype} != {q.dtype}"
         err = (g.double() - o).abs().max().item() if g.numel() else 0.0
         base = (r.double() - o).abs().max().item() if g.numel() else 0.0
-        bound = 2 * base + ATOL[q.dtype]
+        bound = tolerance(q.dtype, base)
         assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g} (reference error {base:.3g})"
 
 
@@ -104,5 +104,5 @@ def assert_attention_close(out, lse, ins, window, **kw):
             continue
         err = (g.double() - o)[keep].abs().max().item()
         base = (r.double() - o)[keep].abs().max().item()
-        bound = 2 * base + ATOL[dtype]
+        bound = tolerance(dtype, base)
         assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g} (reference error {base:.3g})"

@@ -11,7 +11,7 @@ positions past 2^16 and bounds the difference by that angle rounding.
 import pytest
 import torch
 
-from conftest import ATOL, llama_inv_freq
+from conftest import ATOL, llama_inv_freq, tolerance
 from dpe_kernels import DPEConfig, rope_reference
 from dpe_kernels.attention import dpe_attention
 from dpe_kernels.cache import DPEKVCache, dpe_attention_step
@@ -73,7 +73,7 @@ def assert_rule(got, want64, ref_same_dtype, what=""):
         assert err <= 1e-10, f"{what}: float64 error {err:.3g}"
         return
     base = (ref_same_dtype.to(F64) - want64).abs().max().item()
-    bound = 2 * base + ATOL[got.dtype]
+    bound = tolerance(got.dtype, base)
     assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} (reference error {base:.3g})"
 
 

@@ -22,7 +22,7 @@ from unittest import mock
 import pytest
 import torch
 
-from conftest import ATOL, DEVICE
+from conftest import ATOL, DEVICE, tolerance
 from dpe_kernels import available_paged_backends, dpe_paged_attention
 
 NEG_INF = float("-inf")
@@ -117,7 +117,7 @@ def assert_paged_close(out, lse, args, window, **kw):
             continue
         err = (g.double() - o)[keep].abs().max().item()
         base = (ref.double() - o)[keep].abs().max().item()
-        bound = 2 * base + ATOL[dtype]
+        bound = tolerance(dtype, base)
         assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g} (reference error {base:.3g})"
 
 

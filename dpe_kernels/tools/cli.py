@@ -6,6 +6,7 @@
     dpe select-dims  calibration step 1: key dimensions -> safetensors masks
     dpe detect       calibration step 2: coordinate ascent over the groups' scales -> DPEConfig JSON
     dpe export-hf    write a Hugging Face model directory (for vLLM) from a model loaded offline
+    dpe parity       every backend of every op against the float64 oracles; golden vectors (tools/parity.py)
 
 Run ``dpe <command> --help`` for the options.
 
@@ -363,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write a Hugging Face model directory from a model loaded offline (the "
                                    "shipped SmolLM2 GGUF de-quantised), for engines that read no GGUF (vLLM).")
     _export_hf().build_parser(x)
+    y = sub.add_parser("parity", help="every backend of every op against the float64 oracles; golden vectors",
+                       description=_parity().__doc__.split("\n\n")[0])
+    _parity().build_parser(y)
     for name, p in sub.choices.items():
         p.set_defaults(command_parser=p)
     return parser
@@ -372,6 +376,12 @@ def _export_hf():
     from . import export_hf
 
     return export_hf
+
+
+def _parity():
+    from . import parity
+
+    return parity
 
 
 # --------------------------------------------------------------------------- validation (before any model loads)
@@ -734,10 +744,22 @@ def cmd_export_hf(args) -> int:
     return int(_export_hf().run(args, prog="dpe export-hf"))
 
 
+def validate_parity(args):
+    try:
+        _parity().validate(args)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def cmd_parity(args) -> int:
+    return int(_parity().run(args, prog="dpe parity"))
+
+
 COMMANDS = {"demo": cmd_demo, "eval": cmd_eval, "bench": cmd_bench, "select-dims": cmd_select_dims,
-            "detect": cmd_detect, "export-hf": cmd_export_hf}
+            "detect": cmd_detect, "export-hf": cmd_export_hf, "parity": cmd_parity}
 VALIDATORS = {"demo": validate_demo, "eval": validate_eval, "bench": validate_bench,
-              "select-dims": validate_select_dims, "detect": validate_detect, "export-hf": validate_export_hf}
+              "select-dims": validate_select_dims, "detect": validate_detect, "export-hf": validate_export_hf,
+              "parity": validate_parity}
 SUBCOMMANDS = tuple(COMMANDS)
 
 
