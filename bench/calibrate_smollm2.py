@@ -7,6 +7,12 @@ bench/results/calibration_smollm2_<16k|32k>.md.
     python bench/calibrate_smollm2.py --target 16384 --threads 1 --worker   # a second process helps step 1
     python bench/calibrate_smollm2.py --target 16384 --report-only   # the report from the records so far
     python bench/calibrate_smollm2.py --target 16384 --ship          # after a complete run: write the preset
+    python bench/calibrate_smollm2.py --target 16384 --needles 10    # the multi-needle scorer (own records)
+
+With --needles N a sample is a context of N labelled needles, each question scored as if it alone
+followed the context (`dpe detect --needles`): sweep contexts 0-1, fresh contexts 2-3 (2 forwards and
+2N needles per candidate), gains paired per needle with standard errors over contexts; the mask step
+scores 2 contexts of N needles per side. Its files go to calibration_smollm2_<16k|32k>_n<N>/.
 
 Steps (each resumes from its files under bench/results/calibration_smollm2_<16k|32k>/):
   1. dpe detect: coordinate ascent from the Self-Extend point (every group at 2 * ceil(target / 8K)),
@@ -39,6 +45,8 @@ DIMS = os.path.join(HERE, "results", "calibration_smollm2", "dims.safetensors")
 SCALES = [1, 2, 4, 8, 16]
 SAMPLES, FRESH, MAX_PASSES, KEYS = 5, 5, 3, 4
 TRAIN = 8192
+NEEDLES = None            # --needles N: contexts of N needles (set by main)
+CONTEXTS, FRESH_CONTEXTS = 2, 2
 
 
 def tag(target: int) -> str:
@@ -46,7 +54,7 @@ def tag(target: int) -> str:
 
 
 def paths(target: int):
-    out = os.path.join(HERE, "results", f"calibration_smollm2_{tag(target)}")
+    out = os.path.join(HERE, "results", f"calibration_smollm2_{tag(target)}" + (f"_n{NEEDLES}" if NEEDLES else ""))
     return {"out": out, "report": out + ".md", "cfg": os.path.join(out, "detect.json"),
             "jsonl": os.path.join(out, "detect.jsonl"), "trace": os.path.join(out, "detect.trace.json"),
             "masked": os.path.join(out, "detect_masked.json"), "notes": os.path.join(out, "RUN_NOTES.md"),
@@ -56,16 +64,20 @@ def paths(target: int):
 
 def detect_argv(target: int, common):
     p = paths(target)
-    return ["detect", "--target-length", str(target), "--scorer", "passkey-logprob", "--samples", str(SAMPLES),
-            "--fresh-samples", str(FRESH), "--scales", *map(str, SCALES), "--window", "1024", "--groups", "8",
+    multi = ["--needles", str(NEEDLES)] if NEEDLES else []
+    samples, fresh = (CONTEXTS, FRESH_CONTEXTS) if NEEDLES else (SAMPLES, FRESH)
+    return ["detect", "--target-length", str(target), "--scorer", "passkey-logprob", "--samples", str(samples),
+            "--fresh-samples", str(fresh), *multi, "--scales", *map(str, SCALES), "--window", "1024", "--groups", "8",
             "--max-passes", str(MAX_PASSES), "--out", p["cfg"], "--jsonl", p["jsonl"], *common]
 
 
 def mask_argv(target: int, which: str, common):
     p = paths(target)
     cfg = p["cfg"] if which == "mask_off" else p["masked"]
+    grid = (["--needles", str(NEEDLES), "--depths", "0.5", "--samples", str(CONTEXTS)] if NEEDLES
+            else ["--depths", "5", "--samples", str(KEYS)])
     return ["eval", "--task", "passkey", "--scoring", "logprob", "--methods", "dpe", "--lengths", str(target),
-            "--depths", "5", "--samples", str(KEYS), "--format", "raw", "--no-skip-zero", "--config", cfg,
+            *grid, "--format", "raw", "--no-skip-zero", "--config", cfg,
             "--out-dir", p[which], "--no-plots", *common]
 
 
@@ -102,8 +114,9 @@ def _trace(target: int):
     recs = read_records(p["jsonl"])
     if os.path.isfile(p["trace"]):
         return json.load(open(p["trace"])), True, recs
-    t = replay(recs, target_length=target, train_length=TRAIN, scales=SCALES, samples=SAMPLES, fresh_samples=FRESH,
-               max_passes=MAX_PASSES, num_groups=8)
+    samples, fresh = (CONTEXTS, FRESH_CONTEXTS) if NEEDLES else (SAMPLES, FRESH)
+    t = replay(recs, target_length=target, train_length=TRAIN, scales=SCALES, samples=samples, fresh_samples=fresh,
+               max_passes=MAX_PASSES, num_groups=8, base={"needles": NEEDLES})
     return t, False, recs
 
 
@@ -112,8 +125,10 @@ def mask_comparison(target: int):
     from dpe_kernels.tools.eval.runner import read_records
 
     p = paths(target)
-    off = {(r["depth"], r["sample"]): r for r in read_records(os.path.join(p["mask_off"], "results.jsonl"))}
-    on = {(r["depth"], r["sample"]): r for r in read_records(os.path.join(p["mask_on"], "results.jsonl"))}
+    off = {(r["depth"], r["sample"], r.get("needle")): r
+           for r in read_records(os.path.join(p["mask_off"], "results.jsonl"))}
+    on = {(r["depth"], r["sample"], r.get("needle")): r
+          for r in read_records(os.path.join(p["mask_on"], "results.jsonl"))}
     keys = sorted(set(off) & set(on))
     return [(k, off[k], on[k]) for k in keys]
 
@@ -131,7 +146,8 @@ def report(target: int):
     trace, complete, recs = _trace(target)
     lines = [f"# DPE calibration on SmolLM2-135M-Instruct (8K trained), target {tag(target).upper()}, "
              "teacher-forced passkey score", "",
-             f"Produced by `python bench/calibrate_smollm2.py --target {target}` (steps in its docstring). Machine "
+             f"Produced by `python bench/calibrate_smollm2.py --target {target}"
+             + (f" --needles {NEEDLES}" if NEEDLES else "") + "` (steps in its docstring). Machine "
              f"(the report generator's view): {_machine()}. Each record names its dtype; seconds are per "
              "forward on a shared machine.", ""]
     if os.path.isfile(p["notes"]):
@@ -161,20 +177,29 @@ def report(target: int):
     lines.append("")
     f = trace.get("fresh")
     if f:
-        lines += ["## Fresh samples (5-9): final of the ascent vs the Self-Extend start", "",
+        lines += [f"## Fresh {'contexts' if NEEDLES else 'samples'}: final of the ascent vs the Self-Extend start", "",
                   f"final {trace['final']}: mean {f['final_mean']:.3f}; start {trace['start']}: mean "
                   f"{f['start_mean']:.3f}; paired gain {f['gain']:+.3f} ± {f['se']:.3f} -> kept the **{f['kept']}**.", ""]
     pairs = mask_comparison(target)
-    lines += ["## The key-dimension mask alone (calibrated scales, 20 passkey samples, teacher-forced)", ""]
+    what = f"{CONTEXTS} contexts of {NEEDLES} needles" if NEEDLES else "20 passkey samples"
+    lines += [f"## The key-dimension mask alone (calibrated scales, {what}, teacher-forced)", ""]
     if pairs:
         d = [on["logprob"] - off["logprob"] for _, off, on in pairs]
         iv = t_interval(d)
+        if NEEDLES:  # needles of one context are not independent: bootstrap over contexts
+            from dpe_kernels.tools.eval.stats import cluster_bootstrap
+
+            ctx = {}
+            for k, off, on in pairs:
+                ctx.setdefault(k[:2], []).append(on["logprob"] - off["logprob"])
+            iv = cluster_bootstrap(list(ctx.values()))
         acc_off = sum(off["score"] for _, off, _ in pairs) / len(pairs)
         acc_on = sum(on["score"] for _, _, on in pairs) / len(pairs)
         lines += [f"Paired samples: {len(pairs)}. Mean log-prob without the mask "
                   f"{sum(off['logprob'] for _, off, _ in pairs) / len(pairs):.3f}, with it "
                   f"{sum(on['logprob'] for _, _, on in pairs) / len(pairs):.3f}; difference (with - without) "
-                  f"{iv.mean:+.3f}" + (f" [{iv.low:+.3f}, {iv.high:+.3f}] (95% t-interval)" if iv.n > 1 else "")
+                  f"{iv.mean:+.3f}" + (f" [{iv.low:+.3f}, {iv.high:+.3f}] (95% "
+                                       f"{'bootstrap over contexts' if NEEDLES else 't-interval'})" if iv.n > 1 else "")
                   + f". Exact match without / with: {100 * acc_off:.0f}% / {100 * acc_on:.0f}%.", ""]
     else:
         lines += ["Not run yet (step 2 follows the calibration).", ""]
@@ -194,7 +219,16 @@ def ship(target: int) -> int:
         print(f"not shipped: the calibration is {'complete' if complete else 'incomplete'} and the mask step has "
               f"{len(pairs)} paired samples; finish both first", file=sys.stderr)
         return 1
-    gain, se = mean_se([on["logprob"] - off["logprob"] for _, off, on in pairs])
+    if NEEDLES:
+        from dpe_kernels.tools.eval.stats import cluster_paired_gain
+
+        ctx_on, ctx_off = {}, {}
+        for k, off, on in pairs:
+            ctx_on.setdefault(k[:2], []).append(on["logprob"])
+            ctx_off.setdefault(k[:2], []).append(off["logprob"])
+        gain, se = cluster_paired_gain(list(ctx_on.values()), [ctx_off[k] for k in ctx_on])
+    else:
+        gain, se = mean_se([on["logprob"] - off["logprob"] for _, off, on in pairs])
     src = p["masked"] if gain > se else p["cfg"]
     cfg = DPEConfig.from_json(src)
     if cfg.calibrated_length != target:
@@ -218,9 +252,15 @@ def main(argv=None):
     ap.add_argument("--worker", action="store_true",
                     help="help a running calibration of this target (`dpe detect --worker`: the current "
                          "group's candidates from the far end, into the same records); exits when step 1 is done")
+    ap.add_argument("--needles", type=int, default=None,
+                    help="the multi-needle scorer: contexts of N needles (own records; see the docstring)")
     args = ap.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         ap.error("--threads must be >= 1")
+    if args.needles is not None and not 1 <= args.needles <= 24:
+        ap.error("--needles must be in 1..24")
+    global NEEDLES
+    NEEDLES = args.needles
     if args.worker:
         from dpe_kernels.tools.cli import main as dpe_main
 

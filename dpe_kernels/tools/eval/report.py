@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
 from .methods import METHODS
-from .stats import t_interval
+from .stats import cluster_bootstrap, t_interval
 
 __all__ = ["summary_markdown", "plot_heatmaps", "plot_loss", "write_report"]
 
@@ -47,7 +47,8 @@ def _groups(records: Iterable[dict], task: str):
     out: Dict[tuple, List[dict]] = OrderedDict()
     for r in records:
         if r.get("task") == task:
-            key = (r.get("model"), r.get("format"), r.get("scoring", "generate"), r.get("dtype", "float32"))
+            key = (r.get("model"), r.get("format"), r.get("scoring", "generate"), r.get("dtype", "float32"),
+                   r.get("needles"))
             out.setdefault(key, []).append(r)
     return out
 
@@ -57,6 +58,18 @@ def _fmt_interval(values: List[float]) -> str:
     if iv.n < 2:
         return f"{iv.mean:.2f}"
     return f"{iv.mean:.2f} [{iv.low:.2f}, {iv.high:.2f}]"
+
+
+def _fmt_clustered(done: List[dict], field: str, scale: float = 1.0, digits: int = 2) -> str:
+    """Mean of ``field`` over multi-needle records with a 95% bootstrap interval over contexts
+    (the needles of one context are not independent samples)."""
+    ctx: Dict[tuple, List[float]] = OrderedDict()
+    for r in done:
+        ctx.setdefault((r.get("depth"), r.get("sample")), []).append(scale * float(r[field]))
+    iv = cluster_bootstrap(list(ctx.values()))
+    if iv.n < 2 or len(ctx) < 2:
+        return f"{iv.mean:.{digits}f}"
+    return f"{iv.mean:.{digits}f} [{iv.low:.{digits}f}, {iv.high:.{digits}f}]"
 
 
 def _retrieval_table(recs: List[dict]) -> List[str]:
@@ -77,8 +90,13 @@ def _retrieval_table(recs: List[dict]) -> List[str]:
                 n_ok = sum(float(r["score"]) for r in done)
                 n_ok_s = f"{n_ok:g}" if n_ok == int(n_ok) else f"{n_ok:.2f}"
                 lps = [float(r["logprob"]) for r in done if r.get("logprob") is not None]
-                lp = f"; log-prob {_fmt_interval(lps)}" if lps else ""
-                cells.append(f"{100 * acc:.0f}% ({n_ok_s}/{len(done)}), {secs:.1f} s{lp}")
+                if done[0].get("needles") is not None:  # multi-needle: intervals over contexts
+                    n_ctx = len({(r.get("depth"), r.get("sample")) for r in done})
+                    cells.append(f"{_fmt_clustered(done, 'score', 100, 0)}% ({n_ok_s}/{len(done)} needles, "
+                                 f"{n_ctx} contexts), {secs:.1f} s; log-prob {_fmt_clustered(done, 'logprob')}")
+                else:
+                    lp = f"; log-prob {_fmt_interval(lps)}" if lps else ""
+                    cells.append(f"{100 * acc:.0f}% ({n_ok_s}/{len(done)}), {secs:.1f} s{lp}")
                 params[(m, L)] = done[-1].get("params", "")
             elif skip:
                 cells.append(f"skipped ({skip[-1].get('reason', '')})")
@@ -92,7 +110,12 @@ def _retrieval_table(recs: List[dict]) -> List[str]:
                       "token), mean seconds per sample (one forward)",
            "both": "accuracy (correct / samples) of the greedy answer, mean seconds per sample (prefill + "
                    "greedy decode; the teacher-forced pass is extra)"}[scoring]
-    if any(r.get("logprob") is not None for r in recs):
+    if recs[0].get("needles") is not None:
+        how = (f"{recs[0]['needles']} labelled needles per context, each question scored as if it alone followed "
+               "the context: exact match of the teacher-forced answer (correct / needles) and mean answer "
+               "log-probability, each with a 95% bootstrap interval that resamples whole contexts [low, high]; "
+               "seconds per needle (the context's forward shared by its needles)")
+    elif any(r.get("logprob") is not None for r in recs):
         how += ("; log-prob: mean teacher-forced log-probability of the answer (passkey: the key's tokens; "
                 "NIAH: mean over the 4 values) with its 95% Student-t interval over the samples [low, high]")
     lines += ["", f"Cells: {how}.", "",
@@ -146,9 +169,10 @@ def summary_markdown(records: Sequence[dict], title: str = "DPE evaluation", not
             f"({os.cpu_count()} CPUs), model(s): {', '.join(models)}; samples run on: "
             f"{'; '.join(devices) or 'not recorded'}.", ""]
     for task in ("passkey", "niah", "ppl"):
-        for (model, fmt, scoring, dtype), recs in _groups(records, task).items():
+        for (model, fmt, scoring, dtype, needles), recs in _groups(records, task).items():
             trains = {r.get("train_length") for r in recs}
             extra = f", prompt format `{fmt}`, scoring `{scoring}`" if task != "ppl" else ""
+            extra += f", {needles} needles per context" if needles is not None else ""
             extra += f", {dtype}"
             out += [f"## {_TASK_TITLES[task]} ({model}{extra}, pre-training length "
                     f"{', '.join(str(t) for t in trains)})", ""]
@@ -265,12 +289,13 @@ def write_report(records: Sequence[dict], out_md, plot_dir=None, title: str = "D
     if plot_dir is not None:
         for task in ("passkey", "niah", "ppl"):
             groups = _groups(records, task)
-            for (model, fmt, scoring, dtype), recs in groups.items():
+            for (model, fmt, scoring, dtype, needles), recs in groups.items():
                 # one figure per (model, prompt format, scoring, dtype); a suffix only when a file
                 # holds several (scoring and dtype named only when not the default generate / float32)
                 tag = f"{Path(str(model)).name}_{fmt}"
                 tag += "" if scoring == "generate" else f"_{scoring}"
                 tag += "" if dtype == "float32" else f"_{dtype}"
+                tag += "" if needles is None else f"_{needles}needles"
                 suffix = "" if len(groups) == 1 else "_" + "".join(
                     c if c.isalnum() or c in "-." else "-" for c in tag)
                 if task == "ppl":
