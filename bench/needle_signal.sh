@@ -15,12 +15,15 @@ mkdir -p "$OUT"
 DPE="${DPE_CLI:-dpe}"
 DEPTHS="0.05 0.15 0.25 0.35 0.45 0.55 0.65 0.75 0.85 0.95"
 common=(--task passkey --scoring logprob --lengths 16384 --no-plots --no-progress --no-skip-zero "$@")
-# Multi-needle contexts first (cheap: 8 forwards), then the single-needle samples round-robin.
+# Multi-needle contexts first (cheap: 8 forwards), then the single-needle samples (40 forwards):
+# the methods that decide the question first (self_extend, dpe), plain RoPE (which fails at 16K) last.
 $DPE eval "${common[@]}" --needles 10 --methods rope self_extend dpe --depths 0.5 --samples 2 \
   --out-dir "$OUT/multi" --title "16K passkey, 10 needles per context"
 $DPE eval "${common[@]}" --needles 10 --methods dpe --dpe-preset smollm2-135m --depths 0.5 --samples 2 \
   --out-dir "$OUT/multi_preset" --title "16K passkey, 10 needles per context, preset smollm2-135m"
-$DPE eval "${common[@]}" --needles 1 --methods rope self_extend dpe --depths $DEPTHS --samples 1 \
+$DPE eval "${common[@]}" --needles 1 --methods self_extend dpe --depths $DEPTHS --samples 1 \
   --out-dir "$OUT/single" --title "16K passkey, one needle per context"
 $DPE eval "${common[@]}" --needles 1 --methods dpe --dpe-preset smollm2-135m --depths $DEPTHS --samples 1 \
   --out-dir "$OUT/single_preset" --title "16K passkey, one needle per context, preset smollm2-135m"
+$DPE eval "${common[@]}" --needles 1 --methods rope --depths $DEPTHS --samples 1 \
+  --out-dir "$OUT/single" --title "16K passkey, one needle per context"
