@@ -13,9 +13,13 @@
 #     parity   dpe parity --device cuda: every CUDA backend of every op against the float64 oracles;
 #              writes bench/results/parity_<gpu>/parity.md and parity.json (the table names the GPU)
 #     quality  bench/eval_quality.py --device cuda (the SmolLM2 model must be installed)
-#     calibrate  bench/calibrate_smollm2.py --device cuda for the 16K target (resuming the CPU
-#              records committed under bench/results/calibration_smollm2_16k/) and the 32K target;
-#              each writes its report (and the preset only with --ship, after a complete run)
+#     needles  bench/needle_signal.sh --device cuda (single vs 10-needle contexts at 16K, resuming the
+#              CPU records) and its report bench/results/needles_smollm2_16k.md
+#     calibrate  bench/calibrate_smollm2.py --needles 10 --device cuda for the 16K target (resuming
+#              the CPU records under bench/results/calibration_smollm2_16k_n10/) and the 32K target;
+#              each writes its report; then --ship for each complete one (the preset is written only
+#              from a complete run)
+#     grid     bench/quality_grid.sh --device cuda: the multi-needle quality grid at 8K / 16K / 32K
 #
 # Environment:
 #     DPE_WHEELS       a folder of wheels installed first with --target /tmp/site (e.g. transformers,
@@ -92,17 +96,30 @@ stage_quality() {
   $PY bench/eval_quality.py --device cuda
 }
 
+stage_needles() {
+  log "single vs multi-needle signal at 16K on $GPU"
+  DPE_CLI="$PY -m dpe_kernels.tools.cli" bash bench/needle_signal.sh --device cuda || return 1
+  $PY bench/needle_signal_report.py
+}
+
 stage_calibrate() {
-  log "calibration on $GPU: 16K (resumes the committed records), then 32K"
-  $PY bench/calibrate_smollm2.py --target 16384 --device cuda || return 1
-  $PY bench/calibrate_smollm2.py --target 32768 --device cuda
+  log "calibration on $GPU (10 needles per context): 16K (resumes the committed records), then 32K"
+  for target in 16384 32768; do
+    $PY bench/calibrate_smollm2.py --target "$target" --needles 10 --device cuda || return 1
+    $PY bench/calibrate_smollm2.py --target "$target" --needles 10 --ship || true  # refuses an incomplete run
+  done
+}
+
+stage_grid() {
+  log "quality grid on $GPU"
+  DPE_CLI="$PY -m dpe_kernels.tools.cli" bash bench/quality_grid.sh --device cuda
 }
 
 rc=0
 for stage in "$@"; do
   case $stage in
-    setup | tests | bench | parity | quality | calibrate) "stage_$stage" || { rc=1; log "stage $stage FAILED"; } ;;
-    *) echo "unknown stage $stage (setup tests bench parity quality calibrate)" >&2; exit 2 ;;
+    setup | tests | bench | parity | quality | needles | calibrate | grid) "stage_$stage" || { rc=1; log "stage $stage FAILED"; } ;;
+    *) echo "unknown stage $stage (setup tests bench parity quality needles calibrate grid)" >&2; exit 2 ;;
   esac
 done
 exit $rc
