@@ -41,8 +41,8 @@ from .cache import DPEKVCache, dpe_attention_step
 from .config import DPEConfig
 from .paged_attention import PAGED_BACKENDS, available_paged_backends, dpe_paged_attention
 from .reference import attention_reference, decode_rerotate_reference, rope_reference
-from .rope import (BACKENDS, MAX_EXACT_POSITION, ROPE_BACKENDS, RopeCacheOutput, RopeOutput, available_backends,
-                   available_rope_backends, dpe_rope, dpe_rope_and_cache)
+from .rope import (MAX_EXACT_POSITION, ROPE_BACKENDS, RopeCacheOutput, RopeOutput, available_rope_backends, dpe_rope,
+                   dpe_rope_and_cache)
 
 __version__ = "0.2.0"
 __all__ = [
@@ -54,8 +54,6 @@ __all__ = [
     "dpe_paged_attention", "PAGED_BACKENDS", "available_paged_backends",
     "rope_reference", "attention_reference", "decode_rerotate_reference",
     "has_extension", "extension_error",
-    # first-release names, kept as aliases
-    "BACKENDS", "available_backends",
 ]
 
 

@@ -16,7 +16,7 @@ tokens, an append, and ``dpe_attention`` with ``S_q`` = the new tokens.
   composition of the three public pieces).
 * the authors' formulation, :func:`dpe_kernels.reference.decode_rerotate_reference`,
   is the equivalence oracle of the tests and the baseline of the attention
-  benchmark (re-exported here for the first release's import path).
+  benchmark.
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from typing import List, Optional, Tuple
 import torch
 
 from .config import DPEConfig
-from .reference import decode_rerotate_reference  # noqa: F401  (re-exported: the first release's path)
 from .rope import dpe_rope
 from .utils import REFERENCE_DTYPES, check_inference_only, is_int
 

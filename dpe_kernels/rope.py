@@ -33,13 +33,13 @@ from .reference import rope_reference
 from .utils import FLOAT_DTYPES, check_inference_only, is_int, scaled_key_heads, triton_usable
 
 __all__ = ["dpe_rope", "RopeOutput", "ROPE_BACKENDS", "available_rope_backends", "LAYOUTS",
-           "MAX_EXACT_POSITION", "BACKENDS", "available_backends", "dpe_rope_and_cache", "RopeCacheOutput"]
+           "MAX_EXACT_POSITION", "dpe_rope_and_cache", "RopeCacheOutput"]
 
 ROPE_BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 LAYOUTS = ("neox", "gptj")
 # The angle is float32(position) * inv_freq (as Hugging Face computes it): from
 # 2^24 on, float32 no longer holds every integer, so neighbouring positions
-# share one angle. check_positions=True refuses positions at or above this.
+# share one angle. check_inputs=True refuses positions at or above this.
 MAX_EXACT_POSITION = 1 << 24
 
 
@@ -87,11 +87,6 @@ def _pick_backend(backend: str, device: torch.device, op: str = "rope") -> str:
         raise ValueError(f"backend={backend!r} is not available for {device.type} tensors: {why}")
     return backend
 
-
-
-# Names of the first release, kept as aliases.
-BACKENDS = ROPE_BACKENDS
-available_backends = available_rope_backends
 
 
 # --------------------------------------------------------------------------- validation
@@ -208,7 +203,6 @@ def dpe_rope(
     rotary_dim: Optional[int] = None,
     backend: str = "auto",
     check_inputs: bool = True,
-    check_positions: bool = True,
     out: Optional[tuple] = None,
     inplace: bool = False,
 ) -> RopeOutput:
@@ -245,8 +239,6 @@ def dpe_rope(
             or a non-finite ``inv_freq`` give meaningless outputs on the
             GPU backends (the compiled CPU kernel, which reads the positions
             anyway, still refuses negative ones with ValueError).
-        check_positions: the first name of ``check_inputs``, kept for
-            compatibility: the value checks run only when both are True.
         out: optional ``(q_normal, k_normal, q_scaled, k_scaled)`` to write
             into (no allocation, as an engine with persistent buffers wants):
             dtype and device of q, the shapes returned, any strides with
@@ -273,10 +265,9 @@ def dpe_rope(
     """
     mask = _resolve_mask(config, mask, layer)
     _check_flag("check_inputs", check_inputs)
-    _check_flag("check_positions", check_positions)
     _check_flag("inplace", inplace)
     rotary_dim = _check_inputs(q, k, positions, inv_freq, config, mask, layout, rotary_dim,
-                               check_inputs and check_positions)
+                               check_inputs)
     if inplace:
         out = _inplace_out(out, q, k, mask)
     if out is not None:

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import dpe_kernels  # noqa: E402
-from dpe_kernels import DPEConfig, available_backends, dpe_rope, rope_reference  # noqa: E402
+from dpe_kernels import DPEConfig, available_rope_backends, dpe_rope, rope_reference  # noqa: E402
 
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -26,7 +26,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def compiled_backends(device=DEVICE):
     """Every non-reference backend that runs here; the CPU extension must be built."""
-    avail = available_backends(device)
+    avail = available_rope_backends(device)
     if device == "cpu" and "cpu" not in avail:
         pytest.fail(f"the CPU extension is not loaded: {dpe_kernels.extension_error()}")
     return [b for b in avail if b != "reference"]

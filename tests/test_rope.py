@@ -29,10 +29,10 @@ def make_mask(kind, hq, hk, npairs, seed=1, device=DEVICE):
 
 def run_and_check(backend, q, k, pos, inv, cfg, mask=None, layout="neox", rotary_dim=None):
     # Positions from 2^24 on are refused by the default check (float32 rounds them): the parity
-    # tests that go there say so with check_positions=False.
+    # tests that go there say so with check_inputs=False.
     big = bool((pos >= dpe_kernels.MAX_EXACT_POSITION).any())
     out = dpe_rope(q, k, pos, inv, cfg, mask, layout=layout, rotary_dim=rotary_dim, backend=backend,
-                   check_positions=not big)
+                   check_inputs=not big)
     assert isinstance(out, RopeOutput)
     assert_rope_close(out, q, k, pos, inv, cfg, mask, layout, rotary_dim)
     return out

@@ -258,7 +258,7 @@ def test_check_inputs_false_reads_no_tensor_value_on_the_host(backend, monkeypat
     got = dpe_rope_and_cache(q, k, v, pos, inv, cfg, kc, ksc, vc, slots, mask=mask, backend=backend,
                              check_inputs=False)
     dpe_rope(q, k, pos, inv, cfg, mask, backend=backend, check_inputs=False, out=outs)
-    dpe_rope(q, k, pos, inv, cfg, mask, backend=backend, check_positions=False)
+    dpe_rope(q, k, pos, inv, cfg, mask, backend=backend, check_inputs=False)
     monkeypatch.undo()
     assert torch.equal(got.q_normal, want.q_normal) and torch.equal(got.q_scaled, want.q_scaled)
     assert torch.equal(outs[3], dpe_rope(q, k, pos, inv, cfg, mask, backend=backend).k_scaled)

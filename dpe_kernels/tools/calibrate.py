@@ -493,7 +493,7 @@ def detect(model, tokenizer, *, target_length: int, train_length: Optional[int] 
 
     from .eval.runner import append_record, read_records, resume_records
     from ..integrations.hf import apply_dpe
-    from .models import train_length as model_train_length
+    from ..integrations.hf import train_length as model_train_length
 
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {SCORERS}, got {scorer!r}")

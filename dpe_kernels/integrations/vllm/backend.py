@@ -20,7 +20,7 @@ per-query-head mask). One block's page is carved into three head-major planes
 
 Hot path: the metadata builder computes the token positions once per step for every layer;
 ``forward`` validates inputs on its first call only and then runs the kernels with
-``check_inputs=False`` / ``check_positions=False`` and ``max_seqlen_*`` from vLLM's host-side
+``check_inputs=False`` and ``max_seqlen_*`` from vLLM's host-side
 metadata, so no tensor value is read back on the host.
 """
 from __future__ import annotations
