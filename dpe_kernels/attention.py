@@ -19,7 +19,7 @@ Backends:
   log-sum-exp. No ``S x S`` matrix or mask; GQA without copying KV heads.
 * ``flash``: FlashAttention 2 (optional, CUDA): a ``window_size=(w-1, 0)``
   pass and a causal pass on the scaled keys cut ``w`` short, merged.
-* ``triton``: one fused kernel (``dpe_kernels.backends.triton_attention``).
+* ``triton``: one fused kernel (``dpe_kernels.backends.attention_triton``).
 
 The backends live in :mod:`dpe_kernels.backends`; the reference formula in
 :mod:`dpe_kernels.reference`; the log-sum-exp merge and the lse adapters in
@@ -64,11 +64,11 @@ def available_attention_backends(device: torch.device | str = "cpu") -> list:
     """Attention backends that can run on tensors of ``device`` in this process."""
     device = torch.device(device)
     out = ["reference"]
-    from .backends import cpu_attention, flash_attention
+    from .backends import attention_cpu, attention_flash
 
-    if cpu_attention.available(device):
+    if attention_cpu.available(device):
         out.append("cpu")
-    if flash_attention.available(device):
+    if attention_flash.available(device):
         out.append("flash")
     if triton_usable(device):
         out.append("triton")
@@ -78,7 +78,7 @@ def available_attention_backends(device: torch.device | str = "cpu") -> list:
 def _pick_backend(backend, device, dtype, d, dv) -> str:
     if not isinstance(backend, str) or backend not in ATTENTION_BACKENDS:
         raise ValueError(f"backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
-    from .backends import flash_attention
+    from .backends import attention_flash
 
     avail = available_attention_backends(device)
     if backend == "auto":
@@ -86,7 +86,7 @@ def _pick_backend(backend, device, dtype, d, dv) -> str:
             return "reference"
         if device.type == "cpu" and "cpu" in avail:
             return "cpu"
-        if "flash" in avail and flash_attention.supports(dtype, d, dv):
+        if "flash" in avail and attention_flash.supports(dtype, d, dv):
             return "flash"
         if "triton" in avail and device.type == "cuda":
             return "triton"
@@ -96,13 +96,13 @@ def _pick_backend(backend, device, dtype, d, dv) -> str:
             "cpu": "it needs CPU tensors (and torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)",
             "flash": "it needs CUDA tensors and the flash_attn package (FlashAttention 2)",
             "triton": "it needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), the triton package "
-                      "and dpe_kernels.backends.triton_attention",
+                      "and dpe_kernels.backends.attention_triton",
         }.get(backend, "")
         raise ValueError(f"backend={backend!r} is not available for {device.type} tensors: {why}")
     if dtype == torch.float64 and backend != "reference":
         raise TypeError(f"q_normal is float64, which only backend='reference' supports "
                         f"(got backend={backend!r})")
-    if backend == "flash" and not flash_attention.supports(dtype, d, dv):
+    if backend == "flash" and not attention_flash.supports(dtype, d, dv):
         raise ValueError(f"backend='flash' needs float16/bfloat16 inputs, head_dim <= 256 and v's "
                          f"head_dim equal to q's; got {dtype}, head_dim={d}, v head_dim={dv}")
     return backend
@@ -309,7 +309,7 @@ def dpe_attention(
     window = int(window)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(info.D)
     if name == "triton":
-        from .backends.triton_attention import attention_triton
+        from .backends.attention_triton import attention_triton
 
         return attention_triton(q_normal, q_scaled, k_normal, k_scaled, v, window, scale,
                                 key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q,
@@ -319,12 +319,12 @@ def dpe_attention(
                                        key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q,
                                        cu_seqlens_k=cu_seqlens_k)
     elif name == "cpu":
-        from .backends.cpu_attention import cpu_attention
+        from .backends.attention_cpu import cpu_attention
 
         out, lse = cpu_attention(q_normal, q_scaled, k_normal, k_scaled, v, window, scale,
                                  key_padding_mask, info)
     else:
-        from .backends.flash_attention import flash_attention
+        from .backends.attention_flash import flash_attention
 
         out, lse = flash_attention(q_normal, q_scaled, k_normal, k_scaled, v, window, scale,
                                    key_padding_mask, cu_seqlens_q, cu_seqlens_k, info)

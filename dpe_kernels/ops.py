@@ -23,7 +23,7 @@ Ops (torch.ops.dpe_kernels.*):
         through the block table (csrc/paged_decode.cpp)
 The kernels: csrc/include/dpe/ (torch-free), launchers csrc/rope.cpp,
 csrc/paged_decode.cpp and csrc/rope_cuda.cu. The Triton ops are registered in
-dpe_kernels/backends/triton_utils.py's one pattern (triton_op + eager twin +
+dpe_kernels/backends/triton_common.py's one pattern (triton_op + eager twin +
 fake) by the modules that define them.
 """
 from __future__ import annotations

@@ -29,7 +29,7 @@ Layout (vLLM's):
 Backends: ``reference`` (gathers each sequence's pages and calls the
 float64-capable reference of ``dpe_attention``: the oracle), ``cpu``
 (:mod:`dpe_kernels.backends.paged_cpu`: batched decode over the pages without
-gathering the context), ``triton`` (:mod:`dpe_kernels.backends.triton_paged`:
+gathering the context), ``triton`` (:mod:`dpe_kernels.backends.paged_triton`:
 one kernel reading pages through the block table, split-KV decode).
 """
 from __future__ import annotations
@@ -361,7 +361,7 @@ def dpe_paged_attention(
         paged_attention_cpu(q_normal, q_scaled, k_cache, ks_cache, v_cache, block_table, seq_lens,
                             query_start_loc, window, scale, info, out, lse)
     else:
-        from .backends.triton_paged import paged_attention_triton
+        from .backends.paged_triton import paged_attention_triton
 
         paged_attention_triton(q_normal, q_scaled, k_cache, ks_cache, v_cache, block_table, seq_lens,
                                query_start_loc, window, scale, info.max_seqlen_q, info.max_seqlen_k,

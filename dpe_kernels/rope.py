@@ -287,7 +287,7 @@ def dpe_rope(
     args = (q, k, positions, inv_freq, config.pair_scales(q.device), mask, config.window,
             rotary_dim, neox)
     if name == "triton":
-        from .backends.triton_rope import rope_out_triton, rope_triton
+        from .backends.rope_triton import rope_out_triton, rope_triton
 
         if out is None:
             return RopeOutput(*rope_triton(*args))
@@ -520,7 +520,7 @@ def dpe_rope_and_cache(
     args = (q, k, v, positions, inv_freq, config.pair_scales(q.device), mask, config.window, rotary_dim,
             layout == "neox", slot_mapping, k_cache, ks_cache, v_cache, out.q_normal, out.q_scaled)
     if name == "triton":
-        from .backends.triton_rope import rope_and_cache_triton
+        from .backends.rope_triton import rope_and_cache_triton
 
         rope_and_cache_triton(*args)
     else:

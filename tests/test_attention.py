@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import dpe_kernels
-import dpe_kernels.backends.cpu_attention as cpu_backend
-import dpe_kernels.backends.flash_attention as flash_backend
+import dpe_kernels.backends.attention_cpu as cpu_backend
+import dpe_kernels.backends.attention_flash as flash_backend
 from conftest import assert_attention_close
 from dpe_kernels import (
     available_attention_backends,
@@ -599,8 +599,8 @@ def test_triton_dispatch(monkeypatch):
     """backend='triton' validates, then hands everything to attention_triton."""
     if "triton" not in available_attention_backends("cpu"):
         pytest.skip("triton backend not available here (needs triton, TRITON_INTERPRET=1 and "
-                    "dpe_kernels.backends.triton_attention)")
-    import dpe_kernels.backends.triton_attention as at
+                    "dpe_kernels.backends.attention_triton)")
+    import dpe_kernels.backends.attention_triton as at
 
     got = {}
 

@@ -220,7 +220,7 @@ def test_opcheck_rope(mask_kind):
 def test_opcheck_rope_triton():
     if "triton" not in compiled_backends():
         pytest.skip("triton is not installed")
-    import dpe_kernels.backends.triton_rope  # noqa: F401  (registers the op)
+    import dpe_kernels.backends.rope_triton  # noqa: F401  (registers the op)
 
     torch.library.opcheck(torch.ops.dpe_kernels.rope_triton.default, _op_args())
 

@@ -40,9 +40,9 @@ Layouts (as :func:`dpe_kernels.attention.dpe_attention`):
 Split-KV (flash-decoding): with few query tiles (decode) the grid's first
 axis also splits each tile's keys into ``num_splits`` ranges of whole key
 tiles; each program writes a float32 partial ``(out, lse)`` of its range and
-``triton_utils.combine_splits_kernel`` merges them by log-sum-exp (a range
+``triton_common.combine_splits_kernel`` merges them by log-sum-exp (a range
 with no key, e.g. past a short sequence's end, has lse -inf and weight 0).
-``num_splits=None`` asks ``triton_utils.num_kv_splits`` (about two programs
+``num_splits=None`` asks ``triton_common.num_kv_splits`` (about two programs
 per SM, >= 256 keys per split); prefill grids are large enough for one.
 
 Returns ``out`` (dtype of q, head dim of v) and, with ``return_lse``, the
@@ -60,7 +60,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from .triton_utils import (INTERPRETED, bf16_bits_to_f32, classify_key_tiles, combine_splits_kernel, next_pow2,
+from .triton_common import (INTERPRETED, bf16_bits_to_f32, classify_key_tiles, combine_splits_kernel, next_pow2,
                            num_kv_splits, register_triton_op, round_bf16_bits, round_out)
 
 __all__ = ["attention_triton"]
@@ -76,7 +76,7 @@ _BOTH = tl.constexpr(2)
 # --------------------------------------------------------------------------- kernel
 # bfloat16 under the interpreter (BF16_BY_BITS): the interpreter computes
 # bfloat16 tl.dot wrongly and converts float32 <-> bfloat16 wrongly (see
-# triton_utils), so there bfloat16 data is widened exactly by its bits and
+# triton_common), so there bfloat16 data is widened exactly by its bits and
 # multiplied in float32 (the same products, float32 accumulation), and
 # probabilities are rounded to bfloat16 on the bits. Compiled Triton never
 # takes these paths.
@@ -194,7 +194,7 @@ def _dpe_attn_fwd_kernel(
     VARLEN: tl.constexpr,        # packed layout, offsets from cu_seqlens
     RETURN_LSE: tl.constexpr,
     SPLIT: tl.constexpr,         # write float32 partials (po/pl) for combine_splits_kernel
-    BF16_BY_BITS: tl.constexpr,  # interpreter with bfloat16 data (see triton_utils.bf16_bits_to_f32)
+    BF16_BY_BITS: tl.constexpr,  # interpreter with bfloat16 data (see triton_common.bf16_bits_to_f32)
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32), else the default
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 from ..utils import scaled_key_heads
-from .triton_utils import INTERPRETED, load_f32, next_pow2, register_triton_op, round_out
+from .triton_common import INTERPRETED, load_f32, next_pow2, register_triton_op, round_out
 
 __all__ = ["rope_triton", "rope_out_triton", "rope_and_cache_triton"]
 
@@ -82,7 +82,7 @@ def _dpe_rope_kernel(
     KS_REP: tl.constexpr,        # scaled key heads per KV head (H_ks // H_k)
     IS_CACHE: tl.constexpr,      # rope_and_cache: key rows by slot, v copied, slot < 0 skipped
     USE_LIBDEVICE: tl.constexpr,
-    BF16_BY_BITS: tl.constexpr,  # interpreter with bfloat16 data (see triton_utils.load_f32)
+    BF16_BY_BITS: tl.constexpr,  # interpreter with bfloat16 data (see triton_common.load_f32)
     BLOCK_T: tl.constexpr,       # tokens per program
     BLOCK_HQ: tl.constexpr,      # query heads per inner-loop step
     BLOCK_HK: tl.constexpr,      # KV heads per inner-loop step

@@ -2,7 +2,7 @@
 of :func:`dpe_kernels.paged_attention.dpe_paged_attention`, which validates
 the arguments first).
 
-The kernel follows :mod:`dpe_kernels.backends.triton_attention` (one online
+The kernel follows :mod:`dpe_kernels.backends.attention_triton` (one online
 softmax over both kinds of logits; key tiles classified by the distances
 they cover: scaled only / straddling the window edge / normal inside the
 diagonal / normal on the diagonal, each a loop specialised at compile time)
@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import (INTERPRETED, bf16_bits_to_f32, classify_key_tiles, combine_splits_kernel, next_pow2,
+from .triton_common import (INTERPRETED, bf16_bits_to_f32, classify_key_tiles, combine_splits_kernel, next_pow2,
                            num_kv_splits, round_bf16_bits, round_out)
 
 __all__ = ["paged_attention_triton", "num_kv_splits"]
