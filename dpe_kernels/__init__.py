@@ -1,9 +1,10 @@
 """dpe-kernels: fused dimension-wise RoPE (DPE) and DPE attention for training-free long-context extension.
 
 Layout:
-    dpe_kernels/            core: config (DPEConfig, presets), rope, attention, cache, reference
-                            (the float64 oracles), ops (the compiled library and every op's fake)
-    dpe_kernels/backends/   cpu / flash / Triton implementations behind backend=
+    dpe_kernels/            core: config (DPEConfig, presets), the public ops (rope, attention,
+                            paged_attention, cache), checks (every argument check), merge,
+                            reference (the float64 oracles), ops (the compiled library and every op's fake)
+    dpe_kernels/backends/   the backend registry (__init__) and the cpu / flash / Triton implementations behind backend=
     dpe_kernels/integrations/  Hugging Face (hf, baselines) and the vLLM plugin (vllm)
     dpe_kernels/tools/      the `dpe` CLI, evaluation, calibration, model loading, benchmarks
 

@@ -7,6 +7,8 @@
 * :func:`decode_rerotate_reference`: the authors' decode step, which keeps keys
   unrotated and re-rotates the whole cache at every step (the equivalence oracle
   of the rotate-once cache and a benchmark baseline).
+* :func:`paged_attention_reference`: the paged oracle (each sequence's pages
+  gathered by :func:`gather_sequence`, then :func:`attention_reference`).
 
 Each computes in float64 for float64 inputs (or ``compute_dtype=torch.float64``)
 and does no input validation beyond its own shape checks: the public ops
@@ -23,7 +25,7 @@ import torch
 from .config import DPEConfig
 
 __all__ = ["rope_reference", "attention_reference", "decode_rerotate_reference", "rope_cos_sin",
-           "rotate_pairs"]
+           "rotate_pairs", "gather_sequence", "paged_attention_reference"]
 
 _INF = float("inf")
 
@@ -165,6 +167,32 @@ def attention_reference(q_normal, q_scaled, k_normal, k_scaled, v, window, softm
     out = probs @ heads(v)
     out_dtype = torch.float64 if cdt == torch.float64 else q_normal.dtype
     return out.transpose(1, 2).to(out_dtype), lse.transpose(1, 2).contiguous()
+
+
+# --------------------------------------------------------------------------- paged
+def gather_sequence(cache: torch.Tensor, block_table: torch.Tensor, b: int, seq_len: int) -> torch.Tensor:
+    """Keys ``0 .. seq_len-1`` of sequence ``b`` of a paged cache as one contiguous ``[seq_len, H, D]`` copy."""
+    bs = cache.shape[1]
+    n_blocks = (seq_len + bs - 1) // bs
+    idx = block_table[b, :n_blocks].to(torch.int64)
+    return cache.index_select(0, idx).reshape(n_blocks * bs, *cache.shape[2:])[:seq_len]
+
+
+def paged_attention_reference(q_normal, q_scaled, k_cache, ks_cache, v_cache, block_table, seq_lens,
+                              query_start_loc, window, softmax_scale, out, lse):
+    """Oracle of paged attention: gather every sequence's pages and run :func:`attention_reference`
+    (float64 inputs compute in float64). Writes ``out`` / ``lse`` rows of sequences with queries;
+    leaves the others."""
+    qsl = [int(x) for x in query_start_loc.tolist()]
+    lens = [int(x) for x in seq_lens.tolist()]
+    for b, n in enumerate(lens):
+        qa, qb = qsl[b], qsl[b + 1]
+        if qb == qa:
+            continue
+        kn, ks, v = (gather_sequence(c, block_table, b, n)[None] for c in (k_cache, ks_cache, v_cache))
+        o, l = attention_reference(q_normal[None, qa:qb], q_scaled[None, qa:qb], kn, ks, v, window, softmax_scale)
+        out[qa:qb] = o[0]
+        lse[qa:qb] = l[0]
 
 
 # ------------------------------------------------------------------------------- authors' decode

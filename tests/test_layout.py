@@ -98,3 +98,55 @@ def test_non_finite_inv_freq_is_refused(bad):
     inv[1] = bad
     with pytest.raises(ValueError, match="inv_freq must be finite"):
         dpe_rope(q, k, pos, inv, cfg)
+
+
+# --------------------------------------------------------------------------- import graph
+def _imports(path, mods):
+    """Modules of dpe_kernels that ``path`` imports (top level or inside functions): ``from
+    pkg import sub`` counts as importing ``sub`` (a package's own __init__ is not a circle)."""
+    pkg = ["dpe_kernels", *path.relative_to(PKG).parts[:-1]]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            base = pkg[: len(pkg) - node.level + 1] if node.level else []
+            mod = ".".join(base + ([node.module] if node.module else []))
+            if mod.startswith("dpe_kernels"):
+                subs = {f"{mod}.{a.name}" for a in node.names} & set(mods)
+                out |= subs if subs or node.module is None else {mod}
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("dpe_kernels"))
+    return out
+
+
+def _graph():
+    mods = {}
+    for p in _sources():
+        rel = p.relative_to(PKG).with_suffix("")
+        name = ".".join(["dpe_kernels", *(rel.parts[:-1] if rel.name == "__init__" else rel.parts)])
+        mods[name] = p
+    return {m: {i for i in _imports(p, mods) if i in mods and i != m} for m, p in mods.items()}
+
+
+def test_no_import_circle():
+    """No module reaches itself through the modules it imports (any length of circle)."""
+    g = _graph()
+
+    def reach(m):
+        seen, todo = set(), list(g[m])
+        while todo:
+            n = todo.pop()
+            if n not in seen:
+                seen.add(n)
+                todo.extend(g[n])
+        return seen
+
+    circles = sorted(m for m in g if m in reach(m))
+    assert not circles, circles
+
+
+def test_no_backend_imports_a_public_op_module():
+    public = {"dpe_kernels.rope", "dpe_kernels.attention", "dpe_kernels.paged_attention", "dpe_kernels.cache",
+              "dpe_kernels"}
+    bad = sorted(f"{m} imports {i}" for m, deps in _graph().items() if m.startswith("dpe_kernels.backends")
+                 for i in deps & public)
+    assert not bad, bad
