@@ -2,7 +2,7 @@
 
 * :func:`rope_reference`: the unfused DPE rotary step, written the way the
   authors' code does it (also the benchmark baseline of the fused kernels).
-* :func:`attention_reference`: the SPEC attention formula with the full logit
+* :func:`attention_reference`: the attention formula of docs/method.md with the full logit
   matrix (small sizes only).
 * :func:`decode_rerotate_reference`: the authors' decode step, which keeps keys
   unrotated and re-rotates the whole cache at every step (the equivalence oracle
@@ -118,7 +118,7 @@ def rope_reference(q, k, positions, inv_freq, config: DPEConfig, mask=None, *, l
 # --------------------------------------------------------------------------- attention
 def attention_reference(q_normal, q_scaled, k_normal, k_scaled, v, window, softmax_scale=None, *,
                         key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None):
-    """The SPEC formula with the full ``[B, H_q, S_q, S_k]`` logit matrix.
+    """The formula of docs/method.md with the full ``[B, H_q, S_q, S_k]`` logit matrix.
 
     KV heads are repeated per query head, both logit matrices are formed and
     selected by distance, causal/padding masked, one softmax. Computes in
@@ -213,7 +213,7 @@ def decode_rerotate_reference(
 
     The cache holds UNROTATED keys; the new query is left unrotated, and
     every cached key is rotated, at every step, by minus its relative
-    distance to the query (SPEC "Attention"): for a query at ``m`` and a key
+    distance to the query (docs/method.md, "Attention"): for a query at ``m`` and a key
     at ``n``, pair ``i`` of group scale ``s``:
 
     * normal keys: ``-(m - n)``;

@@ -35,7 +35,7 @@ def is_int(x) -> bool:
 
 def scaled_key_heads(heads_k: int, mask: Optional[torch.Tensor]) -> int:
     """Heads of ``k_scaled``: the mask's rows (``H_q`` for a per-query-head
-    mask, ``H_k`` per KV head), or ``H_k`` without a mask (SPEC: with a
+    mask, ``H_k`` per KV head), or ``H_k`` without a mask (docs/method.md: with a
     per-query-head mask and GQA the scaled key depends on the query head)."""
     return mask.shape[0] if mask is not None else heads_k
 

@@ -33,7 +33,7 @@ def compiled_backends(device=DEVICE):
 
 
 def oracle(q, k, positions, inv_freq, config, mask=None, layout="neox", rotary_dim=None):
-    """float64 result of the SPEC definition (angles formed in float32 as HF does)."""
+    """float64 result of the definition in docs/method.md (angles formed in float32 as HF does)."""
     return rope_reference(q.double(), k.double(), positions, inv_freq, config, mask, layout=layout,
                           rotary_dim=rotary_dim, compute_dtype=torch.float64)
 
@@ -64,7 +64,7 @@ def _seed():
 
 # --------------------------------------------------------------------------- attention
 def attention_oracle(ins, window, **kw):
-    """float64 SPEC attention (the reference backend on float64 copies): (out, lse)."""
+    """float64 attention of docs/method.md (the reference backend on float64 copies): (out, lse)."""
     from dpe_kernels.reference import attention_reference
 
     return attention_reference(*(t.double() for t in ins), window, kw.get("softmax_scale"),

@@ -1,4 +1,4 @@
-"""DPE attention (SPEC "Attention") as one fused Triton kernel.
+"""DPE attention (docs/method.md, "Attention") as one fused Triton kernel.
 
 ``attention_triton`` is the ``backend="triton"`` implementation behind
 :func:`dpe_kernels.attention.dpe_attention`, which validates the arguments

@@ -1,4 +1,4 @@
-"""The DPE rotary step (SPEC "Position remapping") as one Triton kernel.
+"""The DPE rotary step (docs/method.md, "Position remapping") as one Triton kernel.
 
 ``rope_triton`` / ``rope_out_triton`` are the ``backend="triton"``
 implementations behind :func:`dpe_kernels.dpe_rope`, ``rope_and_cache_triton``

@@ -8,7 +8,7 @@ Per layer and step (``forward``):
    ``slot_mapping`` (keys already in the cache are never touched again), returning the
    queries' ``q_normal`` / ``q_scaled``;
 3. :func:`dpe_kernels.dpe_paged_attention` attends over the paged cache through the block
-   table (SPEC: normal logits inside the window, scaled beyond, one softmax) and writes the
+   table (docs/method.md: normal logits inside the window, scaled beyond, one softmax) and writes the
    layer's output in place.
 
 Cache layout: vLLM allocates each layer's cache as ``[num_blocks, H_k, block_size, C]`` with
