@@ -13,9 +13,8 @@ those; :func:`dpe_kernels.dpe_paged_attention` reads them).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
-
 import math
+from typing import List, Optional, Tuple
 
 import torch
 

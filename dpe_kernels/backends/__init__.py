@@ -61,24 +61,25 @@ def available(op: str, device) -> list:
     return out
 
 
-def _auto(op, avail, device, dtype, d, dv) -> str:
+def _auto(op, device, dtype, d, dv) -> str:
+    """The ``auto`` choice, decided without listing every backend (the decode hot path)."""
     if op in ("rope", "rope_and_cache"):
-        for name in ("cuda", "cpu", "triton"):
-            if name in avail and (name != "triton" or device.type == "cuda"):
-                return name
-        return "reference"
+        if device.type in ("cpu", "cuda") and ops.has_kernel(op, device.type.upper()):
+            return device.type
+        return "triton" if device.type == "cuda" and triton_usable(device) else "reference"
     if dtype == torch.float64:
         return "reference"
-    if device.type == "cpu" and "cpu" in avail:
-        return "cpu"
-    if op == "attention" and "flash" in avail:
+    if device.type == "cpu":
+        from . import attention_cpu
+
+        if op == "paged" or attention_cpu.available(device):
+            return "cpu"
+    if op == "attention" and device.type == "cuda":
         from . import attention_flash
 
-        if attention_flash.supports(dtype, d, dv):
+        if attention_flash.available(device) and attention_flash.supports(dtype, d, dv):
             return "flash"
-    if device.type == "cuda" and "triton" in avail:
-        return "triton"
-    return "reference"
+    return "triton" if device.type == "cuda" and triton_usable(device) else "reference"
 
 
 def pick(op: str, backend, device, dtype=None, d=None, dv=None) -> str:
@@ -89,10 +90,9 @@ def pick(op: str, backend, device, dtype=None, d=None, dv=None) -> str:
     names = _NAMES[op]
     if not isinstance(backend, str) or backend not in names:
         raise ValueError(f"backend must be one of {names}, got {backend!r}")
-    avail = available(op, device)
     if backend == "auto":
-        return _auto(op, avail, device, dtype, d, dv)
-    if backend not in avail:
+        return _auto(op, device, dtype, d, dv)
+    if backend not in available(op, device):
         if op in _WHY:
             why = _WHY[op].get(backend, "")
         else:
