@@ -87,6 +87,22 @@ def window_and_scale(window, softmax_scale) -> None:
             raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
 
 
+def _float_inputs(named, index=()):
+    """Tensors of one float dtype (float64 for the reference too) and one device, the first's;
+    ``index``: tensors on that device too. Returns ``(dtype, device)``."""
+    for name, t in (*named, *index):
+        tensor(name, t)
+    first, t0 = named[0]
+    if t0.dtype not in REFERENCE_DTYPES:
+        raise TypeError(f"{first} must be float32, float16 or bfloat16 (float64 for "
+                        f"backend='reference'), got {t0.dtype}")
+    for name, t in named[1:]:
+        same_dtype(name, t, first, t0.dtype)
+    for name, t in (*named[1:], *index):
+        same_device(name, t, first, t0.device)
+    return t0.dtype, t0.device
+
+
 def _view(name, o, shape, like):
     """An output / cache view: a tensor of ``like``'s dtype and device, ``shape``, stride 1 on head_dim."""
     tensor(name, o)
@@ -315,16 +331,7 @@ def attention_args(q_normal, q_scaled, k_normal, k_scaled, v, window, softmax_sc
     """Every check of dpe_attention; returns what the backends need to know of the call."""
     names = ("q_normal", "q_scaled", "k_normal", "k_scaled", "v")
     tensors = (q_normal, q_scaled, k_normal, k_scaled, v)
-    for name, t in zip(names, tensors):
-        tensor(name, t)
-    dtype, dev = q_normal.dtype, q_normal.device
-    if dtype not in REFERENCE_DTYPES:
-        raise TypeError(f"q_normal must be float32, float16 or bfloat16 (float64 for "
-                        f"backend='reference'), got {dtype}")
-    for name, t in zip(names[1:], tensors[1:]):
-        same_dtype(name, t, "q_normal", dtype)
-    for name, t in zip(names[1:], tensors[1:]):
-        same_device(name, t, "q_normal", dev)
+    dtype, dev = _float_inputs(tuple(zip(names, tensors)))
     window_and_scale(window, softmax_scale)
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     if varlen:
@@ -433,16 +440,7 @@ def paged_args(q_normal, q_scaled, k_cache, ks_cache, v_cache, block_table, seq_
     names = ("q_normal", "q_scaled", "k_cache", "ks_cache", "v_cache")
     tensors = (q_normal, q_scaled, k_cache, ks_cache, v_cache)
     index = (("block_table", block_table), ("seq_lens", seq_lens), ("query_start_loc", query_start_loc))
-    for name, t in (*zip(names, tensors), *index):
-        tensor(name, t)
-    dtype, dev = q_normal.dtype, q_normal.device
-    if dtype not in REFERENCE_DTYPES:
-        raise TypeError(f"q_normal must be float32, float16 or bfloat16 (float64 for "
-                        f"backend='reference'), got {dtype}")
-    for name, t in zip(names[1:], tensors[1:]):
-        same_dtype(name, t, "q_normal", dtype)
-    for name, t in (*zip(names[1:], tensors[1:]), *index):
-        same_device(name, t, "q_normal", dev)
+    dtype, dev = _float_inputs(tuple(zip(names, tensors)), index)
     if q_normal.dim() != 3:
         raise ValueError(f"q_normal must be [T_q, H_q, D] (packed queries), got shape {list(q_normal.shape)}")
     if q_scaled.shape != q_normal.shape:
