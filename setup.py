@@ -31,7 +31,7 @@ def _extensions():
     # -O3 for vectorisation of the per-head loop; never -ffast-math: the
     # angles reach 2^24 rad and need full-range sin/cos.
     cxx = ["-O3", "-fopenmp"]
-    sources = ["csrc/rope.cpp", "csrc/paged_decode.cpp"]
+    sources = ["csrc/binding.cpp", "csrc/rope.cpp", "csrc/paged_decode.cpp"]
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and not _flag("DPE_KERNELS_NO_CUDA")
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")

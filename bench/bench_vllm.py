@@ -168,7 +168,7 @@ def _rotary(args):
         q3, k3 = q.view(t, hq, d), k.view(t, hk, d)
         outs = tuple(torch.empty_like(x) for x in (q3, k3, q3, k3))
         io_dpe = (q.numel() + k.numel()) * esz * 3  # read q, k; write normal + scaled
-        td = time_min(lambda: dpe_rope(q3, k3, pos, inv, cfg, out=outs, check_positions=False), args.repeats, 30)
+        td = time_min(lambda: dpe_rope(q3, k3, pos, inv, cfg, out=outs, check_inputs=False), args.repeats, 30)
         rows.append((str(dtype).replace("torch.", ""), "dpe_rope into preallocated outputs", td, io_dpe, tv))
         try:
             import inspect
@@ -179,10 +179,10 @@ def _rotary(args):
             qs, ks = torch.empty_like(q3), torch.empty_like(k3)
             qi, ki = q3.clone(), k3.clone()
             ti = time_min(lambda: dpe_rope(qi, ki, pos, inv, cfg, out=(qi, ki, qs, ks), inplace=True,
-                                           check_positions=False), args.repeats, 30)
+                                           check_inputs=False), args.repeats, 30)
             rows.append((str(dtype).replace("torch.", ""), "dpe_rope in place (q/k overwritten + scaled)", ti,
                          io_dpe, tv))
-    return rows, dpe_kernels.available_backends("cpu")
+    return rows, dpe_kernels.available_rope_backends("cpu")
 
 
 def _rotary_repeats(args) -> int:

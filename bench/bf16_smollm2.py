@@ -48,7 +48,8 @@ def run(args):
     from dpe_kernels.tools.calibrate import score_sample, self_extend_scales
     from dpe_kernels.tools.eval.methods import model_inv_freq
     from dpe_kernels.tools.eval.runner import append_record, resume_records
-    from dpe_kernels.tools.models import load_model, train_length
+    from dpe_kernels.integrations.hf import train_length
+    from dpe_kernels.tools.models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -50,7 +50,7 @@ stage_setup() {
   fi
   log "building (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
   MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install -q --no-build-isolation --no-deps -e . || return 1
-  $PY -c "import torch, dpe_kernels, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'rope backends', dpe_kernels.available_backends('cuda'), 'attention backends', dpe_kernels.available_attention_backends('cuda'))"
+  $PY -c "import torch, dpe_kernels, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'rope backends', dpe_kernels.available_rope_backends('cuda'), 'attention backends', dpe_kernels.available_attention_backends('cuda'))"
 }
 
 stage_tests() {

@@ -1,4 +1,4 @@
-// CPU implementation of the dpe_kernels op
+// CPU implementation of the dpe_kernels op paged_decode (torch launcher)
 //
 // torch.ops.dpe_kernels.paged_decode(q_normal, q_scaled, k_cache, ks_cache,
 //     v_cache, block_table, seq_lens, window, scale, max_seqlen_k)
@@ -10,8 +10,8 @@
 // dpe_kernels/ops.py; the kernel is csrc/include/dpe/paged_decode_cpu.h
 // (torch-free). The Python caller (dpe_kernels/backends/paged_cpu.py)
 // validates first; these checks are the same contract for direct callers.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
 #include <torch/library.h>
 
 #include <atomic>

@@ -15,9 +15,10 @@
 // The schemas and fake (meta) implementations live in dpe_kernels/ops.py,
 // which defines them before it loads this library: here only the CPU
 // implementations are registered (TORCH_LIBRARY_IMPL). The CUDA ones are in
-// rope_cuda.cu; the kernels in include/dpe/ (torch-free).
+// rope_cuda.cu; the kernels in include/dpe/ (torch-free); the Python module that
+// loads this library is binding.cpp.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
 #include <torch/library.h>
 
 #if defined(__linux__)
@@ -114,6 +115,3 @@ TORCH_LIBRARY_IMPL(dpe_kernels, CPU, m) {
   m.impl("rope_out", &dpe::rope_out_cpu);
   m.impl("rope_and_cache", &dpe::rope_and_cache_cpu_op);
 }
-
-// The module only loads the shared library, which registers the kernels above.
-PYBIND11_MODULE(_C, m) { m.doc() = "dpe_kernels compiled ops (registered in torch.ops.dpe_kernels)"; }

@@ -25,7 +25,9 @@ void rope_out_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& p
   const c10::cuda::CUDAGuard guard(q.device());
   const RopeParams p = make_rope_params(q, k, positions, inv_freq, pair_scale, mask, window,
                                         rotary_dim, is_neox, q_normal, k_normal, q_scaled, k_scaled);
-  const Status st = rope_cuda(p, c10::cuda::getCurrentCUDAStream());
+  KernelArgs a;
+  check_status(validate_rope(p, &a), "dpe_kernels::rope");
+  const Status st = launch_status(launch_rope_cuda(a, c10::cuda::getCurrentCUDAStream()));
   TORCH_CHECK(st.ok(), "dpe_kernels::rope (CUDA): ", st.message);
 }
 
@@ -54,7 +56,9 @@ void rope_and_cache_cuda_op(const at::Tensor& q, const at::Tensor& k, const at::
   const RopeCacheParams p =
       make_rope_cache_params(q, k, v, positions, inv_freq, pair_scale, mask, window, rotary_dim,
                              is_neox, slot_mapping, k_cache, ks_cache, v_cache, q_normal, q_scaled);
-  const Status st = rope_and_cache_cuda(p, c10::cuda::getCurrentCUDAStream());
+  KernelArgs a;
+  check_status(validate_rope_and_cache(p, &a), "dpe_kernels::rope_and_cache");
+  const Status st = launch_status(launch_rope_cuda(a, c10::cuda::getCurrentCUDAStream()));
   TORCH_CHECK(st.ok(), "dpe_kernels::rope_and_cache (CUDA): ", st.message);
 }
 

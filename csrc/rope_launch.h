@@ -1,7 +1,7 @@
-// Tensor-side half of the ops, shared by the CPU (rope.cpp) and CUDA
-// (rope_cuda.cu) launchers: tensor checks, output allocation, and the fill of
-// the torch-free argument blocks dpe::RopeParams / dpe::RopeCacheParams
-// (dpe/rope.h), whose own validation runs last. The Python layer
+// Tensor-side half of the ops, shared by the CPU (rope.cpp, paged_decode.cpp) and
+// CUDA (rope_cuda.cu) launchers: tensor checks, output allocation, and the fill
+// of the torch-free argument blocks dpe::RopeParams / dpe::RopeCacheParams
+// (dpe/rope.h); the launchers run the torch-free validation once, on the filled block. The Python layer
 // (dpe_kernels/rope.py) validates first and raises ValueError/TypeError
 // naming the argument; these checks are the same contract for callers that
 // reach torch.ops.dpe_kernels.* directly (TORCH_CHECK_VALUE -> ValueError,
@@ -116,6 +116,33 @@ inline const uint8_t* mask_ptr(const std::optional<at::Tensor>& mask) {
   return mask.has_value() ? reinterpret_cast<const uint8_t*>(mask->data_ptr<bool>()) : nullptr;
 }
 
+// The fields both argument blocks share (the same names in RopeParams and RopeCacheParams):
+// filled once here for both ops.
+template <class Params>
+inline void fill_shared(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                        const at::Tensor& inv_freq, const at::Tensor& pair_scale,
+                        const std::optional<at::Tensor>& mask, int64_t mask_heads, const at::Tensor& q_normal,
+                        const at::Tensor& q_scaled, int64_t rotary_dim, int64_t window, bool is_neox, DType dtype,
+                        IndexType pos_type) {
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.positions = positions.data_ptr();
+  p.inv_freq = inv_freq.data_ptr<float>();
+  p.pair_scale = pair_scale.data_ptr<int64_t>();
+  p.mask = mask_ptr(mask);
+  p.mask_heads = mask_heads;
+  p.q_normal = q_normal.data_ptr();
+  p.q_scaled = q_scaled.data_ptr();
+  p.heads_q = q.size(-2);
+  p.heads_k = k.size(-2);
+  p.head_dim = q.size(-1);
+  p.rotary_dim = rotary_dim;
+  p.window = window;
+  p.dtype = dtype;
+  p.pos_type = pos_type;
+  p.layout = is_neox ? Layout::kNeox : Layout::kGptj;
+}
+
 // Checks every argument of op rope / rope_out and fills the argument block.
 // Outputs: any strides with stride 1 on head_dim; q_normal may be q and
 // k_normal may be k (in place: same storage offset and strides).
@@ -181,36 +208,20 @@ inline RopeParams make_rope_params(const at::Tensor& q, const at::Tensor& k,
   }
 
   RopeParams p;
-  p.q = q.data_ptr();
+  fill_shared(p, q, k, positions, inv_freq, pair_scale, mask, Hm, q_normal, q_scaled, rotary_dim, window,
+              is_neox, dtype, pos_type);
   p.q_strides = row_strides(q);
-  p.k = k.data_ptr();
   p.k_strides = row_strides(k);
-  p.positions = positions.data_ptr();
   p.pos_stride_batch = pos_sb;
   p.pos_stride_token = pos_ss;
-  p.inv_freq = inv_freq.data_ptr<float>();
-  p.pair_scale = pair_scale.data_ptr<int64_t>();
-  p.mask = mask_ptr(mask);
-  p.mask_heads = Hm;
-  p.q_normal = q_normal.data_ptr();
   p.q_normal_strides = row_strides(q_normal);
   p.k_normal = k_normal.data_ptr();
   p.k_normal_strides = row_strides(k_normal);
-  p.q_scaled = q_scaled.data_ptr();
   p.q_scaled_strides = row_strides(q_scaled);
   p.k_scaled = k_scaled.data_ptr();
   p.k_scaled_strides = row_strides(k_scaled);
   p.batch = B;
   p.seqlen = S;
-  p.heads_q = Hq;
-  p.heads_k = Hk;
-  p.head_dim = D;
-  p.rotary_dim = rotary_dim;
-  p.window = window;
-  p.dtype = dtype;
-  p.pos_type = pos_type;
-  p.layout = is_neox ? Layout::kNeox : Layout::kGptj;
-  check_status(validate_rope(p), "dpe_kernels::rope");
   return p;
 }
 
@@ -279,23 +290,16 @@ inline RopeCacheParams make_rope_cache_params(
   check_same_device(slot_mapping, q, "slot_mapping");
 
   RopeCacheParams p;
-  p.q = q.data_ptr();
+  fill_shared(p, q, k, positions, inv_freq, pair_scale, mask, Hm, q_normal, q_scaled, rotary_dim, window,
+              is_neox, dtype, pos_type);
   p.q_strides = token_strides(q);
-  p.k = k.data_ptr();
   p.k_strides = token_strides(k);
   p.v = v.data_ptr();
   p.v_strides = token_strides(v);
-  p.positions = positions.data_ptr();
   p.pos_stride = positions.stride(0);
   p.slot_mapping = slot_mapping.data_ptr<int64_t>();
   p.slot_stride = slot_mapping.stride(0);
-  p.inv_freq = inv_freq.data_ptr<float>();
-  p.pair_scale = pair_scale.data_ptr<int64_t>();
-  p.mask = mask_ptr(mask);
-  p.mask_heads = Hm;
-  p.q_normal = q_normal.data_ptr();
   p.q_normal_strides = token_strides(q_normal);
-  p.q_scaled = q_scaled.data_ptr();
   p.q_scaled_strides = token_strides(q_scaled);
   p.k_cache = k_cache.data_ptr();
   p.k_cache_strides = cache_strides(k_cache);
@@ -304,18 +308,9 @@ inline RopeCacheParams make_rope_cache_params(
   p.v_cache = v_cache.data_ptr();
   p.v_cache_strides = cache_strides(v_cache);
   p.num_tokens = T;
-  p.heads_q = Hq;
-  p.heads_k = Hk;
-  p.head_dim = D;
   p.v_head_dim = Dv;
-  p.rotary_dim = rotary_dim;
-  p.window = window;
   p.num_blocks = NB;
   p.block_size = BS;
-  p.dtype = dtype;
-  p.pos_type = pos_type;
-  p.layout = is_neox ? Layout::kNeox : Layout::kGptj;
-  check_status(validate_rope_and_cache(p), "dpe_kernels::rope_and_cache");
   return p;
 }
 

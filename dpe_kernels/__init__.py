@@ -1,9 +1,10 @@
 """dpe-kernels: fused dimension-wise RoPE (DPE) and DPE attention for training-free long-context extension.
 
 Layout:
-    dpe_kernels/            core: config (DPEConfig, presets), rope, attention, cache, reference
-                            (the float64 oracles), ops (the compiled library and every op's fake)
-    dpe_kernels/backends/   cpu / flash / Triton implementations behind backend=
+    dpe_kernels/            core: config (DPEConfig, presets), the public ops (rope, attention,
+                            paged_attention, cache), checks (every argument check), merge,
+                            reference (the float64 oracles), ops (the compiled library and every op's fake)
+    dpe_kernels/backends/   the backend registry (__init__) and the cpu / flash / Triton implementations behind backend=
     dpe_kernels/integrations/  Hugging Face (hf, baselines) and the vLLM plugin (vllm)
     dpe_kernels/tools/      the `dpe` CLI, evaluation, calibration, model loading, benchmarks
 
@@ -41,8 +42,8 @@ from .cache import DPEKVCache, dpe_attention_step
 from .config import DPEConfig
 from .paged_attention import PAGED_BACKENDS, available_paged_backends, dpe_paged_attention
 from .reference import attention_reference, decode_rerotate_reference, rope_reference
-from .rope import (BACKENDS, MAX_EXACT_POSITION, ROPE_BACKENDS, RopeCacheOutput, RopeOutput, available_backends,
-                   available_rope_backends, dpe_rope, dpe_rope_and_cache)
+from .rope import (MAX_EXACT_POSITION, ROPE_BACKENDS, RopeCacheOutput, RopeOutput, available_rope_backends, dpe_rope,
+                   dpe_rope_and_cache)
 
 __version__ = "0.2.0"
 __all__ = [
@@ -54,8 +55,6 @@ __all__ = [
     "dpe_paged_attention", "PAGED_BACKENDS", "available_paged_backends",
     "rope_reference", "attention_reference", "decode_rerotate_reference",
     "has_extension", "extension_error",
-    # first-release names, kept as aliases
-    "BACKENDS", "available_backends",
 ]
 
 

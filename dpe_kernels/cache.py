@@ -1,33 +1,27 @@
-"""Decoding with DPE: a key/value cache rotated once, and the authors' re-rotating decode.
+"""Decoding with DPE: a key/value cache rotated once (:class:`DPEKVCache`) and one
+cached attention call of a layer (:func:`dpe_attention_step`).
 
-SPEC "Attention": rotations compose, so a key rotated ONCE at its absolute
-normal index ``n`` and at its scaled indices ``n // s_g`` gives, against a
-query rotated at ``m`` and at ``m // s_g + (w - w // s_g)``, exactly the
-logits of the authors' decode path, which keeps the keys unrotated and
-re-rotates the whole cache at every step by minus each key's relative
-distance. So a DPE cache is an ordinary cache of three tensors
-(``k_normal, k_scaled, v``) and a decode step is ``dpe_rope`` of the new
-tokens, an append, and ``dpe_attention`` with ``S_q`` = the new tokens.
-
-* :class:`DPEKVCache`: per-layer ``k_normal, k_scaled, v`` in preallocated
-  buffers that grow by amortised doubling (appends copy the new tokens in;
-  there is no ``torch.cat`` of the whole cache per step).
-* :func:`dpe_attention_step`: rope the new tokens, append, attend (a thin
-  composition of the three public pieces).
-* the authors' formulation, :func:`dpe_kernels.reference.decode_rerotate_reference`,
-  is the equivalence oracle of the tests and the baseline of the attention
-  benchmark (re-exported here for the first release's import path).
+Rotations compose (docs/method.md), so keys rotated ONCE at their absolute
+normal and scaled positions give, against a query rotated at its own, exactly
+the logits of the authors' decode path, which re-rotates the whole cache at
+every step (:func:`dpe_kernels.reference.decode_rerotate_reference`, the
+equivalence oracle). A DPE cache is therefore an ordinary cache of three
+tensors (``k_normal, k_scaled, v``); a step is the rotary step of the new
+tokens, an append, and DPE attention of the new queries over the cache.
+Not here: kernels (:mod:`dpe_kernels.backends`) and paged caches (engines keep
+those; :func:`dpe_kernels.dpe_paged_attention` reads them).
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
 
+from . import backends, checks
+from .backends.shapes import AttentionInfo
 from .config import DPEConfig
-from .reference import decode_rerotate_reference  # noqa: F401  (re-exported: the first release's path)
-from .rope import dpe_rope
-from .utils import REFERENCE_DTYPES, check_inference_only, is_int
+from .utils import is_int, scaled_key_heads
 
 __all__ = ["DPEKVCache", "dpe_attention_step"]
 
@@ -44,6 +38,9 @@ class _LayerCache:
     @property
     def capacity(self) -> int:
         return 0 if self.k_normal is None else self.k_normal.shape[1]
+
+    def buffers(self):
+        return None if self.k_normal is None else (self.k_normal, self.k_scaled, self.v)
 
     def views(self):
         n = self.length
@@ -132,7 +129,11 @@ class DPEKVCache:
             this layer (a later append may move the buffers).
         """
         lc = self._layer(layer)
-        self._check(lc, k_normal, k_scaled, v)
+        checks.cache_append(k_normal, k_scaled, v, lc.buffers())
+        return self._append(lc, k_normal, k_scaled, v)
+
+    def _append(self, lc: "_LayerCache", k_normal, k_scaled, v):
+        """The append itself (inputs checked by the caller)."""
         new = k_normal.shape[1]
         need = lc.length + new
         if need > lc.capacity:
@@ -170,50 +171,6 @@ class DPEKVCache:
             bufs.append(b)
         lc.k_normal, lc.k_scaled, lc.v = bufs
 
-    @staticmethod
-    def _check(lc: _LayerCache, k_normal, k_scaled, v) -> None:
-        names = ("k_normal", "k_scaled", "v")
-        ts = (k_normal, k_scaled, v)
-        for name, t in zip(names, ts):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.dim() != 4:
-                raise ValueError(f"{name} must be [B, S_new, H, D], got shape {list(t.shape)}")
-        if k_normal.dtype not in REFERENCE_DTYPES:
-            raise TypeError(f"k_normal must be a float32, float16, bfloat16 or float64 tensor, got {k_normal.dtype}")
-        for name, t in (("k_scaled", k_scaled), ("v", v)):
-            if t.dtype != k_normal.dtype:
-                raise TypeError(f"{name} must have the dtype of k_normal ({k_normal.dtype}), got {t.dtype}")
-            if t.device != k_normal.device:
-                raise ValueError(f"{name} must be on the device of k_normal ({k_normal.device}), got {t.device}")
-            if t.shape[:2] != k_normal.shape[:2]:
-                raise ValueError(f"{name} must have the [B, S_new] of k_normal {list(k_normal.shape[:2])}, "
-                                 f"got shape {list(t.shape)}")
-        hk, d = k_normal.shape[2], k_normal.shape[3]
-        if hk == 0:
-            raise ValueError("k_normal must have at least one head")
-        if k_scaled.shape[3] != d:
-            raise ValueError(f"k_scaled must have the head_dim of k_normal ({d}), got {k_scaled.shape[3]}")
-        if k_scaled.shape[2] % hk != 0:
-            raise ValueError(f"k_scaled must have H_k={hk} heads or a multiple (H_q), got {k_scaled.shape[2]}")
-        if v.shape[2] != hk:
-            raise ValueError(f"v must have the heads of k_normal ({hk}), got {v.shape[2]}")
-        check_inference_only("DPEKVCache", zip(names, ts))
-        if lc.k_normal is None:
-            return
-        # Everything must match what this layer holds (its buffers, also after crop(0)).
-        for name, t, buf in zip(names, ts, (lc.k_normal, lc.k_scaled, lc.v)):
-            if t.dtype != buf.dtype:
-                raise TypeError(f"{name} must have the dtype of the cached tensors ({buf.dtype}), got {t.dtype}")
-            if t.device != buf.device:
-                raise ValueError(f"{name} must be on the device of the cached tensors ({buf.device}), "
-                                 f"got {t.device}")
-            if t.shape[0] != buf.shape[0]:
-                raise ValueError(f"{name} must have the batch size of the cache ({buf.shape[0]}), got {t.shape[0]}")
-            if t.shape[2:] != buf.shape[2:]:
-                raise ValueError(f"{name} must have [H, D] = {list(buf.shape[2:])} like the cached {name}, "
-                                 f"got {list(t.shape[2:])}")
-
 
 # ------------------------------------------------------------------------------- decode step
 def dpe_attention_step(
@@ -246,20 +203,60 @@ def dpe_attention_step(
     ``config.layer_mask(layer)`` when the config holds one.
     ``key_padding_mask`` ``[B, S_cached + S_new]`` (left padding) goes to
     ``dpe_attention``. Returns what ``dpe_attention`` returns.
-    """
-    from .attention import dpe_attention
 
+    Each argument is checked once (the checks of ``dpe_rope``, ``v`` and the
+    layer's buffers, ``key_padding_mask`` / ``softmax_scale``), each backend
+    picked once, and the two kernels called directly.
+    """
     if not isinstance(cache, DPEKVCache):
         raise TypeError(f"cache must be a DPEKVCache, got {type(cache).__name__}")
+    lc = cache._layer(layer)
     if positions is None:
         if not isinstance(q, torch.Tensor) or q.dim() != 4:
             raise ValueError("positions=None needs batched q [B, S_new, H_q, D]")
-        start = cache.get_seq_length(layer)
-        positions = torch.arange(start, start + q.shape[1], device=q.device)[None]
-    rope_kw = dict(layout=layout, rotary_dim=rotary_dim, backend=rope_backend)
+        positions = torch.arange(lc.length, lc.length + q.shape[1], device=q.device)[None]
     if mask is None and isinstance(config, DPEConfig) and config.mask is not None:
-        rope_kw["layer"] = layer
-    q_n, k_n, q_s, k_s = dpe_rope(q, k, positions, inv_freq, config, mask, **rope_kw)
-    k_n, k_s, v = cache.update(layer, k_n, k_s, v)
-    return dpe_attention(q_n, q_s, k_n, k_s, v, config.window, softmax_scale=softmax_scale,
-                         key_padding_mask=key_padding_mask, return_lse=return_lse, backend=backend)
+        mask = checks.rope_mask(config, None, layer)
+    rotary_dim = checks.rope_args(q, k, positions, inv_freq, config, mask, layout, rotary_dim)
+    checks.rope_values(positions, inv_freq)
+    _check_step_v(k, v)
+    hks = scaled_key_heads(k.shape[2], mask)
+    new_shapes = (k.shape, (*k.shape[:2], hks, k.shape[3]), v.shape)
+    checks.cache_matches(tuple(_Meta(q.dtype, q.device, s) for s in new_shapes), lc.buffers())
+    b, s_q, h_q, d = q.shape
+    s_k = lc.length + s_q
+    checks.window_and_scale(config.window, softmax_scale)
+    checks.key_padding_mask(key_padding_mask, b, s_k, q.device)
+    rope_name = backends.pick("rope", rope_backend, q.device)
+    attn_name = backends.pick("attention", backend, q.device, q.dtype, d, v.shape[3])
+    q_n, k_n, q_s, k_s = backends.run_rope(rope_name, q, k, positions, inv_freq, config, mask, layout, rotary_dim,
+                                           None)
+    k_n, k_s, v = cache._append(lc, k_n, k_s, v)
+    info = AttentionInfo(varlen=False, B=b, S_q=s_q, S_k=s_k, H_q=h_q, H_k=k.shape[2], H_ks=hks, D=d, Dv=v.shape[3])
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
+    return backends.run_attention(attn_name, q_n, q_s, k_n, k_s, v, config.window, scale, key_padding_mask, None,
+                                  None, info, return_lse)
+
+
+class _Meta:
+    """dtype / device / shape of a tensor not computed yet (the rotated keys), for checks.cache_matches."""
+    __slots__ = ("dtype", "device", "shape")
+
+    def __init__(self, dtype, device, shape):
+        self.dtype, self.device, self.shape = dtype, device, torch.Size(shape)
+
+
+def _check_step_v(k, v) -> None:
+    """``k`` batched and ``v`` ``[B, S_new, H_k, Dv]`` like ``k`` (what the cache stores)."""
+    if k.dim() != 4:
+        raise ValueError(f"k_normal must be [B, S_new, H, D], got shape {list(k.shape)}")
+    checks.tensor("v", v)
+    if v.dim() != 4:
+        raise ValueError(f"v must be [B, S_new, H, D], got shape {list(v.shape)}")
+    checks.same_dtype("v", v, "k_normal", k.dtype)
+    checks.same_device("v", v, "k_normal", k.device)
+    if v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"v must have the [B, S_new] of k_normal {list(k.shape[:2])}, got shape {list(v.shape)}")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"v must have the heads of k_normal ({k.shape[2]}), got {v.shape[2]}")
+    checks.inference_only("DPEKVCache", (("v", v),))

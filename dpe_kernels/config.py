@@ -1,5 +1,5 @@
 """DPEConfig: window, groups of frequency pairs with integer scales, optional
-key-dimension mask (SPEC "Configuration"), and every preset in one place:
+key-dimension mask (docs/method.md, "Configuration"), and every preset in one place:
 
 * the paper's published scales (:data:`PAPER_PRESETS`, for 64-pair models);
 * the calibrated configurations shipped as ``dpe_kernels/presets/NAME.json``
@@ -30,7 +30,7 @@ __all__ = ["DPEConfig", "PresetLengthWarning", "WINDOW", "NUM_GROUPS", "PAPER_PR
 WINDOW = 1024
 NUM_GROUPS = 8
 
-# Published settings (SPEC "Finding the configuration"), group 0 (high frequency) .. 7, for
+# Published settings (docs/method.md, "The key-dimension mask and the configuration search"), group 0 (high frequency) .. 7, for
 # 64-pair models; other pair counts split into the same 8 groups.
 PAPER_PRESETS: Dict[str, Tuple[int, ...]] = {
     "llama3-8b": (4, 4, 2, 16, 32, 32, 16, 128),
@@ -74,7 +74,7 @@ def starting_scales(inv_freq: torch.Tensor, factor: float, train_length: int, wi
                     num_groups: int = NUM_GROUPS) -> List[int]:
     """Per-group scales of DPE's starting configuration (preset ``"auto"``).
 
-    SPEC's detection step 2 keeps every group it is not sweeping at ``2 * target / train``;
+    docs/method.md's search step 2 keeps every group it is not sweeping at ``2 * target / train``;
     that is the scale here for the groups whose longest wavelength ``2 pi / inv_freq`` exceeds
     the pre-training length (they have never seen a full period). Groups that complete a
     period inside the window keep scale 2, the paper's smallest, and groups that complete

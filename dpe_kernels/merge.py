@@ -1,4 +1,4 @@
-"""Log-sum-exp arithmetic of partial attentions (SPEC "Attention"): the merge of two
+"""Log-sum-exp arithmetic of partial attentions (docs/method.md, "Attention"): the merge of two
 passes over disjoint key sets, and adapters from other libraries' lse conventions to this
 package's (natural log, ``[..., H]`` token-major, ``-inf`` for a row with no key).
 :mod:`dpe_kernels.attention` exports the public names; the backends use

@@ -23,7 +23,7 @@ Ops (torch.ops.dpe_kernels.*):
         through the block table (csrc/paged_decode.cpp)
 The kernels: csrc/include/dpe/ (torch-free), launchers csrc/rope.cpp,
 csrc/paged_decode.cpp and csrc/rope_cuda.cu. The Triton ops are registered in
-dpe_kernels/backends/triton_utils.py's one pattern (triton_op + eager twin +
+dpe_kernels/backends/triton_common.py's one pattern (triton_op + eager twin +
 fake) by the modules that define them.
 """
 from __future__ import annotations
@@ -126,7 +126,7 @@ except Exception as e:  # ImportError, or OSError from an ABI mismatch
                      "extension (dpe_kernels/_C*.so); run from another directory to use the installed "
                      "package, or install in place with `pip install --no-build-isolation -e .`")
     elif "dpe_kernels" in str(e) and ("multiple times" in str(e) or "TORCH_LIBRARY" in str(e)):
-        # An extension built before the schemas moved to this module defines them itself.
+        # An extension that defines the schemas itself (built from older sources).
         EXT_ERROR += " (the extension is older than this package's sources: rebuild it)"
     warnings.warn(
         "dpe_kernels: the compiled extension could not be loaded "

@@ -2,11 +2,13 @@
 
 * :func:`rope_reference`: the unfused DPE rotary step, written the way the
   authors' code does it (also the benchmark baseline of the fused kernels).
-* :func:`attention_reference`: the SPEC attention formula with the full logit
+* :func:`attention_reference`: the attention formula of docs/method.md with the full logit
   matrix (small sizes only).
 * :func:`decode_rerotate_reference`: the authors' decode step, which keeps keys
   unrotated and re-rotates the whole cache at every step (the equivalence oracle
   of the rotate-once cache and a benchmark baseline).
+* :func:`paged_attention_reference`: the paged oracle (each sequence's pages
+  gathered by :func:`gather_sequence`, then :func:`attention_reference`).
 
 Each computes in float64 for float64 inputs (or ``compute_dtype=torch.float64``)
 and does no input validation beyond its own shape checks: the public ops
@@ -23,7 +25,7 @@ import torch
 from .config import DPEConfig
 
 __all__ = ["rope_reference", "attention_reference", "decode_rerotate_reference", "rope_cos_sin",
-           "rotate_pairs"]
+           "rotate_pairs", "gather_sequence", "paged_attention_reference"]
 
 _INF = float("inf")
 
@@ -116,7 +118,7 @@ def rope_reference(q, k, positions, inv_freq, config: DPEConfig, mask=None, *, l
 # --------------------------------------------------------------------------- attention
 def attention_reference(q_normal, q_scaled, k_normal, k_scaled, v, window, softmax_scale=None, *,
                         key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None):
-    """The SPEC formula with the full ``[B, H_q, S_q, S_k]`` logit matrix.
+    """The formula of docs/method.md with the full ``[B, H_q, S_q, S_k]`` logit matrix.
 
     KV heads are repeated per query head, both logit matrices are formed and
     selected by distance, causal/padding masked, one softmax. Computes in
@@ -167,6 +169,32 @@ def attention_reference(q_normal, q_scaled, k_normal, k_scaled, v, window, softm
     return out.transpose(1, 2).to(out_dtype), lse.transpose(1, 2).contiguous()
 
 
+# --------------------------------------------------------------------------- paged
+def gather_sequence(cache: torch.Tensor, block_table: torch.Tensor, b: int, seq_len: int) -> torch.Tensor:
+    """Keys ``0 .. seq_len-1`` of sequence ``b`` of a paged cache as one contiguous ``[seq_len, H, D]`` copy."""
+    bs = cache.shape[1]
+    n_blocks = (seq_len + bs - 1) // bs
+    idx = block_table[b, :n_blocks].to(torch.int64)
+    return cache.index_select(0, idx).reshape(n_blocks * bs, *cache.shape[2:])[:seq_len]
+
+
+def paged_attention_reference(q_normal, q_scaled, k_cache, ks_cache, v_cache, block_table, seq_lens,
+                              query_start_loc, window, softmax_scale, out, lse):
+    """Oracle of paged attention: gather every sequence's pages and run :func:`attention_reference`
+    (float64 inputs compute in float64). Writes ``out`` / ``lse`` rows of sequences with queries;
+    leaves the others."""
+    qsl = [int(x) for x in query_start_loc.tolist()]
+    lens = [int(x) for x in seq_lens.tolist()]
+    for b, n in enumerate(lens):
+        qa, qb = qsl[b], qsl[b + 1]
+        if qb == qa:
+            continue
+        kn, ks, v = (gather_sequence(c, block_table, b, n)[None] for c in (k_cache, ks_cache, v_cache))
+        o, l = attention_reference(q_normal[None, qa:qb], q_scaled[None, qa:qb], kn, ks, v, window, softmax_scale)
+        out[qa:qb] = o[0]
+        lse[qa:qb] = l[0]
+
+
 # ------------------------------------------------------------------------------- authors' decode
 def decode_rerotate_reference(
     q: torch.Tensor,
@@ -185,7 +213,7 @@ def decode_rerotate_reference(
 
     The cache holds UNROTATED keys; the new query is left unrotated, and
     every cached key is rotated, at every step, by minus its relative
-    distance to the query (SPEC "Attention"): for a query at ``m`` and a key
+    distance to the query (docs/method.md, "Attention"): for a query at ``m`` and a key
     at ``n``, pair ``i`` of group scale ``s``:
 
     * normal keys: ``-(m - n)``;

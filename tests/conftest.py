@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import dpe_kernels  # noqa: E402
-from dpe_kernels import DPEConfig, available_backends, dpe_rope, rope_reference  # noqa: E402
+from dpe_kernels import DPEConfig, available_rope_backends, dpe_rope, rope_reference  # noqa: E402
 from dpe_kernels.tools.parity import ATOL, tolerance  # noqa: E402,F401  (the one tolerance rule)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -26,14 +26,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def compiled_backends(device=DEVICE):
     """Every non-reference backend that runs here; the CPU extension must be built."""
-    avail = available_backends(device)
+    avail = available_rope_backends(device)
     if device == "cpu" and "cpu" not in avail:
         pytest.fail(f"the CPU extension is not loaded: {dpe_kernels.extension_error()}")
     return [b for b in avail if b != "reference"]
 
 
 def oracle(q, k, positions, inv_freq, config, mask=None, layout="neox", rotary_dim=None):
-    """float64 result of the SPEC definition (angles formed in float32 as HF does)."""
+    """float64 result of the definition in docs/method.md (angles formed in float32 as HF does)."""
     return rope_reference(q.double(), k.double(), positions, inv_freq, config, mask, layout=layout,
                           rotary_dim=rotary_dim, compute_dtype=torch.float64)
 
@@ -64,7 +64,7 @@ def _seed():
 
 # --------------------------------------------------------------------------- attention
 def attention_oracle(ins, window, **kw):
-    """float64 SPEC attention (the reference backend on float64 copies): (out, lse)."""
+    """float64 attention of docs/method.md (the reference backend on float64 copies): (out, lse)."""
     from dpe_kernels.reference import attention_reference
 
     return attention_reference(*(t.double() for t in ins), window, kw.get("softmax_scale"),

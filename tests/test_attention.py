@@ -1,4 +1,4 @@
-"""dpe_attention (SPEC "Attention"): the reference against a brute-force
+"""dpe_attention (docs/method.md, "Attention"): the reference against a brute-force
 construction of the formula, every non-Triton backend against the float64
 oracle (tolerance rule of conftest), merge_attention, the lse adapters, and
 bad input. The flash backend runs against a fake ``flash_attn`` module that
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import dpe_kernels
-import dpe_kernels.backends.cpu_attention as cpu_backend
-import dpe_kernels.backends.flash_attention as flash_backend
+import dpe_kernels.backends.attention_cpu as cpu_backend
+import dpe_kernels.backends.attention_flash as flash_backend
 from conftest import assert_attention_close
 from dpe_kernels import (
     available_attention_backends,
@@ -144,7 +144,7 @@ def test_fake_flash_attn_is_fa2():
 
 # --------------------------------------------------------------------------- reference vs brute force
 def _brute_force(ins, window, scale, kpm=None):
-    """The SPEC formula with Python loops, float64, position by position."""
+    """The formula of docs/method.md with Python loops, float64, position by position."""
     qn, qs, kn, ks, v = (t.double() for t in ins)
     b_, s_q, h_q, _ = qn.shape
     s_k, h_k, h_ks = kn.shape[1], kn.shape[2], ks.shape[2]
@@ -599,8 +599,8 @@ def test_triton_dispatch(monkeypatch):
     """backend='triton' validates, then hands everything to attention_triton."""
     if "triton" not in available_attention_backends("cpu"):
         pytest.skip("triton backend not available here (needs triton, TRITON_INTERPRET=1 and "
-                    "dpe_kernels.backends.triton_attention)")
-    import dpe_kernels.backends.triton_attention as at
+                    "dpe_kernels.backends.attention_triton)")
+    import dpe_kernels.backends.attention_triton as at
 
     got = {}
 

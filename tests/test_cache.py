@@ -48,7 +48,7 @@ def make_qkv(b, s, hq, hk, d, dtype, seed=0, dv=None):
 
 
 def brute_dpe(q_n, q_s, k_n, k_s, v, window, scale=None):
-    """float64 brute force of SPEC "Attention" (bottom-right causal), for checking the reference."""
+    """float64 brute force of docs/method.md, "Attention" (bottom-right causal), for checking the reference."""
     b, sq, hq, d = q_n.shape
     sk = k_n.shape[1]
     scale = d ** -0.5 if scale is None else scale
@@ -101,7 +101,7 @@ class CachePath:
 @pytest.mark.parametrize("offset", [0, 70_001])
 @pytest.mark.parametrize("layout", ["neox", "gptj"])
 def test_rerotate_reference_equals_rotate_once_formula(mask_kind, heads, offset, layout):
-    """decode_rerotate_reference (authors) == SPEC formula on keys/queries rotated at absolute positions."""
+    """decode_rerotate_reference (authors) == the formula of docs/method.md on keys/queries rotated at absolute positions."""
     hq, hk = heads
     d, w = 16, 5
     cfg, inv = make_cfg(d // 2, w), pow2_inv_freq(d // 2)

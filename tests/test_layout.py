@@ -1,10 +1,6 @@
 """The package layout's promises: one home per shared piece, no module reaching into
-another's underscore names, public names beside their first-release aliases, and the
-first release's import paths working with a DeprecationWarning."""
+another's underscore names, and the public names."""
 import ast
-import importlib
-import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -12,7 +8,6 @@ import torch
 
 import dpe_kernels
 from dpe_kernels import DPEConfig, dpe_rope
-from dpe_kernels._compat import MOVED
 
 PKG = Path(dpe_kernels.__file__).resolve().parent
 
@@ -42,34 +37,11 @@ def test_shared_rules_are_written_once(literal):
     assert len(homes) == 1, homes
 
 
-def test_public_names_and_aliases():
-    assert dpe_kernels.ROPE_BACKENDS is dpe_kernels.BACKENDS
-    assert dpe_kernels.available_rope_backends is dpe_kernels.available_backends
+def test_public_names():
     assert "reference" in dpe_kernels.available_rope_backends("cpu")
     for name in ("DPEKVCache", "rope_reference", "attention_reference", "decode_rerotate_reference",
                  "ATTENTION_BACKENDS", "dpe_attention_step"):
         assert name in dpe_kernels.__all__ and getattr(dpe_kernels, name) is not None
-
-
-@pytest.mark.parametrize("old", sorted(MOVED))
-def test_old_import_paths_warn_and_are_the_new_modules(old):
-    for name in [n for n in sys.modules if n == old or n.startswith(old + ".")]:
-        del sys.modules[name]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        mod = importlib.import_module(old)
-    assert any(issubclass(w.category, DeprecationWarning) and MOVED[old] in str(w.message) for w in caught)
-    assert mod is importlib.import_module(MOVED[old])
-
-
-def test_old_eval_submodule_path_is_the_same_module():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from dpe_kernels.eval import runner as old_runner  # noqa: F401
-        from dpe_kernels.hf import apply_dpe as old_apply
-    from dpe_kernels.integrations.hf import apply_dpe
-    from dpe_kernels.tools.eval import runner
-    assert old_runner is runner and old_apply is apply_dpe
 
 
 # --------------------------------------------------------------------------- presets in the core
@@ -113,10 +85,10 @@ def test_positions_at_2_pow_24_are_refused_by_default():
     q, k, pos, inv, cfg = _rope_args([0, 1 << 24])
     with pytest.raises(ValueError, match=r"2\^24"):
         dpe_rope(q, k, pos, inv, cfg)
-    # check_positions=False rotates them, rounded as float32(position) (HF's angle)
+    # check_inputs=False rotates them, rounded as float32(position) (HF's angle)
     q, k, pos, inv, cfg = _rope_args([1 << 24, (1 << 24) + 1])
     out = dpe_rope(q[:1].expand(2, -1, -1).contiguous(), k[:1].expand(2, -1, -1).contiguous(), pos, inv, cfg,
-                   check_positions=False, backend="reference")
+                   check_inputs=False, backend="reference")
     assert torch.equal(out.q_normal[0], out.q_normal[1])  # 2^24 + 1 rounds to 2^24 in float32
 
 
@@ -126,3 +98,55 @@ def test_non_finite_inv_freq_is_refused(bad):
     inv[1] = bad
     with pytest.raises(ValueError, match="inv_freq must be finite"):
         dpe_rope(q, k, pos, inv, cfg)
+
+
+# --------------------------------------------------------------------------- import graph
+def _imports(path, mods):
+    """Modules of dpe_kernels that ``path`` imports (top level or inside functions): ``from
+    pkg import sub`` counts as importing ``sub`` (a package's own __init__ is not a circle)."""
+    pkg = ["dpe_kernels", *path.relative_to(PKG).parts[:-1]]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            base = pkg[: len(pkg) - node.level + 1] if node.level else []
+            mod = ".".join(base + ([node.module] if node.module else []))
+            if mod.startswith("dpe_kernels"):
+                subs = {f"{mod}.{a.name}" for a in node.names} & set(mods)
+                out |= subs if subs or node.module is None else {mod}
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("dpe_kernels"))
+    return out
+
+
+def _graph():
+    mods = {}
+    for p in _sources():
+        rel = p.relative_to(PKG).with_suffix("")
+        name = ".".join(["dpe_kernels", *(rel.parts[:-1] if rel.name == "__init__" else rel.parts)])
+        mods[name] = p
+    return {m: {i for i in _imports(p, mods) if i in mods and i != m} for m, p in mods.items()}
+
+
+def test_no_import_circle():
+    """No module reaches itself through the modules it imports (any length of circle)."""
+    g = _graph()
+
+    def reach(m):
+        seen, todo = set(), list(g[m])
+        while todo:
+            n = todo.pop()
+            if n not in seen:
+                seen.add(n)
+                todo.extend(g[n])
+        return seen
+
+    circles = sorted(m for m in g if m in reach(m))
+    assert not circles, circles
+
+
+def test_no_backend_imports_a_public_op_module():
+    public = {"dpe_kernels.rope", "dpe_kernels.attention", "dpe_kernels.paged_attention", "dpe_kernels.cache",
+              "dpe_kernels"}
+    bad = sorted(f"{m} imports {i}" for m, deps in _graph().items() if m.startswith("dpe_kernels.backends")
+                 for i in deps & public)
+    assert not bad, bad

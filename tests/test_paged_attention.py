@@ -1,5 +1,5 @@
 """dpe_paged_attention (dpe_kernels/paged_attention.py) and its backends
-(dpe_kernels/backends/paged_cpu.py, dpe_kernels/backends/triton_paged.py)
+(dpe_kernels/backends/paged_cpu.py, dpe_kernels/backends/paged_triton.py)
 against the float64 oracle: the reference backend on float64 copies, which
 gathers every sequence's pages and runs dpe_attention's reference.
 
@@ -300,7 +300,7 @@ def test_empty_batch_and_no_queries():
 def test_triton_split_kv(num_splits, bs):
     """Split-KV decode (partials merged by lse) equals one program per query
     tile, for pages holding whole tiles (TILE_IN_PAGE) or not (bs 8 < BLOCK_N)."""
-    from dpe_kernels.backends.triton_paged import paged_attention_triton
+    from dpe_kernels.backends.paged_triton import paged_attention_triton
 
     args = make_case([100, 37, 5], [1, 3, 1], bs=bs, shared=2)
     t_q, h_q = args[0].shape[:2]
@@ -312,7 +312,7 @@ def test_triton_split_kv(num_splits, bs):
 
 @needs_triton
 def test_triton_default_splits_decode():
-    from dpe_kernels.backends.triton_utils import num_kv_splits
+    from dpe_kernels.backends.triton_common import num_kv_splits
 
     assert num_kv_splits(1, 200, torch.device(DEVICE)) > 1   # one program, a long context: split
     assert num_kv_splits(1000, 200, torch.device(DEVICE)) == 1  # the grid is already full
@@ -460,9 +460,9 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import dpe_kernels.backends.triton_paged as tp
-import dpe_kernels.backends.triton_utils as tu
-from dpe_kernels.backends.triton_utils import INTERPRETED
+import dpe_kernels.backends.paged_triton as tp
+import dpe_kernels.backends.triton_common as tu
+from dpe_kernels.backends.triton_common import INTERPRETED
 
 assert not INTERPRETED
 

@@ -29,10 +29,10 @@ def make_mask(kind, hq, hk, npairs, seed=1, device=DEVICE):
 
 def run_and_check(backend, q, k, pos, inv, cfg, mask=None, layout="neox", rotary_dim=None):
     # Positions from 2^24 on are refused by the default check (float32 rounds them): the parity
-    # tests that go there say so with check_positions=False.
+    # tests that go there say so with check_inputs=False.
     big = bool((pos >= dpe_kernels.MAX_EXACT_POSITION).any())
     out = dpe_rope(q, k, pos, inv, cfg, mask, layout=layout, rotary_dim=rotary_dim, backend=backend,
-                   check_positions=not big)
+                   check_inputs=not big)
     assert isinstance(out, RopeOutput)
     assert_rope_close(out, q, k, pos, inv, cfg, mask, layout, rotary_dim)
     return out
@@ -220,7 +220,7 @@ def test_opcheck_rope(mask_kind):
 def test_opcheck_rope_triton():
     if "triton" not in compiled_backends():
         pytest.skip("triton is not installed")
-    import dpe_kernels.backends.triton_rope  # noqa: F401  (registers the op)
+    import dpe_kernels.backends.rope_triton  # noqa: F401  (registers the op)
 
     torch.library.opcheck(torch.ops.dpe_kernels.rope_triton.default, _op_args())
 

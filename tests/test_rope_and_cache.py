@@ -258,7 +258,7 @@ def test_check_inputs_false_reads_no_tensor_value_on_the_host(backend, monkeypat
     got = dpe_rope_and_cache(q, k, v, pos, inv, cfg, kc, ksc, vc, slots, mask=mask, backend=backend,
                              check_inputs=False)
     dpe_rope(q, k, pos, inv, cfg, mask, backend=backend, check_inputs=False, out=outs)
-    dpe_rope(q, k, pos, inv, cfg, mask, backend=backend, check_positions=False)
+    dpe_rope(q, k, pos, inv, cfg, mask, backend=backend, check_inputs=False)
     monkeypatch.undo()
     assert torch.equal(got.q_normal, want.q_normal) and torch.equal(got.q_scaled, want.q_scaled)
     assert torch.equal(outs[3], dpe_rope(q, k, pos, inv, cfg, mask, backend=backend).k_scaled)
@@ -350,12 +350,12 @@ def test_opcheck_rope_and_cache_and_strided_rope_out():
 def test_opcheck_triton_out_ops():
     if "triton" not in BACKENDS:
         pytest.skip("triton is not usable here")
-    from dpe_kernels.backends import triton_rope
+    from dpe_kernels.backends import rope_triton
 
     a = _op_args()
     torch.library.opcheck(torch.ops.dpe_kernels.rope_and_cache_triton.default, a)
     rope_args = (a[0], a[1], a[3], a[4], a[5], a[6], a[7], a[8], a[9])
-    outs = tuple(x.clone() for x in triton_rope.rope_triton(*rope_args))
+    outs = tuple(x.clone() for x in rope_triton.rope_triton(*rope_args))
     torch.library.opcheck(torch.ops.dpe_kernels.rope_out_triton.default, rope_args + outs)
 
 

@@ -70,7 +70,7 @@ def test_fuzz_against_oracle(backend):
     def check(case):
         q, k, pos, inv, cfg, mask = build(case)
         out = dpe_rope(q, k, pos, inv, cfg, mask, layout=case["layout"], rotary_dim=case["rotary_dim"],
-                       backend=backend, check_positions=case["max_pos"] <= (1 << 24))
+                       backend=backend, check_inputs=case["max_pos"] <= (1 << 24))
         assert_rope_close(out, q, k, pos, inv, cfg, mask, case["layout"], case["rotary_dim"])
 
     check()

@@ -234,7 +234,7 @@ double reference(const Config& c, Kind kind, int64_t head, int64_t m, const doub
   int64_t index = m;
   if (kind == Kind::kQScaled && key_dim) index = m / s + (w - w / s);
   if (kind == Kind::kKScaled && key_dim) index = m / s;
-  // The angle in float32, as SPEC and Hugging Face define it; then exact-ish sin/cos.
+  // The angle in float32, as docs/method.md and Hugging Face define it; then exact-ish sin/cos.
   const float phi = static_cast<float>(index) * c.inv_freq[i];
   const double co = std::cos(static_cast<double>(phi)), si = std::sin(static_cast<double>(phi));
   const double a = x[i0], b = x[i1];

@@ -1,4 +1,4 @@
-"""CPU backend of :func:`dpe_kernels.paged_attention.dpe_paged_attention`.
+"""The ``cpu`` paged-attention backend (it does not validate: its caller has).
 
 Two paths:
 
@@ -24,8 +24,8 @@ Two paths:
 
 * **Everything else** (prefill, chunked prefill, ``q_len > 1``, and any call
   whose ``v`` head dim differs from ``q``'s): each such sequence's pages ARE
-  gathered into contiguous tensors and handed to ``dpe_attention``'s cpu
-  backend (prefill is compute-bound: the O(S) copy is small next to the
+  gathered into contiguous tensors and handed to the cpu attention
+  kernel (:func:`~dpe_kernels.backends.attention_cpu.cpu_attention`; prefill is compute-bound: the O(S) copy is small next to the
   O(S^2) attention).
 
 A batch of only decode rows (``max_seqlen_q == 1`` and ``T_q == B``) reads no
@@ -41,8 +41,9 @@ from typing import List, Tuple
 import torch
 
 from .. import ops
-from ..attention import dpe_attention
-from ..paged_attention import gather_sequence
+from ..reference import gather_sequence
+from .attention_cpu import cpu_attention
+from .shapes import AttentionInfo
 
 __all__ = ["paged_attention_cpu", "decode_chunked", "head_major", "ITEM_KEYS", "CHUNK_KEYS", "HM_MIN_BLOCK"]
 
@@ -254,11 +255,13 @@ def decode_chunked(qn, qs, k_cache, ks_cache, v_cache, bt, seq_lens, window: int
 
 def _gather_path(qn, qs, k_cache, ks_cache, v_cache, bt, window, scale, seqs, out, lse):
     """Sequences ``seqs`` = [(b, q_start, q_len, seq_len)]: gather each one's
-    pages into contiguous tensors and run dpe_attention's cpu backend."""
+    pages into contiguous tensors and run the cpu attention kernel on them."""
+    h_q, d = qn.shape[1:]
+    h_k, h_ks, dv = k_cache.shape[2], ks_cache.shape[2], v_cache.shape[3]
     for b, qa, ql, n in seqs:
         kn, ks, v = (gather_sequence(c, bt, b, n)[None] for c in (k_cache, ks_cache, v_cache))
-        o, l = dpe_attention(qn[None, qa: qa + ql], qs[None, qa: qa + ql], kn, ks, v, window,
-                             softmax_scale=scale, return_lse=True, backend="cpu")
+        info = AttentionInfo(varlen=False, B=1, S_q=ql, S_k=n, H_q=h_q, H_k=h_k, H_ks=h_ks, D=d, Dv=dv)
+        o, l = cpu_attention(qn[None, qa: qa + ql], qs[None, qa: qa + ql], kn, ks, v, window, scale, None, info)
         out[qa: qa + ql] = o[0]
         lse[qa: qa + ql] = l[0]
 

@@ -226,7 +226,7 @@ class _State:
 
 
 class DPEHandle:
-    """What :func:`apply_dpe` (or :func:`~dpe_kernels.baselines.apply_method`) did; ``remove()`` undoes it."""
+    """What :func:`apply_dpe` (or :func:`~dpe_kernels.integrations.baselines.apply_method`) did; ``remove()`` undoes it."""
 
     def __init__(self, model, method: str, config: Optional[DPEConfig] = None, **info):
         self.model = model
@@ -498,7 +498,7 @@ def _dpe_attention_forward(ctx: _Ctx, self, hidden_states: torch.Tensor, positio
 
     pos = _positions(ctx, kwargs.get("position_ids"), b, s, q.device)
     qn, kn, qs, ks = dpe_rope(q, k, pos, inv_freq, ctx.config, mask=_layer_mask(ctx, self.layer_idx, q.device),
-                              rotary_dim=2 * inv_freq.shape[0], backend=ctx.rope_backend, check_positions=False)
+                              rotary_dim=2 * inv_freq.shape[0], backend=ctx.rope_backend, check_inputs=False)
     if past_key_values is not None:
         _check_cache_layer(past_key_values, self.layer_idx)
         # Key slot: k_scaled [B, H_ks, S, D]; value slot: cat(k_normal, v) [B, H_k, S, D + Dv].

@@ -1,4 +1,4 @@
-"""The paper's two detection steps (../shared/SPEC.md, "Finding the configuration") as tools
+"""The paper's two detection steps (docs/method.md, "The key-dimension mask and the configuration search") as tools
 that work for any Hugging Face RoPE model with Llama-style attention (q_proj / k_proj).
 
 Step 1, key dimensions (:func:`select_dims`): run the model over essay text at several
@@ -523,7 +523,7 @@ def detect(model, tokenizer, *, target_length: int, train_length: Optional[int] 
 
     from .eval.runner import append_record, read_records, resume_records
     from ..integrations.hf import apply_dpe
-    from .models import train_length as model_train_length
+    from ..integrations.hf import train_length as model_train_length
 
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {SCORERS}, got {scorer!r}")

@@ -582,7 +582,8 @@ def cmd_demo(args) -> int:
     from .eval import methods as M
     from .eval.generate import greedy_generate
     from .eval.passkey import PASSKEY_MAX_NEW_TOKENS, passkey_key, passkey_prompt, passkey_stop, score_passkey
-    from .models import sdpa_without_native_gqa, train_length
+    from ..integrations.hf import train_length
+    from .models import sdpa_without_native_gqa
 
     model, tok = _load(args)
     _check_against_model(model, args.config_obj, args.mask_obj)
@@ -705,7 +706,8 @@ def cmd_detect(args) -> int:
     import json
 
     from .calibrate import detect
-    from .models import sdpa_without_native_gqa, train_length
+    from ..integrations.hf import train_length
+    from .models import sdpa_without_native_gqa
 
     _setup(args)
     model, tok = _load(args)

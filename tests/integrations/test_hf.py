@@ -100,7 +100,7 @@ def test_scaled_pass_changes_logits_and_remove_restores(model):
 
 
 def test_matches_dpe_reference_math(model):
-    """The patched model equals a hand-written DPE forward of layer 0 (SPEC formula, float64 reference)."""
+    """The patched model equals a hand-written DPE forward of layer 0 (docs/method.md, float64 reference)."""
     from dpe_kernels.reference import attention_reference
     from dpe_kernels.reference import rope_reference
 

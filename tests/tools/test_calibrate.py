@@ -1,4 +1,4 @@
-"""Calibration tools (dpe_kernels.calibrate, `dpe select-dims`, `dpe detect`) on a tiny random Llama."""
+"""Calibration tools (dpe_kernels.tools.calibrate, `dpe select-dims`, `dpe detect`) on a tiny random Llama."""
 import json
 
 import pytest

@@ -325,10 +325,6 @@ def test_cli_module_entry_point():
     r = subprocess.run([sys.executable, "-m", "dpe_kernels.tools.cli", "--help"], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0 and "demo" in r.stdout and "bench" in r.stdout
-    # the first release's module path still runs, with a DeprecationWarning
-    r = subprocess.run([sys.executable, "-W", "always::DeprecationWarning", "-m", "dpe_kernels.cli", "--help"],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and "demo" in r.stdout and "DeprecationWarning" in r.stderr
 
 
 def test_cli_eval_tiny_end_to_end(tmp_path, capsys):

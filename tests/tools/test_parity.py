@@ -57,7 +57,7 @@ def test_quick_grid_passes_on_this_machine(capsys, tmp_path):
 # --------------------------------------------------------------------------- a broken backend
 def test_broken_attention_backend_fails_naming_the_cases(monkeypatch, capsys):
     """Mutation: the cpu attention backend puts the window edge one key too early (window - 1)."""
-    import dpe_kernels.backends.cpu_attention as ca
+    import dpe_kernels.backends.attention_cpu as ca
 
     real = ca.cpu_attention
     monkeypatch.setattr(ca, "cpu_attention", lambda qn, qs, kn, ks, v, window, *a, **k:

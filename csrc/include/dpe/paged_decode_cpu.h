@@ -5,7 +5,7 @@
 //                                     int num_threads = 0);
 //
 // One query per sequence b, at position L_b - 1 (L_b = seq_lens[b]); the
-// SPEC's two attentions in ONE softmax: keys at distance < window (positions
+// method's two attentions (docs/method.md) in ONE softmax: keys at distance < window (positions
 // [L_b - w, L_b)) score q_normal . k_normal, the keys before them
 // q_scaled . k_scaled; every score is multiplied by `scale`; the output is the
 // softmax-weighted sum of v, and lse = log sum exp(score) (natural log,
@@ -44,8 +44,11 @@
 #include <immintrin.h>
 #endif
 
-#include "dpe/rope.h"
-#include "dpe/rope_cpu.h"
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include "dpe/common.h"
 
 namespace dpe {
 

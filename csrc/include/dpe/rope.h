@@ -1,9 +1,10 @@
 // Dimension-wise RoPE (DPE): the torch-free, header-only C++ API.
 //
 // This header (and dpe/rope_cpu.h, dpe/rope_cuda.cuh) includes no torch
-// header: an inference engine can call the kernels on raw pointers. It holds
-//   * the public types: dtype/index/layout enums, the error Status, the
-//     argument blocks RopeParams (op `rope`) and RopeCacheParams (op
+// header: an inference engine can call the kernels on raw pointers. The shared
+// types (dtype/index/layout enums, the error Status, stride blocks) are in
+// dpe/common.h. This header holds
+//   * the argument blocks RopeParams (op `rope`) and RopeCacheParams (op
 //     `rope_and_cache`: rotate and write into a paged KV cache);
 //   * their validation (validate_rope, validate_rope_and_cache), shared by
 //     the CPU and CUDA entry points, which never read tensor values;
@@ -13,7 +14,7 @@
 // Entry points: dpe::rope_cpu / dpe::rope_and_cache_cpu (dpe/rope_cpu.h),
 // dpe::rope_cuda / dpe::rope_and_cache_cuda (dpe/rope_cuda.cuh).
 //
-// Definition (SPEC "Position remapping"). For a token at absolute position m
+// Definition (docs/method.md, "Position remapping"). For a token at absolute position m
 // and pair i of group g with integer scale s = pair_scale[i], window w:
 //   normal                      query m                          key m
 //   scaled, key dimension       query m // s + (w - w // s)      key m // s
@@ -45,104 +46,9 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define DPE_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define DPE_HOST_DEVICE inline
-#endif
+#include "dpe/common.h"
 
 namespace dpe {
-
-// ===========================================================================
-// Public types
-// ===========================================================================
-
-/// Element type of q, k, v and every rotated output / cache (all the same).
-enum class DType : int32_t {
-  kFloat32 = 0,   ///< IEEE float32
-  kFloat16 = 1,   ///< IEEE binary16 (c10::Half, __half, _Float16 bits)
-  kBFloat16 = 2,  ///< bfloat16 (c10::BFloat16, __nv_bfloat16 bits)
-};
-
-/// Integer type of the positions array.
-enum class IndexType : int32_t {
-  kInt32 = 0,
-  kInt64 = 1,
-};
-
-/// Pair layout inside a head vector of rotary dimension R = 2P.
-enum class Layout : int32_t {
-  kNeox = 0,  ///< rotate_half (Llama/HF): pair i is (x[i], x[i + P])
-  kGptj = 1,  ///< interleaved: pair i is (x[2i], x[2i + 1])
-};
-
-/// Error codes of the entry points. kOk is zero.
-enum class ErrorCode : int32_t {
-  kOk = 0,
-  kNullPointer,       ///< a required pointer is null
-  kInvalidShape,      ///< a size is negative / zero where it must be positive
-  kInvalidHeads,      ///< H_q is not a positive multiple of H_k
-  kInvalidRotaryDim,  ///< rotary_dim is odd, < 2 or > head_dim
-  kInvalidWindow,     ///< window < 1
-  kInvalidMask,       ///< mask_heads is not H_q or H_k
-  kInvalidStride,     ///< a stride is negative
-  kInvalidAlias,      ///< outputs alias inputs other than the allowed in-place mode
-  kInvalidEnum,       ///< dtype / pos_type / layout out of range
-  kInvalidValue,      ///< a value read from host memory is out of range (CPU entry points)
-  kLaunchError,       ///< the CUDA launch failed (message: cudaGetErrorString)
-};
-
-/// Result of an entry point: a code and a static, NUL-terminated message that
-/// names the offending argument ("" on success). The message is never freed.
-struct Status {
-  ErrorCode code = ErrorCode::kOk;
-  const char* message = "";
-  DPE_HOST_DEVICE bool ok() const { return code == ErrorCode::kOk; }
-};
-
-DPE_HOST_DEVICE Status ok_status() { return Status{ErrorCode::kOk, ""}; }
-DPE_HOST_DEVICE Status error(ErrorCode code, const char* message) { return Status{code, message}; }
-
-/// Name of an error code ("kInvalidStride"), for logs.
-inline const char* error_code_name(ErrorCode code) {
-  switch (code) {
-    case ErrorCode::kOk: return "kOk";
-    case ErrorCode::kNullPointer: return "kNullPointer";
-    case ErrorCode::kInvalidShape: return "kInvalidShape";
-    case ErrorCode::kInvalidHeads: return "kInvalidHeads";
-    case ErrorCode::kInvalidRotaryDim: return "kInvalidRotaryDim";
-    case ErrorCode::kInvalidWindow: return "kInvalidWindow";
-    case ErrorCode::kInvalidMask: return "kInvalidMask";
-    case ErrorCode::kInvalidStride: return "kInvalidStride";
-    case ErrorCode::kInvalidAlias: return "kInvalidAlias";
-    case ErrorCode::kInvalidEnum: return "kInvalidEnum";
-    case ErrorCode::kInvalidValue: return "kInvalidValue";
-    case ErrorCode::kLaunchError: return "kLaunchError";
-  }
-  return "unknown";
-}
-
-/// Strides (elements) of a [B, S, H, D] tensor, or of a [T, H, D] tensor with
-/// batch = 0 (then B = 1, S = T). The head_dim stride is 1.
-struct RowStrides {
-  int64_t batch = 0;  ///< between sequences of the batch
-  int64_t token = 0;  ///< between consecutive tokens of one sequence
-  int64_t head = 0;   ///< between heads of one token
-};
-
-/// Strides (elements) of a token-major [T, H, D] tensor. The head_dim stride is 1.
-struct TokenStrides {
-  int64_t token = 0;  ///< between tokens
-  int64_t head = 0;   ///< between heads of one token
-};
-
-/// Strides (elements) of a paged cache [num_blocks, block_size, H, D]. The
-/// head_dim stride is 1.
-struct CacheStrides {
-  int64_t block = 0;  ///< between blocks
-  int64_t slot = 0;   ///< between slots (tokens) of one block
-  int64_t head = 0;   ///< between heads of one slot
-};
 
 /// Arguments of op `rope`: rotate q [B, S, H_q, D] and k [B, S, H_k, D] at the
 /// normal and the DPE-scaled positions into four outputs. Every pointer is
@@ -390,6 +296,36 @@ inline bool same_rows(const Rows& a, const Rows& b) {
 }
 inline bool nonneg(const Rows& r) { return r.outer >= 0 && r.inner >= 0 && r.head >= 0; }
 
+// The fields both argument blocks share (same names in RopeParams and RopeCacheParams).
+template <class Params>
+inline KernelArgs shared_args(const Params& p) {
+  KernelArgs a{};
+  a.q = p.q;
+  a.k = p.k;
+  a.positions = p.positions;
+  a.inv_freq = p.inv_freq;
+  a.pair_scale = p.pair_scale;
+  a.mask = p.mask;
+  a.q_normal = p.q_normal;
+  a.q_scaled = p.q_scaled;
+  a.q_rows = detail::rows(p.q_strides);
+  a.k_rows = detail::rows(p.k_strides);
+  a.qn_rows = detail::rows(p.q_normal_strides);
+  a.qs_rows = detail::rows(p.q_scaled_strides);
+  a.heads_q = p.heads_q;
+  a.heads_k = p.heads_k;
+  a.mask_heads = p.mask != nullptr ? p.mask_heads : 0;
+  a.heads_ks = a.mask_heads > 0 ? a.mask_heads : p.heads_k;
+  a.head_dim = p.head_dim;
+  a.num_pairs = p.rotary_dim / 2;
+  a.window = p.window;
+  a.neox = p.layout == Layout::kNeox;
+  a.dtype = p.dtype;
+  a.pos_type = p.pos_type;
+  a.q_in_place = p.q_normal == p.q;
+  return a;
+}
+
 // Checks common to both ops; a.heads_ks etc. already filled.
 inline Status validate_common(const KernelArgs& a, int64_t rotary_dim, int32_t dtype,
                               int32_t pos_type, int32_t layout) {
@@ -444,21 +380,9 @@ inline Status validate_common(const KernelArgs& a, int64_t rotary_dim, int32_t d
 /// that can be checked without reading tensor values. Entry points call it;
 /// callers with their own thread pool call it once, then rope_cpu_range.
 inline Status validate_rope(const RopeParams& p, KernelArgs* out) {
-  KernelArgs a{};
-  a.q = p.q;
-  a.k = p.k;
-  a.positions = p.positions;
-  a.inv_freq = p.inv_freq;
-  a.pair_scale = p.pair_scale;
-  a.mask = p.mask;
-  a.q_normal = p.q_normal;
-  a.q_scaled = p.q_scaled;
+  KernelArgs a = detail::shared_args(p);
   a.k_normal = p.k_normal;
   a.k_scaled = p.k_scaled;
-  a.q_rows = detail::rows(p.q_strides);
-  a.k_rows = detail::rows(p.k_strides);
-  a.qn_rows = detail::rows(p.q_normal_strides);
-  a.qs_rows = detail::rows(p.q_scaled_strides);
   a.kn_rows = detail::rows(p.k_normal_strides);
   a.ks_rows = detail::rows(p.k_scaled_strides);
   a.pos_stride_b = p.pos_stride_batch;
@@ -466,17 +390,6 @@ inline Status validate_rope(const RopeParams& p, KernelArgs* out) {
   a.slot_mapping = nullptr;
   a.batch = p.batch;
   a.seqlen = p.seqlen;
-  a.heads_q = p.heads_q;
-  a.heads_k = p.heads_k;
-  a.mask_heads = p.mask != nullptr ? p.mask_heads : 0;
-  a.heads_ks = a.mask_heads > 0 ? a.mask_heads : p.heads_k;
-  a.head_dim = p.head_dim;
-  a.num_pairs = p.rotary_dim / 2;
-  a.window = p.window;
-  a.neox = p.layout == Layout::kNeox;
-  a.dtype = p.dtype;
-  a.pos_type = p.pos_type;
-  a.q_in_place = p.q_normal == p.q;
   a.k_in_place = p.k_normal == p.k;
   if (p.batch < 0 || p.seqlen < 0)
     return error(ErrorCode::kInvalidShape, "batch, seqlen: must be >= 0");
@@ -505,21 +418,9 @@ inline Status validate_rope(const RopeParams& p) { return validate_rope(p, nullp
 
 /// As validate_rope, for RopeCacheParams.
 inline Status validate_rope_and_cache(const RopeCacheParams& p, KernelArgs* out) {
-  KernelArgs a{};
-  a.q = p.q;
-  a.k = p.k;
-  a.positions = p.positions;
-  a.inv_freq = p.inv_freq;
-  a.pair_scale = p.pair_scale;
-  a.mask = p.mask;
-  a.q_normal = p.q_normal;
-  a.q_scaled = p.q_scaled;
+  KernelArgs a = detail::shared_args(p);
   a.k_normal = p.k_cache;
   a.k_scaled = p.ks_cache;
-  a.q_rows = detail::rows(p.q_strides);
-  a.k_rows = detail::rows(p.k_strides);
-  a.qn_rows = detail::rows(p.q_normal_strides);
-  a.qs_rows = detail::rows(p.q_scaled_strides);
   a.kn_rows = detail::rows(p.k_cache_strides);
   a.ks_rows = detail::rows(p.ks_cache_strides);
   a.pos_stride_b = 0;
@@ -535,17 +436,6 @@ inline Status validate_rope_and_cache(const RopeCacheParams& p, KernelArgs* out)
   a.vc_rows = detail::rows(p.v_cache_strides);
   a.batch = 1;
   a.seqlen = p.num_tokens;
-  a.heads_q = p.heads_q;
-  a.heads_k = p.heads_k;
-  a.mask_heads = p.mask != nullptr ? p.mask_heads : 0;
-  a.heads_ks = a.mask_heads > 0 ? a.mask_heads : p.heads_k;
-  a.head_dim = p.head_dim;
-  a.num_pairs = p.rotary_dim / 2;
-  a.window = p.window;
-  a.neox = p.layout == Layout::kNeox;
-  a.dtype = p.dtype;
-  a.pos_type = p.pos_type;
-  a.q_in_place = p.q_normal == p.q;
   a.k_in_place = false;
   if (p.num_tokens < 0) return error(ErrorCode::kInvalidShape, "num_tokens: must be >= 0");
   if (p.block_size < 1) return error(ErrorCode::kInvalidShape, "block_size: must be >= 1");

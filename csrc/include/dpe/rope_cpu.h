@@ -53,12 +53,6 @@
 
 #include "dpe/rope.h"
 
-#if defined(__GNUC__)
-#define DPE_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define DPE_ALWAYS_INLINE inline
-#endif
-
 namespace dpe {
 
 // ---------------------------------------------------------------------------
@@ -77,47 +71,6 @@ constexpr double kPio2Hi = 0x1.921fb5p+0;
 constexpr double kPio2Lo = 0x1.110b4611a6263p-26;
 constexpr double kRoundMagic = 0x1.8p52;  // adding and subtracting it rounds to an integer
 constexpr float kMaxReduced = 0x1p28f;
-
-DPE_ALWAYS_INLINE uint64_t double_bits(double v) {
-  uint64_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  return u;
-}
-DPE_ALWAYS_INLINE double bits_double(uint64_t u) {
-  double v;
-  std::memcpy(&v, &u, sizeof(v));
-  return v;
-}
-
-DPE_ALWAYS_INLINE uint32_t float_bits(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  return u;
-}
-DPE_ALWAYS_INLINE float bits_float(uint32_t u) {
-  float v;
-  std::memcpy(&v, &u, sizeof(v));
-  return v;
-}
-
-// bfloat16 storage for the CPU kernel: the same 16 bits as c10::BFloat16,
-// with branch-free conversions (round to nearest even; NaN -> 0x7FC0 as c10
-// does) so the per-pair loop stays vectorised; c10's float -> bfloat16 has a
-// NaN branch that keeps GCC from vectorising the whole rotation loop.
-struct bf16_storage {
-  uint16_t bits;
-  bf16_storage() = default;
-  DPE_ALWAYS_INLINE explicit bf16_storage(float v) {
-    const uint32_t u = float_bits(v);
-    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    const uint32_t is_nan = 0u - static_cast<uint32_t>((u & 0x7FFFFFFFu) > 0x7F800000u);
-    bits = static_cast<uint16_t>((rounded & ~is_nan) | (0x7FC0u & is_nan));
-  }
-  DPE_ALWAYS_INLINE explicit operator float() const {
-    return bits_float(static_cast<uint32_t>(bits) << 16);
-  }
-};
-static_assert(sizeof(bf16_storage) == 2, "bfloat16 storage is 16 bits");
 
 DPE_ALWAYS_INLINE void sincos_batch(const float* __restrict x, float* __restrict sin_out,
                                     float* __restrict cos_out, int64_t n) {
@@ -161,70 +114,11 @@ DPE_ALWAYS_INLINE void sincos_batch(const float* __restrict x, float* __restrict
   }
 }
 
-// IEEE binary16 storage for compilers without _Float16: round-to-nearest-even
-// conversions written from the format's definition. Branchy (so the
-// rotation loop does not vectorise for float16 on such compilers), correct
-// for every value: normals, subnormals, overflow to inf, inf and NaN.
-struct half_storage {
-  uint16_t bits;
-  half_storage() = default;
-  explicit half_storage(float v) {
-    const uint32_t u = float_bits(v);
-    const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
-    const uint32_t a = u & 0x7FFFFFFFu;
-    if (a >= 0x7F800000u) {  // inf, NaN (quiet)
-      bits = static_cast<uint16_t>(sign | (a > 0x7F800000u ? 0x7E00u : 0x7C00u));
-    } else if (a >= 0x477FF000u) {  // >= 65520 rounds to inf
-      bits = static_cast<uint16_t>(sign | 0x7C00u);
-    } else if (a < 0x38800000u) {  // below 2^-14: half subnormal or zero
-      // |v| + 0.5 has ulp 2^-24, the half subnormal step: the float add rounds
-      // to nearest even at exactly that step; its mantissa is the result.
-      const float r = bits_float(a) + 0.5f;
-      bits = static_cast<uint16_t>(sign | (float_bits(r) - 0x3F000000u));
-    } else {  // normal: rebias the exponent, round the 13 dropped bits to even
-      const uint32_t odd = (a >> 13) & 1u;
-      const uint32_t r = a - (static_cast<uint32_t>(127 - 15) << 23) + 0xFFFu + odd;
-      bits = static_cast<uint16_t>(sign | (r >> 13));
-    }
-  }
-  explicit operator float() const {
-    const uint32_t sign = static_cast<uint32_t>(bits & 0x8000u) << 16;
-    const uint32_t em = bits & 0x7FFFu;
-    if (em >= 0x7C00u) return bits_float(sign | 0x7F800000u | ((em & 0x3FFu) << 13));
-    if (em >= 0x0400u) return bits_float(sign | ((em << 13) + (static_cast<uint32_t>(127 - 15) << 23)));
-    const float mag = static_cast<float>(em) * 0x1p-24f;  // subnormal: em * 2^-24, exact
-    return bits_float(sign | float_bits(mag));
-  }
-};
-static_assert(sizeof(half_storage) == 2, "float16 storage is 16 bits");
-
-// Element type the CPU kernel computes on for each DType (same bits as the
-// caller's tensors).
-template <DType T>
-struct CpuScalar;
-template <>
-struct CpuScalar<DType::kFloat32> {
-  using type = float;
-};
-template <>
-struct CpuScalar<DType::kFloat16> {
-#if defined(__FLT16_MAX__)
-  using type = _Float16;  // F16C conversions in the AVX2/AVX-512 builds vectorise
-#else
-  using type = half_storage;
-#endif
-};
-template <>
-struct CpuScalar<DType::kBFloat16> {
-  using type = bf16_storage;
-};
-static_assert(sizeof(CpuScalar<DType::kFloat16>::type) == 2, "float16 is 16 bits");
-
 // Rotate one head vector x (D elements, pairs in layout NEOX) into the normal
-// output y_n (skipped when WRITE_NORMAL is false) and the scaled output y_s.
+// output y_n and the scaled output y_s.
 // Scaled pairs use (cs, ss) where the mask row says "key dimension" (or
 // everywhere without a mask) and the normal angle elsewhere.
-template <typename scalar_t, bool NEOX, bool HAS_MASK, bool WRITE_NORMAL>
+template <typename scalar_t, bool NEOX, bool HAS_MASK>
 DPE_ALWAYS_INLINE void rotate_head(const scalar_t* __restrict x, scalar_t* __restrict y_n,
                                    scalar_t* __restrict y_s, const float* __restrict cn,
                                    const float* __restrict sn, const float* __restrict cs,
@@ -235,12 +129,10 @@ DPE_ALWAYS_INLINE void rotate_head(const scalar_t* __restrict x, scalar_t* __res
     const int64_t i1 = pair_second(i, num_pairs, NEOX);
     const float a = static_cast<float>(x[i0]);
     const float b = static_cast<float>(x[i1]);
-    if (WRITE_NORMAL) {
-      float n0, n1;
-      rotate_pair(a, b, cn[i], sn[i], &n0, &n1);
-      y_n[i0] = static_cast<scalar_t>(n0);
-      y_n[i1] = static_cast<scalar_t>(n1);
-    }
+    float n0, n1;
+    rotate_pair(a, b, cn[i], sn[i], &n0, &n1);
+    y_n[i0] = static_cast<scalar_t>(n0);
+    y_n[i1] = static_cast<scalar_t>(n1);
     float c = cs[i], s = ss[i];
     if (HAS_MASK) {
       // Select by bit mask, not by branch or ternary: keeps the loop vectorised.
@@ -255,7 +147,7 @@ DPE_ALWAYS_INLINE void rotate_head(const scalar_t* __restrict x, scalar_t* __res
   }
   // Dimensions past rotary_dim pass through unchanged (partial rotary).
   for (int64_t d = 2 * num_pairs; d < head_dim; ++d) {
-    if (WRITE_NORMAL) y_n[d] = x[d];
+    y_n[d] = x[d];
     y_s[d] = x[d];
   }
 }
@@ -454,7 +346,7 @@ DPE_ALWAYS_INLINE void rotate_head_any(const scalar_t* x, scalar_t* y_n, scalar_
     rotate_head_in_place<scalar_t, NEOX, HAS_MASK>(y_n, y_s, cn, sn, cs, ss, mask_row, num_pairs,
                                                    head_dim);
   } else {
-    rotate_head<scalar_t, NEOX, HAS_MASK, true>(x, y_n, y_s, cn, sn, cs, ss, mask_row, num_pairs,
+    rotate_head<scalar_t, NEOX, HAS_MASK>(x, y_n, y_s, cn, sn, cs, ss, mask_row, num_pairs,
                                                 head_dim);
   }
 }
@@ -740,8 +632,7 @@ void rope_cpu_tokens_generic(const KernelArgs& p, int64_t begin, int64_t end) {
   rope_cpu_tokens_body<scalar_t, pos_t, NEOX, HAS_MASK>(p, begin, end);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define DPE_HAVE_AVX2_PATH 1
+#ifdef DPE_HAVE_AVX2_PATH
 template <typename scalar_t, typename pos_t, bool NEOX, bool HAS_MASK>
 __attribute__((target("avx2,fma,f16c"))) void rope_cpu_tokens_avx2(const KernelArgs& p,
                                                                    int64_t begin, int64_t end) {
@@ -769,75 +660,7 @@ void rope_cpu_tokens_avx512bf16(const KernelArgs& p, int64_t begin, int64_t end)
       NEOX && (std::is_same<scalar_t, bf16_storage>::value || std::is_same<scalar_t, float>::value);
   rope_cpu_tokens_body<scalar_t, pos_t, NEOX, HAS_MASK, kIntrinsic>(p, begin, end);
 }
-
-inline bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                          __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  return has;
-}
-
-inline bool cpu_has_avx512bf16() {
-  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
-  return has;
-}
-
-inline bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
-  return has;
-}
 #endif
-
-/// The compiled bodies of the CPU kernel. kAuto (the default) runs the best
-/// one this CPU supports; the others exist to test and benchmark each body.
-enum class CpuIsa : int32_t { kAuto = 0, kBaseline = 1, kAvx2 = 2, kAvx512 = 3, kAvx512Bf16 = 4 };
-
-/// True when this build and CPU can run `isa` (kAuto and kBaseline always).
-inline bool cpu_isa_supported(CpuIsa isa) {
-  switch (isa) {
-    case CpuIsa::kAuto:
-    case CpuIsa::kBaseline: return true;
-#ifdef DPE_HAVE_AVX2_PATH
-    case CpuIsa::kAvx2: return cpu_has_avx2();
-    case CpuIsa::kAvx512: return cpu_has_avx512();
-    case CpuIsa::kAvx512Bf16: return cpu_has_avx512bf16();
-#else
-    case CpuIsa::kAvx2:
-    case CpuIsa::kAvx512:
-    case CpuIsa::kAvx512Bf16: return false;
-#endif
-  }
-  return false;
-}
-
-namespace detail {
-inline CpuIsa& forced_cpu_isa() {
-  static CpuIsa isa = CpuIsa::kAuto;
-  return isa;
-}
-}  // namespace detail
-
-/// Force one body for every later call in this process (tests, benchmarks).
-/// Returns false, changing nothing, when cpu_isa_supported(isa) is false.
-/// Not synchronised: call it while no kernel runs.
-inline bool set_cpu_isa(CpuIsa isa) {
-  if (!cpu_isa_supported(isa)) return false;
-  detail::forced_cpu_isa() = isa;
-  return true;
-}
-
-/// The body the next call runs (never kAuto).
-inline CpuIsa active_cpu_isa() {
-  const CpuIsa forced = detail::forced_cpu_isa();
-  if (forced != CpuIsa::kAuto) return forced;
-#ifdef DPE_HAVE_AVX2_PATH
-  if (cpu_has_avx512bf16()) return CpuIsa::kAvx512Bf16;
-  if (cpu_has_avx512()) return CpuIsa::kAvx512;
-  if (cpu_has_avx2()) return CpuIsa::kAvx2;
-#endif
-  return CpuIsa::kBaseline;
-}
 
 template <typename scalar_t, typename pos_t, bool NEOX, bool HAS_MASK>
 void rope_cpu_tokens_impl(const KernelArgs& p, int64_t begin, int64_t end) {

@@ -10,7 +10,7 @@
 // (a slot outside the cache is skipped, never written, but not reported).
 //
 // Kernel: one thread owns one (token, pair). It computes the three sin/cos
-// pairs of SPEC "Position remapping" once (dpe::pair_trig, dpe/rope.h) and
+// pairs of "Position remapping" (docs/method.md) once (dpe::pair_trig, dpe/rope.h) and
 // reuses them for every query and key head of that token. Threads of a warp hold consecutive pairs, so each
 // head's loads and stores are coalesced (neox: consecutive elements; gptj:
 // consecutive element pairs). Each pair is loaded once into registers before

@@ -31,10 +31,10 @@ by default).
 """
 from __future__ import annotations
 
+from .settings import BACKEND_NAME, CPU_BACKEND_PATH, check_selection
+
 __all__ = ["register", "check_selection", "CPU_BACKEND_PATH", "BACKEND_NAME"]
 
-BACKEND_NAME = "DPE"
-CPU_BACKEND_PATH = f"{__name__}.CPUAttentionBackendSelected"
 DPE_BACKEND_PATH = f"{__name__}.backend.DPEAttentionBackend"
 
 _registered = False
@@ -55,26 +55,6 @@ def register() -> None:
     if not AttentionBackendEnum.CPU_ATTN.is_overridden():
         register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND_PATH)
     _registered = True
-
-
-def check_selection(vllm_config) -> None:
-    """With DPE configured, the layers must reach the DPE backend: on the CPU through the
-    ``CPU_ATTN`` override, elsewhere through ``attention_backend="DPE"``. ValueError otherwise
-    (the identity rotary would hand unrotated keys to another backend)."""
-    from vllm.platforms import current_platform
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum
-
-    if current_platform.is_cpu():
-        path = AttentionBackendEnum.CPU_ATTN.get_path()
-        if path != CPU_BACKEND_PATH:
-            raise ValueError(f"dpe: the CPU_ATTN attention backend is overridden by another plugin ({path}); "
-                             "DPE cannot select its backend")
-        return
-    backend = vllm_config.attention_config.backend
-    if backend is None or getattr(backend, "name", str(backend)) != BACKEND_NAME:
-        raise ValueError(f"dpe: on {current_platform.device_name} select the DPE attention backend "
-                         f"(attention_config={{'backend': '{BACKEND_NAME}'}} / --attention-backend "
-                         f"{BACKEND_NAME}); got {backend!r}")
 
 
 def __getattr__(name: str):

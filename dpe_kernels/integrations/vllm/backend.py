@@ -8,7 +8,7 @@ Per layer and step (``forward``):
    ``slot_mapping`` (keys already in the cache are never touched again), returning the
    queries' ``q_normal`` / ``q_scaled``;
 3. :func:`dpe_kernels.dpe_paged_attention` attends over the paged cache through the block
-   table (SPEC: normal logits inside the window, scaled beyond, one softmax) and writes the
+   table (docs/method.md: normal logits inside the window, scaled beyond, one softmax) and writes the
    layer's output in place.
 
 Cache layout: vLLM allocates each layer's cache as ``[num_blocks, H_k, block_size, C]`` with
@@ -20,7 +20,7 @@ per-query-head mask). One block's page is carved into three head-major planes
 
 Hot path: the metadata builder computes the token positions once per step for every layer;
 ``forward`` validates inputs on its first call only and then runs the kernels with
-``check_inputs=False`` / ``check_positions=False`` and ``max_seqlen_*`` from vLLM's host-side
+``check_inputs=False`` and ``max_seqlen_*`` from vLLM's host-side
 metadata, so no tensor value is read back on the host.
 """
 from __future__ import annotations

@@ -70,8 +70,7 @@ def _make_identity_class(base):
         def __init__(self, *args, **kwargs):
             from vllm.config import get_current_vllm_config_or_none
 
-            from . import check_selection
-            from .settings import engine_settings
+            from .settings import check_selection, engine_settings
 
             vllm_config = get_current_vllm_config_or_none()
             settings = engine_settings(vllm_config)

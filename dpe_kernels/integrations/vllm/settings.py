@@ -33,7 +33,7 @@ import torch
 from ...config import DPEConfig, preset_names
 from ...utils import is_int
 
-__all__ = ["DPE_KEY", "DPEOptions", "EngineSettings", "parse_options", "options_from_vllm_config",
+__all__ = ["BACKEND_NAME", "CPU_BACKEND_PATH", "check_selection", "DPE_KEY", "DPEOptions", "EngineSettings", "parse_options", "options_from_vllm_config",
            "engine_settings", "check_engine", "SUPPORTED_ROPE_TYPES"]
 
 DPE_KEY = "dpe"
@@ -277,3 +277,28 @@ def engine_settings(vllm_config) -> Optional[EngineSettings]:
     settings = None if options is None else check_engine(vllm_config, options)
     _CACHE[id(vllm_config)] = (vllm_config, settings)
     return settings
+
+
+# The attention backend DPE layers must reach (the package registers both paths).
+BACKEND_NAME = "DPE"
+CPU_BACKEND_PATH = "dpe_kernels.integrations.vllm.CPUAttentionBackendSelected"
+
+
+def check_selection(vllm_config) -> None:
+    """With DPE configured, the layers must reach the DPE backend: on the CPU through the
+    ``CPU_ATTN`` override, elsewhere through ``attention_backend="DPE"``. ValueError otherwise
+    (the identity rotary would hand unrotated keys to another backend)."""
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    if current_platform.is_cpu():
+        path = AttentionBackendEnum.CPU_ATTN.get_path()
+        if path != CPU_BACKEND_PATH:
+            raise ValueError(f"dpe: the CPU_ATTN attention backend is overridden by another plugin ({path}); "
+                             "DPE cannot select its backend")
+        return
+    backend = vllm_config.attention_config.backend
+    if backend is None or getattr(backend, "name", str(backend)) != BACKEND_NAME:
+        raise ValueError(f"dpe: on {current_platform.device_name} select the DPE attention backend "
+                         f"(attention_config={{'backend': '{BACKEND_NAME}'}} / --attention-backend "
+                         f"{BACKEND_NAME}); got {backend!r}")

@@ -378,7 +378,7 @@ def main(argv=None):
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is visible")
-    if ("cpu" if args.device == "cpu" else "cuda") not in dpe_kernels.available_backends(args.device):
+    if ("cpu" if args.device == "cpu" else "cuda") not in dpe_kernels.available_rope_backends(args.device):
         sys.exit(f"the extension has no {args.device} kernel: {dpe_kernels.extension_error()}")
     defaults = QUICK if args.quick else FULL
     for name, value in defaults.items():  # explicit flags win over --quick

@@ -66,7 +66,7 @@ def method_kwargs(model, name: str, length: int, train_len: int, *, target_lengt
                   dpe_preset: str = "auto", dpe_config: Optional[DPEConfig] = None,
                   dpe_mask: Optional[torch.Tensor] = None,
                   window: int = WINDOW) -> dict:
-    """Keyword arguments of :func:`dpe_kernels.baselines.apply_method` for ``name`` at ``length``."""
+    """Keyword arguments of :func:`dpe_kernels.integrations.baselines.apply_method` for ``name`` at ``length``."""
     f = extension_factor(length, train_len, target_length)
     if name == "rope":
         return {}
@@ -112,5 +112,5 @@ def apply(model, name: str, kw: dict):
     except ImportError as e:  # transformers missing: plain RoPE still runs
         if name == "rope":
             return _NoopHandle()
-        raise RuntimeError(f"method {name!r} needs dpe_kernels.baselines: {e}") from e
+        raise RuntimeError(f"method {name!r} needs dpe_kernels.integrations.baselines: {e}") from e
     return apply_method(model, name, **kw)

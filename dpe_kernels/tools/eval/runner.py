@@ -235,7 +235,7 @@ def run_eval(model, tokenizer, spec: EvalSpec, out_path, *, progress: bool = Tru
     """Run (or resume) ``spec``; append one record per sample to ``out_path``; return the new records."""
     from tqdm.auto import tqdm
 
-    from ..models import train_length as model_train_length
+    from ...integrations.hf import train_length as model_train_length
 
     out_path = Path(out_path)
     existing = resume_records(out_path)

@@ -1,20 +1,16 @@
-"""The ``cpu`` backend of :func:`dpe_kernels.dpe_attention`: two passes of
+"""The ``cpu`` attention backend: two passes of
 ``aten._scaled_dot_product_flash_attention_for_cpu`` (a sliding-window pass
 with the normal q/k, block by block under a small band mask, and a causal
 pass on shifted scaled q/k), merged by log-sum-exp. No ``S x S`` matrix or
-mask; GQA without copying KV heads. Called after validation
-(:class:`dpe_kernels.attention.AttentionInfo`)."""
+mask; GQA without copying KV heads. It does not validate: its caller has
+(:class:`~dpe_kernels.backends.shapes.AttentionInfo` carries what it learnt)."""
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..merge import merge_partials_nonempty
 from ..utils import host_ints
-
-if TYPE_CHECKING:  # (the dispatcher imports this module: no import back at run time)
-    from ..attention import AttentionInfo
+from .shapes import AttentionInfo
 
 __all__ = ["cpu_attention", "available", "CPU_WINDOW_ROWS"]
 
@@ -207,8 +203,8 @@ def _as_last_dim_contiguous(t):
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-def cpu_attention(qn, qs, kn, ks, v, window, scale, key_padding_mask, info: "AttentionInfo"):
-    """``(out, lse)`` of DPE attention on CPU tensors (validated by dpe_attention)."""
+def cpu_attention(qn, qs, kn, ks, v, window, scale, key_padding_mask, info: AttentionInfo):
+    """``(out, lse)`` of DPE attention on CPU tensors (inputs already validated)."""
     qn, qs, kn, ks, v = (_as_last_dim_contiguous(t) for t in (qn, qs, kn, ks, v))
     if info.Dv != info.D:
         # The aten op wants one head_dim for q, k and v: zero-pad the narrower

@@ -1,57 +1,19 @@
-"""DPE attention (SPEC "Attention") as one fused Triton kernel.
+"""The ``triton`` attention backend: DPE attention (docs/method.md, "Attention") as one
+fused Triton kernel, registered as ``torch.ops.dpe_kernels.attention_triton``.
 
-``attention_triton`` is the ``backend="triton"`` implementation behind
-:func:`dpe_kernels.attention.dpe_attention`, which validates the arguments
-first. For a query at absolute position ``m`` and a key at ``n <= m``::
+One kernel walks each query tile's key tiles once and classifies each tile by the
+distances it covers: scaled logits only (wholly beyond the window, no causal mask),
+both logits selected per element (straddling the window edge), or normal logits only
+(inside the window; masked on the causal diagonal). One online softmax
+(``triton_common.online_softmax_step``: float32, ``exp2`` with ``log2(e)`` folded into
+the scale) spans both kinds of logits, so there is no merge step. GQA packs the query
+heads of a KV head into one program's rows when ``k_scaled`` has ``H_k`` heads.
+Decode grids split each query tile's keys over programs (split-KV), merged by
+``triton_common.combine_splits_kernel``.
 
-    logit = <q_normal(m), k_normal(n)> * scale   if m - n <  window
-          = <q_scaled(m), k_scaled(n)> * scale   if m - n >= window
-
-with one softmax over all ``n <= m``. Instead of two attention passes and a
-log-sum-exp merge, one kernel walks the key tiles of a query tile once and
-classifies each tile by the range of distances it covers:
-
-* entirely beyond the window (smallest distance ``>= window``): scaled logits
-  only, and no causal mask (every key precedes every query of the tile);
-* straddling the window edge: both logits, selected per element by distance,
-  with the causal / bounds mask;
-* entirely inside the window (largest distance ``< window``): normal logits
-  only, unmasked below the causal diagonal, masked on it.
-
-A key tile therefore costs one ``q k^T`` product except on the few tiles
-straddling the window edge (about ``1 + positions per query tile /
-BLOCK_N`` per query tile, whatever the context length), and the online
-softmax (float32 running max and sum, ``exp2`` with ``log2(e)`` folded into
-the scale) spans both kinds of logits, so no merge step exists.
-
-Layouts (as :func:`dpe_kernels.attention.dpe_attention`):
-
-* batched ``q_* [B, S_q, H_q, D]``, ``k_normal / v [B, S_k, H_k, D / Dv]``,
-  ``k_scaled [B, S_k, H_k or H_q, D]``, optional left-padded
-  ``key_padding_mask [B, S_k]`` (True = real token);
-* packed ``[T, H, D]`` with ``cu_seqlens_q / cu_seqlens_k [B + 1]``;
-* queries are the last ``S_q`` positions of their sequence's keys;
-* any strides with stride 1 on the last dimension (read in place);
-* GQA by head index arithmetic, no repeated K/V: when ``k_scaled`` has
-  ``H_k`` heads, the ``H_q // H_k`` query heads sharing a KV head are packed
-  into the rows of one program ("pack GQA"), so each K/V tile is loaded once
-  for all of them (decode: one program per KV head instead of ``n_rep``).
-
-Split-KV (flash-decoding): with few query tiles (decode) the grid's first
-axis also splits each tile's keys into ``num_splits`` ranges of whole key
-tiles; each program writes a float32 partial ``(out, lse)`` of its range and
-``triton_utils.combine_splits_kernel`` merges them by log-sum-exp (a range
-with no key, e.g. past a short sequence's end, has lse -inf and weight 0).
-``num_splits=None`` asks ``triton_utils.num_kv_splits`` (about two programs
-per SM, >= 256 keys per split); prefill grids are large enough for one.
-
-Returns ``out`` (dtype of q, head dim of v) and, with ``return_lse``, the
-float32 natural-log ``lse`` shaped ``[B, S_q, H_q]`` / ``[T_q, H_q]``. A row
-without any key (a padding query) gets ``out = 0`` and ``lse = -inf``.
-
-The op is registered with :func:`torch.library.triton_op` as
-``torch.ops.dpe_kernels.attention_triton`` and launches through
-:func:`torch.library.wrap_triton`, as ``rope_triton`` does.
+Layouts as :func:`dpe_kernels.dpe_attention` (batched with left padding, or packed
+with ``cu_seqlens``; any strides with stride 1 on head_dim). It does not validate:
+its caller has. A row without keys gets ``out = 0``, ``lse = -inf``.
 """
 import contextlib
 import functools
@@ -60,8 +22,8 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from .triton_utils import (INTERPRETED, bf16_bits_to_f32, classify_key_tiles, combine_splits_kernel, next_pow2,
-                           num_kv_splits, register_triton_op, round_bf16_bits, round_out)
+from .triton_common import (INTERPRETED, bf16_bits_to_f32, classify_key_tiles, combine_splits_kernel, next_pow2,
+                           num_kv_splits, online_softmax_step, register_triton_op, round_out)
 
 __all__ = ["attention_triton"]
 
@@ -76,7 +38,7 @@ _BOTH = tl.constexpr(2)
 # --------------------------------------------------------------------------- kernel
 # bfloat16 under the interpreter (BF16_BY_BITS): the interpreter computes
 # bfloat16 tl.dot wrongly and converts float32 <-> bfloat16 wrongly (see
-# triton_utils), so there bfloat16 data is widened exactly by its bits and
+# triton_common), so there bfloat16 data is widened exactly by its bits and
 # multiplied in float32 (the same products, float32 accumulation), and
 # probabilities are rounded to bfloat16 on the bits. Compiled Triton never
 # takes these paths.
@@ -94,7 +56,6 @@ def _attn_tiles(
     BF16_BY_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Key tiles j_lo .. j_hi-1 (keys lo + j * BLOCK_N + [0, BLOCK_N)) of one query tile."""
-    v_dtype: tl.constexpr = v_base.dtype.element_ty
     # Load masks only where needed, so full causal-safe tiles with a
     # power-of-two head dim load unpredicated (vectorised).
     if EVEN_D:
@@ -153,27 +114,8 @@ def _attn_tiles(
             # causal (n <= m) also excludes keys past the end for every real
             # row, and every key of a padding row (m < first real key)
             qk = tl.where(n[None, :] <= pos_m[:, None], qk, float("-inf"))
-        # Online softmax (float32, log2 units).
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        if MASKED:
-            # a row may have no key yet (max = -inf): subtract 0 instead, so
-            # exp2(-inf - 0) = 0 rather than NaN. Unmasked tiles give every
-            # row a finite logit, hence a finite max.
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_use = m_new
-        p = tl.math.exp2(qk - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
         vt = tl.load(v_base + n0_64 * v_ss + v_off, mask=v_mask, other=v_other)
-        # p is rounded to v's dtype for the p @ v product (as FlashAttention does)
-        if BF16_BY_BITS:
-            vt = bf16_bits_to_f32(vt)
-            p_op = round_bf16_bits(p)
-        else:
-            p_op = p.to(v_dtype)
-        acc = tl.dot(p_op, vt, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, vt, MASKED, BF16_BY_BITS, DOT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -194,7 +136,7 @@ def _dpe_attn_fwd_kernel(
     VARLEN: tl.constexpr,        # packed layout, offsets from cu_seqlens
     RETURN_LSE: tl.constexpr,
     SPLIT: tl.constexpr,         # write float32 partials (po/pl) for combine_splits_kernel
-    BF16_BY_BITS: tl.constexpr,  # interpreter with bfloat16 data (see triton_utils.bf16_bits_to_f32)
+    BF16_BY_BITS: tl.constexpr,  # interpreter with bfloat16 data (see triton_common.bf16_bits_to_f32)
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32), else the default
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,

@@ -1,33 +1,19 @@
-"""DPE attention over a paged KV cache as a Triton kernel (``backend="triton"``
-of :func:`dpe_kernels.paged_attention.dpe_paged_attention`, which validates
-the arguments first).
+"""The ``triton`` paged-attention backend: DPE attention over a paged KV cache as one
+Triton kernel. It does not validate: its caller (``dpe_paged_attention``) has.
 
-The kernel follows :mod:`dpe_kernels.backends.triton_attention` (one online
-softmax over both kinds of logits; key tiles classified by the distances
-they cover: scaled only / straddling the window edge / normal inside the
-diagonal / normal on the diagonal, each a loop specialised at compile time)
-and adds:
+The key loop is that of ``attention_triton`` (tiles classified by the distances they
+cover, one online softmax over both kinds of logits, ``triton_common``), plus:
 
-* **Pages.** Key ``n`` of sequence ``b`` is read at
-  ``block_table[b, n // PAGE_SIZE]``, offset ``n % PAGE_SIZE``. When a key
-  tile never crosses a page (``PAGE_SIZE % BLOCK_N == 0``), a tile costs one
-  scalar block-table load and its K/V loads are as contiguous as in an
-  unpaged cache (constexpr ``TILE_IN_PAGE``); otherwise each key's block id
-  is loaded (a gather of contiguous rows).
-* **Split-KV decode.** A decode step has one query per sequence: one program
-  per (sequence, head group) leaves most of a GPU idle and walks the whole
-  context serially (the unpaged kernel measured 1.2-3.8x slower than plain
-  decode on an H100 for this reason). The keys ``[0, max_seqlen_k)`` are cut
-  into ``num_splits`` ranges, one program per range; each writes its
-  normalised partial output and lse (float32) to a workspace and a second
-  small kernel merges the partials by lse. ``num_splits == 1`` (prefill,
-  big batches) writes the output directly (constexpr ``SPLIT``).
-* **Packed varlen queries** through ``query_start_loc``; the grid is sized by
-  the caller's ``max_seqlen_q`` (never read back from the device).
+* pages: key ``n`` of sequence ``b`` is read at ``block_table[b, n // PAGE_SIZE]``,
+  offset ``n % PAGE_SIZE``; a tile inside one page (``TILE_IN_PAGE``) costs one
+  block-table load and contiguous K/V loads;
+* split-KV decode: the keys of a decode step are cut into ``num_splits`` ranges, one
+  program each, whose float32 partial outputs and lse a second kernel merges
+  (``num_splits == 1`` writes the output directly);
+* packed varlen queries through ``query_start_loc``; the grid is sized by the caller's
+  ``max_seqlen_q`` (never read back from the device).
 
-Addressing: 64-bit scalars for block / token / head bases (``block_id *
-block_stride`` exceeds 2^31 in a large engine cache), 32-bit offsets inside
-a tile (the launcher checks they fit).
+Addressing: 64-bit scalar bases for block / token / head, 32-bit offsets inside a tile.
 """
 from __future__ import annotations
 
@@ -38,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import (INTERPRETED, bf16_bits_to_f32, classify_key_tiles, combine_splits_kernel, next_pow2,
-                           num_kv_splits, round_bf16_bits, round_out)
+from .triton_common import (INTERPRETED, bf16_bits_to_f32, classify_key_tiles, combine_splits_kernel, next_pow2,
+                           num_kv_splits, online_softmax_step, round_out)
 
 __all__ = ["paged_attention_triton", "num_kv_splits"]
 
@@ -79,7 +65,6 @@ def _paged_tiles(
     BF16_BY_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Key tiles j_lo .. j_hi-1 (keys k_lo + j * BLOCK_N + [0, BLOCK_N)) of one query tile."""
-    v_dtype: tl.constexpr = v_head.dtype.element_ty
     for j in range(j_lo, j_hi):
         n0 = k_lo + j * BLOCK_N
         n = n0 + offs_n
@@ -146,25 +131,9 @@ def _paged_tiles(
             # causal (n <= m); keys at or past k_hi are beyond every real row's
             # diagonal or outside this program's split range
             qk = tl.where((n[None, :] <= pos_m[:, None]) & n_ok[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        if MASKED:
-            # a row may have no key yet: subtract 0 instead of -inf (no NaN)
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_use = m_new
-        p = tl.math.exp2(qk - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
         vp = _key_ptrs(v_head, blk, in_page, offs_n, v_bs, v_ts, TILE_IN_PAGE)
         vt = tl.load(vp[:, None] + offs_dv[None, :], mask=v_mask, other=v_other)
-        # p is rounded to v's dtype for the p @ v product (as FlashAttention does)
-        if BF16_BY_BITS:
-            vt = bf16_bits_to_f32(vt)
-            p_op = round_bf16_bits(p)
-        else:
-            p_op = p.to(v_dtype)
-        acc = tl.dot(p_op, vt, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, vt, MASKED, BF16_BY_BITS, DOT_PRECISION)
     return acc, l_i, m_i
 
 

@@ -1,37 +1,17 @@
-"""The DPE rotary step (SPEC "Position remapping") as one Triton kernel.
+"""The ``triton`` rotary backend: the DPE rotary step (docs/method.md, "Position
+remapping") as one Triton kernel, computing exactly what the C++ / CUDA kernels
+compute (``csrc/include/dpe/rope.h``): angle ``float32(index) * inv_freq``, full-range
+sin/cos, math in float32, one rounding to the output dtype.
 
-``rope_triton`` / ``rope_out_triton`` are the ``backend="triton"``
-implementations behind :func:`dpe_kernels.dpe_rope`, ``rope_and_cache_triton``
-the one behind :func:`dpe_kernels.dpe_rope_and_cache`. The kernel computes
-exactly what the CPU kernel (``csrc/include/dpe/rope_cpu.h``, math in
-``csrc/include/dpe/rope.h``) computes:
+Inputs are addressed by strides (views of a packed qkv tensor are read in place);
+outputs may be any views with stride 1 on head_dim, and ``q_normal`` / ``k_normal``
+may be ``q`` / ``k`` themselves (every element is loaded before it is stored, by the
+program that owns it). Cache mode (``IS_CACHE``) writes the key outputs and ``v``
+into paged caches at ``slot_mapping[t]`` (a negative slot skips the token).
 
-* q ``[B, S, H_q, D]`` / k ``[B, S, H_k, D]`` addressed by strides (a view of
-  a packed qkv tensor is read in place), or packed ``[T, H, D]`` (B = 1, S = T);
-  the last dimension has stride 1;
-* positions int32/int64 ``[T]``, ``[B, S]`` or ``[1, S]`` (stride 0 on batch);
-* angle ``float32(index) * inv_freq`` in float32, index ``m`` (normal),
-  ``m // s + (w - w // s)`` (scaled query) or ``m // s`` (scaled key), all
-  index arithmetic in int64; full-range accurate sin/cos;
-* the scaled outputs use the scaled angle on key-dimension pairs (mask True,
-  or every pair without a mask) and the normal angle elsewhere;
-* with a mask ``[H_m, P]``, query head ``h`` uses row ``h // (H_q // H_m)``;
-  ``k_scaled`` has ``H_m`` heads, head ``j`` reads KV head ``j // (H_m // H_k)``
-  and uses row ``j``; without a mask ``k_scaled`` has ``H_k`` heads;
-* dims ``[rotary_dim, D)`` pass through unchanged to every output;
-* outputs of any strides (stride 1 on head_dim), dtype of q; math in float32,
-  one rounding to the output dtype; q_normal may be q and k_normal may be k
-  (in place: every element is loaded, by the one program that owns it,
-  before anything is stored to it);
-* cache mode (``IS_CACHE``): the key outputs of token t go to paged caches
-  ``[num_blocks, block_size, H, D]`` at ``slot_mapping[t]`` (block
-  ``slot // block_size``, offset ``slot % block_size``), v is copied to its
-  cache, and a negative slot (vLLM's padding) skips the token's cache writes.
-
-The ops are registered with :func:`torch.library.triton_op` as
-``torch.ops.dpe_kernels.{rope_triton, rope_out_triton, rope_and_cache_triton}``
-and launch through :func:`torch.library.wrap_triton`, so ``torch.compile``
-traces into the kernel.
+Registered with :func:`torch.library.triton_op` as ``torch.ops.dpe_kernels.{rope_triton,
+rope_out_triton, rope_and_cache_triton}`` so ``torch.compile`` traces into the kernel.
+It does not validate: its caller has.
 """
 from typing import Optional, Tuple
 
@@ -40,7 +20,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 from ..utils import scaled_key_heads
-from .triton_utils import INTERPRETED, load_f32, next_pow2, register_triton_op, round_out
+from .triton_common import INTERPRETED, load_f32, next_pow2, register_triton_op, round_out
 
 __all__ = ["rope_triton", "rope_out_triton", "rope_and_cache_triton"]
 
@@ -82,7 +62,7 @@ def _dpe_rope_kernel(
     KS_REP: tl.constexpr,        # scaled key heads per KV head (H_ks // H_k)
     IS_CACHE: tl.constexpr,      # rope_and_cache: key rows by slot, v copied, slot < 0 skipped
     USE_LIBDEVICE: tl.constexpr,
-    BF16_BY_BITS: tl.constexpr,  # interpreter with bfloat16 data (see triton_utils.load_f32)
+    BF16_BY_BITS: tl.constexpr,  # interpreter with bfloat16 data (see triton_common.load_f32)
     BLOCK_T: tl.constexpr,       # tokens per program
     BLOCK_HQ: tl.constexpr,      # query heads per inner-loop step
     BLOCK_HK: tl.constexpr,      # KV heads per inner-loop step

@@ -12,7 +12,8 @@ import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 __all__ = ["INTERPRETED", "next_pow2", "classify_key_tiles", "load_f32", "round_out", "bf16_bits_to_f32", "round_bf16_bits",
-           "register_triton_op", "num_kv_splits", "combine_splits_kernel"]
+           "register_triton_op", "num_kv_splits", "combine_splits_kernel",
+           "online_softmax_step"]
 
 
 @triton.jit
@@ -89,6 +90,32 @@ def classify_key_tiles(m0, m1, lo, hi, window, BLOCK_N: tl.constexpr):
     j_n = tl.minimum(tl.maximum((j_n + BLOCK_N - 1) // BLOCK_N, j_s), n_tiles)
     j_d = tl.minimum(tl.maximum(tl.maximum(m0 + 1 - lo, 0) // BLOCK_N, j_n), n_tiles)
     return n_tiles, j_s, j_n, j_d
+
+
+@triton.jit
+def online_softmax_step(acc, l_i, m_i, qk, vt, MASKED: tl.constexpr, BF16_BY_BITS: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
+    """One key tile of the online softmax shared by the attention kernels: logits ``qk``
+    [BM, BN] (float32, log2 units, masked entries -inf) and the tile's values ``vt``
+    [BN, BDV] update the running max ``m_i``, sum ``l_i`` and output ``acc``. With
+    ``MASKED`` a row may have no key yet (max -inf): 0 is subtracted instead, so exp2
+    gives 0, not NaN. ``p`` is rounded to v's dtype for the ``p @ v`` product, as
+    FlashAttention does. Returns ``(acc, l_i, m_i)``."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    if MASKED:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = tl.math.exp2(qk - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if BF16_BY_BITS:
+        vt = bf16_bits_to_f32(vt)
+        p_op = round_bf16_bits(p)
+    else:
+        p_op = p.to(vt.dtype)
+    acc = tl.dot(p_op, vt, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
 
 
 def register_triton_op(name: str, impl: Callable, fake: Callable, mutates_args: Tuple[str, ...] = ()):

@@ -1,10 +1,8 @@
-"""The ``flash`` backend of :func:`dpe_kernels.dpe_attention` (FlashAttention 2,
-CUDA): a ``window_size=(w-1, 0)`` pass with the normal q/k and a causal pass
-on the scaled keys cut ``w`` short, merged by log-sum-exp. Called after
-validation (:class:`dpe_kernels.attention.AttentionInfo`)."""
+"""The ``flash`` attention backend (FlashAttention 2, CUDA): a
+``window_size=(w-1, 0)`` pass with the normal q/k and a causal pass on the
+scaled keys cut ``w`` short, merged by log-sum-exp. It does not validate: its
+caller has (:class:`~dpe_kernels.backends.shapes.AttentionInfo`)."""
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import importlib.util
 import sys
@@ -13,9 +11,7 @@ import torch
 
 from ..merge import lse_from_flash_attn2, merge_partials
 from ..utils import host_ints
-
-if TYPE_CHECKING:  # (the dispatcher imports this module: no import back at run time)
-    from ..attention import AttentionInfo
+from .shapes import AttentionInfo
 
 __all__ = ["flash_attention", "available", "supports", "flash_module"]
 
@@ -66,8 +62,8 @@ def _flash_heads_loop(call, q, k, v):
     return out, lse
 
 
-def flash_attention(qn, qs, kn, ks, v, window, scale, key_padding_mask, cu_q, cu_k, info: "AttentionInfo"):
-    """``(out, lse)`` of DPE attention with FlashAttention 2 (validated by dpe_attention)."""
+def flash_attention(qn, qs, kn, ks, v, window, scale, key_padding_mask, cu_q, cu_k, info: AttentionInfo):
+    """``(out, lse)`` of DPE attention with FlashAttention 2 (inputs already validated)."""
     fa = flash_module()
     if not info.varlen:
         lengths = None

@@ -16,8 +16,8 @@ if "triton" not in available_attention_backends(DEVICE):
     pytest.skip("the triton attention backend does not run here (needs triton, and CUDA or "
                 "TRITON_INTERPRET=1)", allow_module_level=True)
 
-import dpe_kernels.backends.triton_attention as at  # noqa: E402
-from dpe_kernels.backends.triton_attention import attention_triton  # noqa: E402
+import dpe_kernels.backends.attention_triton as at  # noqa: E402
+from dpe_kernels.backends.attention_triton import attention_triton  # noqa: E402
 
 NEG_INF = float("-inf")
 # (H_q, H_k, heads of k_scaled): per-KV-head k_scaled (query heads packed
@@ -150,7 +150,7 @@ def test_split_kv_varlen_and_prefill():
 def test_split_kv_auto_and_bad_input():
     """None picks splits for a decode-sized grid (the interpreter's target is 4
     programs), and the merged result is the unsplit one; a bad count is refused."""
-    from dpe_kernels.backends.triton_utils import num_kv_splits
+    from dpe_kernels.backends.triton_common import num_kv_splits
 
     assert num_kv_splits(1, 200, torch.device(DEVICE)) > 1
     ins = make(1, 1, 200, GQA_PACKED, 16)
@@ -289,7 +289,7 @@ import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import dpe_kernels.backends.triton_attention as at
+import dpe_kernels.backends.attention_triton as at
 
 assert not at.INTERPRETED
 K = at._dpe_attn_fwd_kernel
