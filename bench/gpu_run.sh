@@ -55,7 +55,7 @@ stage_setup() {
 
 stage_tests() {
   log "test suite on $GPU"
-  local cmd="$PY -m pytest tests -q -n 8 -p no:cacheprovider --timeout 600 -rfEs"
+  local cmd="$PY -m pytest python_tests -q -n 8 -p no:cacheprovider --timeout 600 -rfEs"
   local t0=$SECONDS
   $cmd 2>&1 | tee /tmp/gpu_tests.log
   local rc=${PIPESTATUS[0]}

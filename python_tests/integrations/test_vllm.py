@@ -1,6 +1,6 @@
 """The vLLM plugin (dpe_kernels.integrations.vllm) against vLLM 0.32 on the CPU.
 
-Runs in the vLLM virtual environment (tests/integrations/run_vllm_tests.sh); skipped where vLLM
+Runs in the vLLM virtual environment (python_tests/integrations/run_vllm_tests.sh); skipped where vLLM
 is not installed. Every engine runs in its own process (vLLM spawns workers; one DPE
 configuration per process) through ``dpe_kernels.integrations.vllm.testing``; the Hugging Face
 reference (``apply_dpe``, float32) runs in the test process.

