@@ -8,6 +8,7 @@ reference error is ~0. Defined once, in dpe_kernels.tools.parity (``ATOL``,
 ``tolerance``), which `dpe parity` applies too; imported here.
 """
 import os
+import sys
 
 import pytest
 import torch
@@ -106,3 +107,35 @@ def assert_attention_close(out, lse, ins, window, **kw):
         base = (r.double() - o)[keep].abs().max().item()
         bound = tolerance(dtype, base)
         assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g} (reference error {base:.3g})"
+
+
+def make_attention_inputs(b, s_q, s_k, h_q, h_k, d, dtype=torch.float32, h_ks=None, dv=None, packed=False):
+    """(q_normal, q_scaled, k_normal, k_scaled, v): [B, S, H, D], or [T, H, D] when packed."""
+    h_ks = h_k if h_ks is None else h_ks
+    dv = d if dv is None else dv
+    lead_q, lead_k = ((s_q,), (s_k,)) if packed else ((b, s_q), (b, s_k))
+    return (torch.randn(*lead_q, h_q, d).to(dtype), torch.randn(*lead_q, h_q, d).to(dtype),
+            torch.randn(*lead_k, h_k, d).to(dtype), torch.randn(*lead_k, h_ks, d).to(dtype),
+            torch.randn(*lead_k, h_k, dv).to(dtype))
+
+
+def run_attention(ins, window, backend, **kw):
+    """dpe_attention(*ins, window, return_lse=True, backend=backend, **kw): (out, lse)."""
+    from dpe_kernels import dpe_attention
+
+    return dpe_attention(*ins, window, return_lse=True, backend=backend, **kw)
+
+
+@pytest.fixture
+def fake_flash(monkeypatch):
+    """The fake FA2 ``flash_attn`` (fakes/flash_attn.py) installed; returns its list of calls."""
+    import dpe_kernels.backends.attention_flash as flash_backend
+    from fakes.flash_attn import make_fake_flash_attn
+
+    calls = []
+    monkeypatch.setitem(sys.modules, "flash_attn", make_fake_flash_attn(calls))
+    # The test seam: the flash backend, normally CUDA-only, accepts CPU tensors here.
+    monkeypatch.setattr(flash_backend, "available",
+                        lambda device: torch.device(device).type in ("cuda", "cpu") and
+                        flash_backend.flash_module() is not None)
+    return calls

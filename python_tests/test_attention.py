@@ -1,145 +1,22 @@
 """dpe_attention (docs/method.md, "Attention"): the reference against a brute-force
 construction of the formula, every non-Triton backend against the float64
-oracle (tolerance rule of conftest), merge_attention, the lse adapters, and
-bad input. The flash backend runs against a fake ``flash_attn`` module that
-implements FlashAttention 2's semantics (bottom-right causal alignment,
-window_size, +inf lse for rows without keys)."""
+oracle (tolerance rule of conftest), dispatch and bad input. The flash backend
+runs against the fake ``flash_attn`` of fakes/flash_attn.py (conftest's
+``fake_flash`` fixture). Backend-specific tests: backends/test_attention_*.py;
+merge_attention and the lse adapters: test_merge.py."""
 import math
 import sys
-import types
 
 import pytest
 import torch
 
 import dpe_kernels
-import dpe_kernels.backends.attention_cpu as cpu_backend
-import dpe_kernels.backends.attention_flash as flash_backend
-from conftest import assert_attention_close
-from dpe_kernels import (
-    available_attention_backends,
-    dpe_attention,
-    lse_from_flash_attn2,
-    lse_from_flash_attn3,
-    lse_from_flashinfer,
-    merge_attention,
-)
+from conftest import assert_attention_close, make_attention_inputs as make, run_attention as run
+from dpe_kernels import available_attention_backends, dpe_attention
 from dpe_kernels.reference import attention_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NEG_INF = float("-inf")
-
-
-def make(b, s_q, s_k, h_q, h_k, d, dtype=torch.float32, h_ks=None, dv=None, packed=False):
-    """(q_normal, q_scaled, k_normal, k_scaled, v): [B, S, H, D], or [T, H, D] when packed."""
-    h_ks = h_k if h_ks is None else h_ks
-    dv = d if dv is None else dv
-    lead_q, lead_k = ((s_q,), (s_k,)) if packed else ((b, s_q), (b, s_k))
-    return (torch.randn(*lead_q, h_q, d).to(dtype), torch.randn(*lead_q, h_q, d).to(dtype),
-            torch.randn(*lead_k, h_k, d).to(dtype), torch.randn(*lead_k, h_ks, d).to(dtype),
-            torch.randn(*lead_k, h_k, dv).to(dtype))
-
-
-def run(ins, window, backend, **kw):
-    return dpe_attention(*ins, window, return_lse=True, backend=backend, **kw)
-
-
-# --------------------------------------------------------------------------- fake flash_attn (FA2)
-def _fa2_one(q, k, v, scale, causal, window_size):
-    """One sequence, FA2 semantics, float64: q [S_q, H_q, D], k/v [S_k, H_k, D]."""
-    s_q, s_k, h_q, h_k = q.shape[0], k.shape[0], q.shape[1], k.shape[1]
-    left, right = window_size
-    if causal:
-        right = 0
-    i = torch.arange(s_q)[:, None]
-    j = torch.arange(s_k)[None, :]
-    ok = torch.ones(s_q, s_k, dtype=torch.bool)
-    if right >= 0:
-        ok &= j <= i + s_k - s_q + right
-    if left >= 0:
-        ok &= j >= i + s_k - s_q - left
-    qd = q.double().transpose(0, 1)
-    kd = k.double().transpose(0, 1).repeat_interleave(h_q // h_k, 0)
-    vd = v.double().transpose(0, 1).repeat_interleave(h_q // h_k, 0)
-    logits = (qd @ kd.transpose(-1, -2) * scale).masked_fill(~ok, NEG_INF)
-    lse = torch.logsumexp(logits, -1)
-    p = torch.exp(logits - torch.where(lse == NEG_INF, 0.0, lse)[..., None])
-    out = (p @ vd).transpose(0, 1).to(q.dtype)
-    return out, torch.where(lse == NEG_INF, float("inf"), lse).float()  # FA2: empty row lse = +inf
-
-
-def _fa2_checks(q, k, v):
-    assert q.dtype in (torch.float16, torch.bfloat16), "FA2 runs fp16/bf16 only"
-    assert k.shape[-2] == v.shape[-2], "FA2 needs k and v with the same heads"
-    assert q.shape[-2] % k.shape[-2] == 0
-    assert q.shape[-1] == k.shape[-1] == v.shape[-1]
-    assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
-
-
-def make_fake_flash_attn(calls):
-    mod = types.ModuleType("flash_attn")
-
-    def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                        softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
-        _fa2_checks(q, k, v)
-        assert dropout_p == 0.0
-        calls.append(("func", causal, tuple(window_size)))
-        scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-        res = [_fa2_one(q[b], k[b], v[b], scale, causal, window_size) for b in range(q.shape[0])]
-        out = torch.stack([r[0] for r in res])
-        lse = torch.stack([r[1] for r in res]).reshape(q.shape[0], q.shape[2], q.shape[1])  # [B, H, S_q]
-        return (out, lse, None) if return_attn_probs else out
-
-    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                               dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                               softcap=0.0, alibi_slopes=None, deterministic=False,
-                               return_attn_probs=False, block_table=None):
-        _fa2_checks(q, k, v)
-        assert cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32
-        calls.append(("varlen", causal, tuple(window_size)))
-        scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-        assert max_seqlen_q == max(b - a for a, b in zip(cq, cq[1:]))
-        assert max_seqlen_k == max(b - a for a, b in zip(ck, ck[1:]))
-        out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype)
-        lse = torch.full((q.shape[1], q.shape[0]), float("inf"))  # [H, T_q]
-        for b in range(len(cq) - 1):
-            if cq[b + 1] == cq[b]:
-                continue
-            o, l = _fa2_one(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], scale, causal,
-                            window_size)
-            out[cq[b]:cq[b + 1]] = o
-            lse[:, cq[b]:cq[b + 1]] = l.reshape(q.shape[1], -1)
-        return (out, lse, None) if return_attn_probs else out
-
-    mod.flash_attn_func = flash_attn_func
-    mod.flash_attn_varlen_func = flash_attn_varlen_func
-    return mod
-
-
-@pytest.fixture
-def fake_flash(monkeypatch):
-    calls = []
-    monkeypatch.setitem(sys.modules, "flash_attn", make_fake_flash_attn(calls))
-    # The test seam: the flash backend, normally CUDA-only, accepts CPU tensors here.
-    monkeypatch.setattr(flash_backend, "available",
-                        lambda device: torch.device(device).type in ("cuda", "cpu") and
-                        flash_backend.flash_module() is not None)
-    return calls
-
-
-def test_fake_flash_attn_is_fa2():
-    """The double itself: bottom-right causal, window_size, +inf for empty rows."""
-    fa = make_fake_flash_attn([])
-    q = torch.randn(1, 2, 1, 4, dtype=torch.bfloat16)
-    k = torch.randn(1, 5, 1, 4, dtype=torch.bfloat16)
-    o, lse, _ = fa.flash_attn_func(q, k, k, causal=True, return_attn_probs=True)
-    s = (q[0, :, 0].double() @ k[0, :, 0].double().T) / 2  # [2 queries, 5 keys], scale 1/sqrt(4)
-    want = torch.stack([torch.logsumexp(s[0, :4], -1), torch.logsumexp(s[1, :5], -1)]).float()
-    assert torch.allclose(lse[0, 0], want)  # query j sits at position 5 - 2 + j
-    o, lse, _ = fa.flash_attn_func(q, k[:, :1], k[:, :1], causal=True, return_attn_probs=True)
-    assert lse[0, 0, 0] == float("inf") and (o[0, 0] == 0).all()  # query 0 sits before key 0
-    o, lse, _ = fa.flash_attn_func(q, k, k, causal=True, window_size=(1, 0), return_attn_probs=True)
-    assert torch.allclose(lse[0, 0, 1], torch.logsumexp(s[1, 3:5], -1).float())
 
 
 # --------------------------------------------------------------------------- reference vs brute force
@@ -221,41 +98,6 @@ def test_prefill(backend, heads, s, window):
         ins = make(2, s, s, h_q, h_k, 16, dtype, h_ks=h_ks)
         out, lse = run(ins, window, backend)
         assert_attention_close(out, lse, ins, window)
-
-
-@pytest.mark.parametrize("rows", [8, 48, 256])
-@pytest.mark.parametrize("heads", HEADS, ids=lambda h: "x".join(map(str, h)))
-def test_cpu_blocks(monkeypatch, rows, heads):
-    """Long prefill (S >> w) through many window blocks, block size not dividing S."""
-    monkeypatch.setattr(cpu_backend, "CPU_WINDOW_ROWS", rows)
-    h_q, h_k, h_ks = heads
-    for dtype in DTYPES:
-        ins = make(2, 301, 301, h_q, h_k, 16, dtype, h_ks=h_ks)
-        out, lse = run(ins, 37, "cpu")
-        assert_attention_close(out, lse, ins, 37)
-
-
-@pytest.mark.parametrize("s_q", [120, 50, 2])
-def test_cpu_blocks_padded_and_varlen(monkeypatch, s_q):
-    """Many window blocks inside padded rows and packed sequences (block views at storage offsets)."""
-    monkeypatch.setattr(cpu_backend, "CPU_WINDOW_ROWS", 16)
-    s_k, window, lengths = 120, 9, [120, 77, 5]
-    ins = make(len(lengths), s_q, s_k, 4, 2, 16, h_ks=4)
-    kpm = torch.zeros(len(lengths), s_k, dtype=torch.bool)
-    for b, n in enumerate(lengths):
-        kpm[b, s_k - n:] = True
-    out, lse = run(ins, window, "cpu", key_padding_mask=kpm)
-    assert_attention_close(out, lse, ins, window, key_padding_mask=kpm)
-    # the same sequences packed
-    qsel = [(b, j) for b, n in enumerate(lengths) for j in range(s_q - min(s_q, n), s_q)]
-    ksel = [(b, j) for b, n in enumerate(lengths) for j in range(s_k - n, s_k)]
-    packed = tuple(t[[b for b, _ in sel], [j for _, j in sel]]
-                   for t, sel in zip(ins, (qsel, qsel, ksel, ksel, ksel)))
-    cu_q = torch.tensor([0] + list(torch.tensor([min(s_q, n) for n in lengths]).cumsum(0)))
-    cu_k = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)))
-    o_p, l_p = run(packed, window, "cpu", cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
-    assert_attention_close(o_p, l_p, packed, window, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
-    assert torch.allclose(o_p, out[[b for b, _ in qsel], [j for _, j in qsel]], atol=1e-5)
 
 
 def test_value_head_dim_differs():
@@ -404,155 +246,6 @@ def test_empty_inputs():
             assert out.shape == (*ins[0].shape[:-1], 8) and lse.shape == ins[0].shape[:-1]
 
 
-# --------------------------------------------------------------------------- cpu backend structure
-def test_cpu_backend_memory_is_linear(monkeypatch):
-    """No S x S mask or score matrix and no copied K/V: every call of the aten
-    op gets at most a (rows x (rows + w - 1)) band mask, and K/V that are views
-    of the caller's k_normal / k_scaled / v storage with H_k heads."""
-    seen = []
-    real = cpu_backend._CPU_OP
-
-    def spy(q, k, v, dropout_p, causal, attn_mask=None, scale=None):
-        seen.append((tuple(q.shape), k, v, None if attn_mask is None else tuple(attn_mask.shape)))
-        return real(q, k, v, dropout_p, causal, attn_mask=attn_mask, scale=scale)
-
-    monkeypatch.setattr(cpu_backend, "_CPU_OP", spy)
-    s, w = 700, 64
-    ins = make(1, s, s, 8, 2, 16)
-    out, lse = run(ins, w, "cpu")
-    storages = {t.untyped_storage().data_ptr() for t in ins[2:]}
-    rows = cpu_backend.CPU_WINDOW_ROWS
-    for q_shape, k, v, mask_shape in seen:
-        assert k.shape[1] == 2 and v.shape[1] == 2, "KV heads were repeated"
-        assert k.untyped_storage().data_ptr() in storages and v.untyped_storage().data_ptr() in storages
-        if mask_shape is not None:
-            assert mask_shape[0] <= rows and mask_shape[1] <= rows + w - 1, mask_shape
-    assert any(m is None and q[2] == s - w for q, _, _, m in seen), "the scaled pass is one causal call"
-    assert len(seen) <= 4, "the window pass is a few calls, not one per block"
-    assert_attention_close(out, lse, ins, w)
-
-
-# --------------------------------------------------------------------------- merge_attention
-def _softmax_part(logits, v):
-    lse = torch.logsumexp(logits, -1)
-    p = torch.exp(logits - torch.where(lse == NEG_INF, 0.0, lse)[..., None])
-    return (p[..., None] * v).sum(-2), lse
-
-
-def test_merge_equals_single_softmax():
-    """Split the keys of one softmax into disjoint parts: merging the parts in
-    any order gives the single softmax."""
-    logits = torch.randn(5, 3, 40, dtype=torch.float64) * 3
-    v = torch.randn(5, 3, 40, 8, dtype=torch.float64)
-    ref_o, ref_l = _softmax_part(logits, v)
-    cuts = [(0, 7), (7, 30), (30, 40)]
-    parts = [_softmax_part(logits[..., a:b], v[..., a:b, :]) for a, b in cuts]
-    parts = [(o.float(), l.float()) for o, l in parts]
-    ab = merge_attention(*parts[0], *parts[1])
-    o1, l1 = merge_attention(*ab, *parts[2])
-    bc = merge_attention(*parts[1], *parts[2])
-    o2, l2 = merge_attention(*parts[0], *bc)
-    for o, l in ((o1, l1), (o2, l2)):
-        assert l.dtype == torch.float32 and o.dtype == torch.float32
-        assert torch.allclose(o.double(), ref_o, atol=1e-5)
-        assert torch.allclose(l.double(), ref_l, atol=1e-5)
-
-
-def test_merge_empty_rows():
-    o_a = torch.randn(4, 2, 8, dtype=torch.bfloat16)
-    l_a = torch.randn(4, 2)
-    o_b = torch.randn(4, 2, 8, dtype=torch.bfloat16)
-    l_b = torch.randn(4, 2)
-    l_b[0] = NEG_INF  # row 0: b empty
-    o_b[0] = 0
-    l_a[1] = NEG_INF  # row 1: a empty
-    o_a[1] = 0
-    l_a[2] = NEG_INF  # row 2: both empty
-    l_b[2] = NEG_INF
-    o_a[2] = 0
-    o_b[2] = 0
-    o, l = merge_attention(o_a, l_a, o_b, l_b)
-    assert o.dtype == torch.bfloat16 and l.dtype == torch.float32
-    assert not o.isnan().any() and not l.isnan().any()
-    assert torch.equal(o[0], o_a[0]) and torch.equal(l[0], l_a[0])  # exactly the other pass
-    assert torch.equal(o[1], o_b[1]) and torch.equal(l[1], l_b[1])
-    assert (o[2] == 0).all() and (l[2] == NEG_INF).all()
-    # both parts at very different scales: still finite, weights sum to one
-    o, l = merge_attention(o_a[3:], torch.full((1, 2), 500.0), o_b[3:], torch.full((1, 2), -500.0))
-    assert torch.equal(o, o_a[3:]) and torch.allclose(l, torch.full((1, 2), 500.0))
-
-
-def test_merge_bad_input():
-    o, l = torch.randn(3, 2, 4), torch.randn(3, 2)
-    with pytest.raises(ValueError, match="out_b"):
-        merge_attention(o, l, o[:2], l)
-    with pytest.raises(ValueError, match="lse_a"):
-        merge_attention(o, l[:, :1], o, l)
-    with pytest.raises(TypeError, match="lse_b"):
-        merge_attention(o, l, o, l.long())
-    with pytest.raises(TypeError, match="out_a"):
-        merge_attention(None, l, o, l)
-
-
-# --------------------------------------------------------------------------- lse adapters
-def test_lse_from_flash_attn2():
-    lse = torch.randn(2, 3, 5)  # [B, H, S]
-    lse[0, 1, 2] = float("inf")  # FA2: row without keys
-    got = lse_from_flash_attn2(lse)
-    assert got.shape == (2, 5, 3) and got.dtype == torch.float32 and got.is_contiguous()
-    assert got[0, 2, 1] == NEG_INF
-    fin = torch.ones_like(got, dtype=torch.bool)
-    fin[0, 2, 1] = False
-    assert torch.equal(got[fin], lse.transpose(1, 2)[fin])
-    varlen = torch.randn(4, 7)  # [H, T]
-    assert torch.equal(lse_from_flash_attn2(varlen), varlen.T)
-    assert lse[0, 1, 2] == float("inf"), "the input was modified"
-
-
-def test_lse_from_flash_attn3():
-    lse = torch.randn(2, 3, 5)
-    lse[1, 0, 4] = NEG_INF  # FA3: row without keys
-    got = lse_from_flash_attn3(lse)
-    assert got.shape == (2, 5, 3) and torch.equal(got, lse.transpose(1, 2))
-    assert got[1, 4, 0] == NEG_INF
-
-
-def test_lse_from_flashinfer():
-    nat = torch.randn(6, 4)  # [T, H], natural log
-    nat[2, 1] = NEG_INF
-    base2 = nat / math.log(2.0)
-    got = lse_from_flashinfer(base2)
-    assert got.shape == (6, 4) and got.dtype == torch.float32
-    assert got[2, 1] == NEG_INF
-    assert torch.allclose(got, nat, atol=1e-6)
-    assert torch.allclose(lse_from_flashinfer(base2.half()), nat, atol=1e-2)
-
-
-def test_adapters_feed_merge():
-    """Two FA2-convention partial results (one with an empty row), converted and merged."""
-    logits = torch.randn(1, 2, 3, 10, dtype=torch.float64)  # [B, H, S, keys]
-    v = torch.randn(1, 2, 3, 10, 4, dtype=torch.float64)
-    logits[0, :, 0, :6] = NEG_INF  # query 0 has no key in the first part
-    ref_o, ref_l = _softmax_part(logits, v)
-    (o1, l1), (o2, l2) = _softmax_part(logits[..., :6], v[..., :6, :]), _softmax_part(logits[..., 6:], v[..., 6:, :])
-    fa2 = lambda l: torch.where(l == NEG_INF, float("inf"), l).float()  # noqa: E731
-    o, l = merge_attention(o1.transpose(1, 2).float(), lse_from_flash_attn2(fa2(l1)),
-                           o2.transpose(1, 2).float(), lse_from_flash_attn2(fa2(l2)))
-    assert torch.allclose(o.double(), ref_o.transpose(1, 2), atol=1e-5)
-    assert torch.allclose(l.double(), ref_l.transpose(1, 2), atol=1e-5)
-
-
-def test_adapters_bad_input():
-    for f in (lse_from_flash_attn2, lse_from_flash_attn3, lse_from_flashinfer):
-        with pytest.raises(TypeError, match="lse"):
-            f([1.0])
-        with pytest.raises(TypeError, match="lse"):
-            f(torch.zeros(2, 3, dtype=torch.int64))
-    for f in (lse_from_flash_attn2, lse_from_flash_attn3):
-        with pytest.raises(ValueError, match="lse"):
-            f(torch.zeros(3))
-
-
 # --------------------------------------------------------------------------- backends and dispatch
 def test_available_backends_cpu():
     avail = available_attention_backends("cpu")
@@ -576,45 +269,6 @@ def test_return_lse_flag_and_exports():
     for name in ("dpe_attention", "merge_attention", "lse_from_flash_attn2", "lse_from_flash_attn3",
                  "lse_from_flashinfer", "available_attention_backends"):
         assert name in dpe_kernels.__all__ and hasattr(dpe_kernels, name)
-
-
-def test_flash_backend_orchestration(fake_flash):
-    """The flash backend makes a window_size=(w-1, 0) pass and a plain causal pass."""
-    ins = make(1, 30, 30, 4, 2, 16, torch.bfloat16)
-    run(ins, 8, "flash")
-    assert ("func", True, (7, 0)) in fake_flash and ("func", True, (-1, -1)) in fake_flash
-    fake_flash.clear()
-    run(make(1, 5, 5, 4, 2, 16, torch.bfloat16), 8, "flash")  # S <= w: one pass
-    assert fake_flash == [("func", True, (7, 0))]
-
-
-def test_flash_backend_rejects(fake_flash):
-    with pytest.raises(ValueError, match="backend='flash'"):
-        run(make(1, 5, 5, 2, 2, 16, torch.float32), 3, "flash")
-    with pytest.raises(ValueError, match="backend='flash'"):
-        run(make(1, 5, 5, 2, 2, 16, torch.bfloat16, dv=8), 3, "flash")
-
-
-def test_triton_dispatch(monkeypatch):
-    """backend='triton' validates, then hands everything to attention_triton."""
-    if "triton" not in available_attention_backends("cpu"):
-        pytest.skip("triton backend not available here (needs triton, TRITON_INTERPRET=1 and "
-                    "dpe_kernels.backends.attention_triton)")
-    import dpe_kernels.backends.attention_triton as at
-
-    got = {}
-
-    def stub(*args, **kw):
-        got["args"], got["kw"] = args, kw
-        return "result"
-
-    monkeypatch.setattr(at, "attention_triton", stub)
-    ins = make(1, 6, 6, 4, 2, 8)
-    assert dpe_attention(*ins, 3, return_lse=True, backend="triton") == "result"
-    assert got["args"][5] == 3 and got["args"][6] == pytest.approx(8 ** -0.5)
-    assert got["kw"]["return_lse"] is True and got["kw"]["key_padding_mask"] is None
-    with pytest.raises(ValueError, match="window"):
-        dpe_attention(*ins, 0, backend="triton")
 
 
 # --------------------------------------------------------------------------- bad input

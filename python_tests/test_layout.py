@@ -4,10 +4,8 @@ import ast
 from pathlib import Path
 
 import pytest
-import torch
 
 import dpe_kernels
-from dpe_kernels import DPEConfig, dpe_rope
 
 PKG = Path(dpe_kernels.__file__).resolve().parent
 
@@ -42,62 +40,6 @@ def test_public_names():
     for name in ("DPEKVCache", "rope_reference", "attention_reference", "decode_rerotate_reference",
                  "ATTENTION_BACKENDS", "dpe_attention_step"):
         assert name in dpe_kernels.__all__ and getattr(dpe_kernels, name) is not None
-
-
-# --------------------------------------------------------------------------- presets in the core
-def test_from_preset_every_kind():
-    inv = 1.0 / (100000.0 ** (torch.arange(32, dtype=torch.float32) / 32))
-    auto = DPEConfig.from_preset("auto", inv_freq=inv, train_length=8192, target_length=32768)
-    assert list(auto.scales) == [2, 2, 2, 4, 4, 8, 8, 8] and auto.window == 1024
-    uni = DPEConfig.from_preset("uniform", num_pairs=32, train_length=8192, target_length=16384)
-    assert list(uni.scales) == [4] * 8
-    paper = DPEConfig.from_preset("llama3-8b", num_pairs=64)
-    assert list(paper.scales) == [4, 4, 2, 16, 32, 32, 16, 128] and paper.group_boundaries[1] == 8
-    cal = DPEConfig.from_preset("smollm2-135m", inv_freq=inv)
-    assert cal.mask is not None and cal.num_pairs == 32
-
-
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(name="nope", num_pairs=32), "unknown DPE preset 'nope'"),
-    (dict(name="auto", num_pairs=32, train_length=8192, target_length=16384), "needs inv_freq"),
-    (dict(name="auto", inv_freq=torch.ones(32), target_length=16384), "train_length"),
-    (dict(name="uniform", num_pairs=32, train_length=8192, target_length=0), "target_length"),
-    (dict(name="llama3-8b"), "num_pairs or inv_freq"),
-    (dict(name="smollm2-135m", num_pairs=64), "covers 32 pairs"),
-])
-def test_from_preset_bad_input(kwargs, match):
-    name = kwargs.pop("name")
-    with pytest.raises(ValueError, match=match):
-        DPEConfig.from_preset(name, **kwargs)
-
-
-# --------------------------------------------------------------------------- position limits
-def _rope_args(positions):
-    q = torch.randn(len(positions), 2, 8)
-    k = torch.randn(len(positions), 1, 8)
-    inv = 1.0 / (10000.0 ** (torch.arange(4, dtype=torch.float32) / 4))
-    return q, k, torch.tensor(positions, dtype=torch.int64), inv, DPEConfig.uniform(4, [2, 2], 4)
-
-
-def test_positions_at_2_pow_24_are_refused_by_default():
-    q, k, pos, inv, cfg = _rope_args([0, (1 << 24) - 1])
-    dpe_rope(q, k, pos, inv, cfg)  # the last exact position is fine
-    q, k, pos, inv, cfg = _rope_args([0, 1 << 24])
-    with pytest.raises(ValueError, match=r"2\^24"):
-        dpe_rope(q, k, pos, inv, cfg)
-    # check_inputs=False rotates them, rounded as float32(position) (HF's angle)
-    q, k, pos, inv, cfg = _rope_args([1 << 24, (1 << 24) + 1])
-    out = dpe_rope(q[:1].expand(2, -1, -1).contiguous(), k[:1].expand(2, -1, -1).contiguous(), pos, inv, cfg,
-                   check_inputs=False, backend="reference")
-    assert torch.equal(out.q_normal[0], out.q_normal[1])  # 2^24 + 1 rounds to 2^24 in float32
-
-
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_inv_freq_is_refused(bad):
-    q, k, pos, inv, cfg = _rope_args([0, 1, 2])
-    inv[1] = bad
-    with pytest.raises(ValueError, match="inv_freq must be finite"):
-        dpe_rope(q, k, pos, inv, cfg)
 
 
 # --------------------------------------------------------------------------- import graph

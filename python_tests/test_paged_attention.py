@@ -1,5 +1,4 @@
-"""dpe_paged_attention (dpe_kernels/paged_attention.py) and its backends
-(dpe_kernels/backends/paged_cpu.py, dpe_kernels/backends/paged_triton.py)
+"""dpe_paged_attention (dpe_kernels/paged_attention.py) with every backend that runs here
 against the float64 oracle: the reference backend on float64 copies, which
 gathers every sequence's pages and runs dpe_attention's reference.
 
@@ -13,6 +12,9 @@ the context, q_len 0 / 1 / many in one batch, GQA with scaled keys per KV
 head and per query head, caches as views into one engine buffer (head-major
 as vLLM's CPU cache, token-major, padded). Without a GPU the Triton kernel
 runs under TRITON_INTERPRET=1 with 16 x 16 tiles: sizes stay tiny.
+
+Backend-specific tests (the cpu decode paths and its compiled kernel, Triton's split-KV and
+its compilation for GPUs): backends/test_paged_cpu.py, backends/test_paged_triton.py.
 """
 import contextlib
 import itertools
@@ -171,47 +173,6 @@ def test_decode_gqa_and_engine_layouts(backend, h_ks, layout):
     check(backend, make_case(DECODE_LENS, [1] * 5, h_ks=h_ks, layout=layout, bs=16, shared=2), 20)
 
 
-@pytest.mark.skipif(DEVICE != "cpu", reason="cpu backend")
-@pytest.mark.parametrize("backend", ["cpu", "cpu_chunked"])
-@pytest.mark.parametrize("bs", [64, 128])
-@pytest.mark.parametrize("layout", ["head_major", "token_major"])
-def test_cpu_decode_big_blocks(backend, bs, layout):
-    """Block sizes of vLLM's CPU cache (a head-major cache with blocks >= 64
-    is gathered head-major, one block per op entry), context over many chunks."""
-    import dpe_kernels.backends.paged_cpu as pc
-
-    lens = [3000, 130, 129, 1]
-    args = make_case(lens, [1] * 4, bs=bs, layout=layout, h_q=4, h_k=2, d=16)
-    assert pc.head_major(args[2]) == (layout == "head_major")
-    check(backend, args, 100)
-
-
-@pytest.mark.skipif(DEVICE != "cpu", reason="cpu backend")
-def test_cpu_decode_small_chunks(monkeypatch):
-    """Several gather chunks per pass, items of several blocks."""
-    import dpe_kernels.backends.paged_cpu as pc
-
-    monkeypatch.setattr(pc, "CHUNK_KEYS", 64)
-    monkeypatch.setattr(pc, "ITEM_KEYS", 32)
-    check("cpu_chunked", make_case([300, 77, 5], [1, 1, 1], bs=8, shared=3), 30)
-    check("cpu_chunked", make_case([300, 77, 5], [1, 1, 1], bs=8, h_ks=6, layout="token_major"), 30)
-
-
-@pytest.mark.skipif(DEVICE != "cpu", reason="cpu backend")
-def test_cpu_decode_position_beyond_2_20():
-    """A decode query past position 2^20 (the blocks repeat a few physical
-    ones, as shared prefix blocks do): window and scaled passes at 1M keys."""
-    bs, n = 1024, (1 << 20) + 37
-    nl = -(-n // bs)
-    kc, ksc, vc = (torch.randn(6, bs, 1, 16) for _ in range(3))
-    bt = torch.randint(0, 6, (1, nl), dtype=torch.int32)
-    qn, qs = torch.randn(1, 2, 16), torch.randn(1, 2, 16)
-    args = (qn, qs, kc, ksc, vc, bt, torch.tensor([n], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32))
-    for window in (1000, 5000):
-        check("cpu", args, window)
-        check("cpu_chunked", args, window)
-
-
 # --------------------------------------------------------------------------- prefill / mixed
 MIXED = [  # (seq_lens, q_lens): decode, skipped, chunked prefill, full prefill, spec-decode-like
     ([37, 5, 60, 1, 45], [1, 0, 20, 1, 45]),
@@ -291,31 +252,6 @@ def test_empty_batch_and_no_queries():
         with backend_context(backend) as name:
             out, lse = dpe_paged_attention(*args, 4, return_lse=True, backend=name)
         assert out.shape == (0, 6, 16) and lse.shape == (0, 6)
-
-
-# --------------------------------------------------------------------------- triton specifics
-@needs_triton
-@pytest.mark.parametrize("num_splits", [1, 2, 5])
-@pytest.mark.parametrize("bs", [16, 32, 8], ids=lambda b: f"bs{b}")
-def test_triton_split_kv(num_splits, bs):
-    """Split-KV decode (partials merged by lse) equals one program per query
-    tile, for pages holding whole tiles (TILE_IN_PAGE) or not (bs 8 < BLOCK_N)."""
-    from dpe_kernels.backends.paged_triton import paged_attention_triton
-
-    args = make_case([100, 37, 5], [1, 3, 1], bs=bs, shared=2)
-    t_q, h_q = args[0].shape[:2]
-    out = torch.empty(t_q, h_q, 16, device=DEVICE)
-    lse = torch.empty(t_q, h_q, device=DEVICE)
-    paged_attention_triton(*args, 30, 0.25, 3, 100, out, lse, True, num_splits=num_splits)
-    assert_paged_close(out, lse, args, 30, softmax_scale=0.25)
-
-
-@needs_triton
-def test_triton_default_splits_decode():
-    from dpe_kernels.backends.triton_common import num_kv_splits
-
-    assert num_kv_splits(1, 200, torch.device(DEVICE)) > 1   # one program, a long context: split
-    assert num_kv_splits(1000, 200, torch.device(DEVICE)) == 1  # the grid is already full
 
 
 # --------------------------------------------------------------------------- check_inputs=False
@@ -451,136 +387,3 @@ def test_default_scale_is_inverse_sqrt_head_dim():
     torch.testing.assert_close(dpe_paged_attention(*args, 9, backend="cpu"),
                                dpe_paged_attention(*args, 9, softmax_scale=1 / math.sqrt(16), backend="cpu"),
                                rtol=0, atol=0)
-
-
-# --------------------------------------------------------------------------- compiled path
-_COMPILE_SCRIPT = r'''
-import json, sys
-import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import dpe_kernels.backends.paged_triton as tp
-import dpe_kernels.backends.triton_common as tu
-from dpe_kernels.backends.triton_common import INTERPRETED
-
-assert not INTERPRETED
-
-
-def compile_one(kernel, const, arch, ptr_types, warps, stages):
-    names = kernel.arg_names
-    sig, attrs = {}, {}
-    for i, n in enumerate(names):
-        if n in const:
-            sig[n] = "constexpr"
-        elif n.endswith("_ptr"):
-            sig[n] = ptr_types(n)
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            sig[n] = "fp32" if n == "qk_scale" else "i32"
-    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
-                    attrs=attrs)
-    c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
-    return "cubin" in c.asm
-
-
-res = []
-for arch, dt, d, dv, rows, group, page, split in json.loads(sys.argv[1]):
-    tdt = getattr(torch, dt)
-    bd, bdv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
-    bm, bn, warps, stages = tp._block_config(tdt, max(bd, bdv), rows)
-    elem = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dt]
-    idx = {"bt_ptr": "*i32", "seq_lens_ptr": "*i32", "qsl_ptr": "*i32"}
-    f32 = ("lse_ptr", "po_ptr", "pl_ptr")
-    ptr = lambda n: idx.get(n, "*fp32" if n in f32 else "*" + elem)
-    const = dict(G=group, HEAD_DIM=d, HEAD_DIM_V=dv, PAGE_SIZE=page, TILE_IN_PAGE=page % bn == 0, SPLIT=split,
-                 RETURN_LSE=True, BF16_BY_BITS=False, DOT_PRECISION="ieee" if dt == "float32" else "tf32",
-                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv)
-    ok = compile_one(tp._paged_fwd_kernel, const, arch, ptr, warps, stages)
-    if split:
-        cptr = lambda n: "*fp32" if n in ("po_ptr", "pl_ptr", "lse_ptr") else "*" + elem
-        ok = ok and compile_one(tu.combine_splits_kernel, dict(HEAD_DIM_V=dv, RETURN_LSE=True, BF16_BY_BITS=False,
-                                                               BLOCK_S=16, BLOCK_DV=bdv), arch, cptr, 4, 1)
-    res.append([arch, dt, page, split, ok])
-print(json.dumps(res))
-'''
-
-
-def test_triton_kernels_compile_for_gpu():
-    """The interpreter accepts code compiled Triton rejects: compile the paged
-    kernel (pages holding whole tiles or not, split or not) and the combine
-    kernel for sm_90 / sm_80 in a fresh process without TRITON_INTERPRET (no
-    GPU needed: ptxas ships with Triton)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except Exception as e:  # pragma: no cover - triton without its NVIDIA backend
-        pytest.skip(f"triton's NVIDIA backend is not available: {e}")
-    cases = [
-        # arch, dtype, D, Dv, rows (max_seqlen_q * G), G, page size, split
-        [90, "bfloat16", 64, 64, 3, 3, 16, True],      # decode, pack GQA, pages of 16 < BLOCK_N
-        [90, "bfloat16", 64, 64, 3, 3, 128, True],     # decode, pages of whole tiles
-        [90, "bfloat16", 128, 128, 4096, 4, 128, False],  # prefill, pages of several tiles
-        [80, "float16", 80, 64, 1, 1, 8, True],       # odd head dims, per query head
-        [90, "float32", 64, 64, 9, 9, 32, True],      # IEEE fp32 dot
-    ]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(cases)], capture_output=True,
-                       text=True, env=env, timeout=900)
-    assert r.returncode == 0, r.stderr[-4000:]
-    for arch, dt, page, split, ok in json.loads(r.stdout.strip().splitlines()[-1]):
-        assert ok, (arch, dt, page, split)
-
-
-# --------------------------------------------------------------------------- the compiled cpu decode kernel
-needs_decode_kernel = pytest.mark.skipif(
-    DEVICE != "cpu" or not __import__("dpe_kernels").ops.has_kernel("paged_decode", "CPU"),
-    reason="the compiled CPU paged_decode kernel (the extension) is not loaded")
-
-
-@needs_decode_kernel
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("d", [64, 128, 40], ids=lambda d: f"D{d}")  # 64 / 128: the compiled-size bodies
-@pytest.mark.parametrize("h_ks", [2, 6], ids=["ks_per_kv_head", "ks_per_q_head"])
-def test_compiled_decode_equals_the_fallback(dtype, d, h_ks):
-    """The compiled kernel and the chunked fallback on one long case (many key
-    splits, both passes, chunks crossing blocks of 48 keys): both within the
-    oracle's bound (above) and close to each other."""
-    args = make_case([2100, 700, 1], [1, 1, 1], bs=48, h_ks=h_ks, d=d, layout="head_major", dtype=dtype)
-    a = check("cpu", args, 300)
-    b = check("cpu_chunked", args, 300)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16 / fp16: each rounds its output once
-    torch.testing.assert_close(a[0].float(), b[0].float(), rtol=tol, atol=tol)
-    torch.testing.assert_close(a[1], b[1], rtol=tol, atol=tol)
-
-
-@needs_decode_kernel
-def test_compiled_decode_refuses_unreadable_metadata():
-    """With check_inputs=False nothing is validated in Python; the kernel still
-    never reads outside the cache: a block id past the cache, or a sequence
-    longer than its block-table row, is a ValueError naming block_table."""
-    qn, qs, kc, ksc, vc, bt, sl, qsl = make_case([40, 20], [1, 1], bs=8)
-    op = torch.ops.dpe_kernels.paged_decode
-    good = op(qn, qs, kc, ksc, vc, bt, sl, 9, 0.25, 40)
-    assert good[0].shape == (2, 6, 16) and good[1].shape == (2, 6)
-    bad_bt = bt.clone()
-    bad_bt[0, 1] = kc.shape[0] + 7
-    with pytest.raises(ValueError, match="block_table"):
-        op(qn, qs, kc, ksc, vc, bad_bt, sl, 9, 0.25, 40)
-    with pytest.raises(ValueError, match="block_table"):  # 8 * max_blocks keys at most
-        op(qn, qs, kc, ksc, vc, bt, torch.tensor([8 * bt.shape[1] + 1, 20], dtype=torch.int32), 9, 0.25, 10 ** 4)
-    with pytest.raises(ValueError, match="max_seqlen_k"):
-        op(qn, qs, kc, ksc, vc, bt, sl, 9, 0.25, 39)
-    with pytest.raises(TypeError, match="seq_lens"):
-        op(qn, qs, kc, ksc, vc, bt, sl.long(), 9, 0.25, 40)
-    with pytest.raises(TypeError, match="k_cache"):
-        op(qn, qs, kc.double(), ksc, vc, bt, sl, 9, 0.25, 40)
-    with pytest.raises(ValueError, match="window"):
-        op(qn, qs, kc, ksc, vc, bt, sl, 0, 0.25, 40)
-    with pytest.raises(ValueError, match="ks_cache"):
-        op(qn, qs, kc, ksc[:, :4], vc, bt, sl, 9, 0.25, 40)

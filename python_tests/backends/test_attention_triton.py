@@ -1,4 +1,4 @@
-"""The fused Triton DPE attention kernel (dpe_kernels/attention_triton.py)
+"""The fused Triton DPE attention kernel (dpe_kernels/backends/attention_triton.py)
 against the float64 oracle, with the tolerance rule of conftest.
 
 Without a GPU the kernel runs under TRITON_INTERPRET=1 (set by conftest) with
@@ -9,7 +9,7 @@ diagonal. Sizes are kept tiny: the interpreter is slow.
 import pytest
 import torch
 
-from conftest import DEVICE, assert_attention_close
+from conftest import DEVICE, assert_attention_close, make_attention_inputs
 from dpe_kernels.attention import available_attention_backends, dpe_attention
 
 if "triton" not in available_attention_backends(DEVICE):
@@ -357,3 +357,23 @@ def test_compiles_for_gpu():
     for arch, dt, shared, est, has_cubin in json.loads(r.stdout.strip().splitlines()[-1]):
         assert has_cubin, (arch, dt)
         assert shared <= est, f"sm_{arch} {dt}: shared memory {shared} > estimate {est}"
+
+
+def test_triton_dispatch(monkeypatch):
+    """backend='triton' validates, then hands everything to attention_triton."""
+    if "triton" not in available_attention_backends("cpu"):
+        pytest.skip("triton backend not available here (needs triton, TRITON_INTERPRET=1 and "
+                    "dpe_kernels.backends.attention_triton)")
+    got = {}
+
+    def stub(*args, **kw):
+        got["args"], got["kw"] = args, kw
+        return "result"
+
+    monkeypatch.setattr(at, "attention_triton", stub)
+    ins = make_attention_inputs(1, 6, 6, 4, 2, 8)
+    assert dpe_attention(*ins, 3, return_lse=True, backend="triton") == "result"
+    assert got["args"][5] == 3 and got["args"][6] == pytest.approx(8 ** -0.5)
+    assert got["kw"]["return_lse"] is True and got["kw"]["key_padding_mask"] is None
+    with pytest.raises(ValueError, match="window"):
+        dpe_attention(*ins, 0, backend="triton")

