@@ -14,6 +14,7 @@ pytest.importorskip("transformers")
 
 from dpe_kernels import DPEConfig  # noqa: E402
 from dpe_kernels.tools import cli  # noqa: E402
+from dpe_kernels.tools.cli import commands  # noqa: E402
 from dpe_kernels.tools import models  # noqa: E402
 from dpe_kernels.tools.eval import runner as R  # noqa: E402
 
@@ -244,13 +245,13 @@ def test_demo_default_preset_falls_back_to_auto_past_its_length(monkeypatch, cap
     from dpe_kernels.config import DPEConfig as C
 
     args = cli.build_parser().parse_args(["demo", "--length", "32768", "--methods", "dpe"])
-    assert cli._demo_preset(args) == "auto"
+    assert commands._demo_preset(args) == "auto"
     assert "calibrated for 16384 tokens" in capsys.readouterr().out
     args = cli.build_parser().parse_args(["demo", "--length", "16384"])
-    assert cli._demo_preset(args) == cli.demo_preset() in cli.DEMO_PRESETS
-    assert C.from_preset(cli.demo_preset()).calibrated_length == 16384
+    assert commands._demo_preset(args) == commands.demo_preset() in commands.DEMO_PRESETS
+    assert C.from_preset(commands.demo_preset()).calibrated_length == 16384
     args = cli.build_parser().parse_args(["demo", "--length", "16384", "--model", "tiny-random-llama"])
-    assert cli._demo_preset(args) == "auto"  # the SmolLM2 presets are for SmolLM2 only
+    assert commands._demo_preset(args) == "auto"  # the SmolLM2 presets are for SmolLM2 only
 
 
 def test_export_hf_is_a_subcommand(capsys):
