@@ -10,6 +10,8 @@ pytest.importorskip("safetensors")
 from dpe_kernels import DPEConfig  # noqa: E402
 from dpe_kernels.tools import cli  # noqa: E402
 from dpe_kernels.tools import calibrate as C  # noqa: E402
+from dpe_kernels.tools.calibrate import ascent  # noqa: E402  (detect calls its score_sample)
+from dpe_kernels.tools.calibrate.claims import Claims  # noqa: E402
 from dpe_kernels.integrations.hf import apply_dpe, find_attention_modules  # noqa: E402
 from dpe_kernels.tools.models import tiny_random_llama  # noqa: E402
 
@@ -239,7 +241,7 @@ def test_claims_count_only_while_their_process_lives_and_not_for_ever(tmp_path):
     import time
 
     jsonl = tmp_path / "r.jsonl"
-    claims = C._Claims(jsonl, ttl_s=3600)
+    claims = Claims(jsonl, ttl_s=3600)
     claims.claim((4, 4), 0)                                   # this process's own: not another's
     lines = [{"scales": [2, 4], "sample": 1, "pid": os.getppid(), "epoch": time.time()},         # live
              {"scales": [8, 4], "sample": 1, "pid": os.getppid(), "epoch": time.time() - 7200},  # too old
@@ -253,6 +255,7 @@ def test_claims_count_only_while_their_process_lives_and_not_for_ever(tmp_path):
 _WORKER = """
 import sys, time, torch
 from dpe_kernels.tools import calibrate as C
+from dpe_kernels.tools.calibrate import ascent
 from dpe_kernels.tools.models import tiny_random_llama
 torch.set_num_threads(1)
 model, tok = tiny_random_llama(layers=3)
@@ -260,7 +263,7 @@ real = C.score_sample
 def slow(*a, **k):  # its claims stay live a while: the main one meets them
     time.sleep(0.4)
     return real(*a, **k)
-C.score_sample = slow
+ascent.score_sample = slow  # the one detect calls
 kw = dict(target_length=320, train_length=256, scales=[2, 4], scorer="passkey-logprob", samples=2, fresh_samples=2,
           max_passes=2, window=32, num_groups=2, progress=False, log=None)
 res = C.detect(model, tok, jsonl=sys.argv[1], worker=True, poll_s=0.05, **kw)
@@ -298,7 +301,7 @@ def test_detect_with_a_worker_process(tiny, tmp_path, monkeypatch):
             time.sleep(0.3)
             return real(*a, **k)
 
-        monkeypatch.setattr(C, "score_sample", slow)
+        monkeypatch.setattr(ascent, "score_sample", slow)
 
         def hung(*_):
             raise TimeoutError("detect with a worker did not finish in 180 s")
@@ -342,7 +345,7 @@ def test_detect_logprob_resumes_and_replays(tiny, tmp_path, monkeypatch):
         calls.append(a[2:5])
         return real(*a, **k)
 
-    monkeypatch.setattr(C, "score_sample", counting)
+    monkeypatch.setattr(ascent, "score_sample", counting)
     jsonl = tmp_path / "sweep.jsonl"
     kw = dict(target_length=320, train_length=256, scales=[2, 4], scorer="passkey-logprob", samples=2,
               fresh_samples=2, max_passes=2, window=32, num_groups=2, jsonl=jsonl, progress=False, log=None)

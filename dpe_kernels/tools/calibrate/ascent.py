@@ -1,200 +1,30 @@
-"""The paper's two detection steps (docs/method.md, "The key-dimension mask and the configuration search") as tools
-that work for any Hugging Face RoPE model with Llama-style attention (q_proj / k_proj).
-
-Step 1, key dimensions (:func:`select_dims`): run the model over essay text at several
-lengths; forward hooks on every layer's ``q_proj`` and ``k_proj`` see the pre-RoPE q and k
-and accumulate ``C[l, h, i] = mean_t ||q_t^(i)|| * ||k_t^(i)||`` (k from KV head
-``h // n_rep``) while the forward runs: a layer's q is held only until its k arrives, reduced
-to a ``[H_q, P]`` sum at once, and freed, so no q/k tensor outlives its layer. Scores are the
-mean over samples and lengths; the key dimensions of ``(l, h)`` are its top-k pairs.
-Written to safetensors: ``scores`` ``[L, H_q, P]``, ``mask`` (top-k per query head),
-``scores_kv`` ``[L, H_k, P]`` (mean of the scores of a KV head's query heads) and ``mask_kv``.
-
-Step 2, effective length per group (:func:`detect`): with the window and the mask fixed,
-coordinate ascent from the Self-Extend point (every group at ``2 * ceil(target / train)``, the
-paper's sweep default) at the target length: each group's scale is swept over ``{1, 2, 4, ...}``
-with the other groups at their current best; a change is accepted only when the mean paired
-gain on the same samples exceeds its standard error; passes repeat while anything changes
-(bounded); the final configuration and the start are then scored on fresh samples and the
-better one is kept, so the result cannot be worse than Self-Extend on fresh samples of its own
-objective. One JSONL record per scored (configuration, sample): an interrupted calibration
-resumes. (This replaced the first per-group sweep, which fixed the other groups at the default
-and combined the per-group picks without scoring the combination.)
-
-Scorers: ``passkey-logprob`` / ``niah-logprob`` (teacher-forced log-probability of the answer,
-one forward pass per sample: a score with information in every sample), ``passkey`` (exact
-key) and ``niah`` (4-needle recall fraction) by greedy generation, ``ppl`` (minus the mean
-next-token loss beyond the pre-training length: a cheap proxy).
-"""
+"""Calibration step 2, the scales per group (docs/method.md, "The key-dimension mask and the
+configuration search"): the coordinate ascent from the Self-Extend point (:func:`coordinate_ascent`),
+what each sample is and how it is scored (:func:`scorer_sample`, :func:`score_sample`), the ascent
+replayed from records (:func:`replay`, :func:`sweep_frontier`) and the resumable, shareable run on
+a model (:func:`detect`). The key dimensions are :mod:`.dims`; the worker claims :mod:`.claims`."""
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import time
-from pathlib import Path
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from ..config import DPEConfig, extension_factor, uniform_scale
-from ..utils import is_int
-from .eval.stats import cluster_mean, cluster_paired_gain
+from ...config import DPEConfig, extension_factor, uniform_scale
+from ...utils import is_int
+from ..eval.stats import cluster_mean, cluster_paired_gain
+from .claims import Claims
+from .dims import attention_geometry
 
-__all__ = ["key_dimension_scores", "top_k_masks", "select_dims", "load_dims_mask", "default_top_k",
-           "self_extend_scales", "scorer_sample", "score_sample", "coordinate_ascent", "replay", "detect",
-           "DetectResult", "MissingScore", "SCORERS"]
+__all__ = ["SCORERS", "DetectResult", "self_extend_scales", "scorer_sample", "score_sample", "MissingScore",
+           "coordinate_ascent", "replay", "sweep_frontier", "detect"]
 
 SCORERS = ("passkey-logprob", "niah-logprob", "passkey", "niah", "ppl")
 
 
-# --------------------------------------------------------------------------- step 1
-def _pairs(x: torch.Tensor, num_pairs: int, layout: str) -> torch.Tensor:
-    """Per-pair 2-norms ``[..., P]`` of ``[..., D]`` head vectors (neox: (i, i+P); gptj: (2i, 2i+1))."""
-    x = x.float()
-    if layout == "neox":
-        a, b = x[..., :num_pairs], x[..., num_pairs:2 * num_pairs]
-    else:
-        a, b = x[..., 0:2 * num_pairs:2], x[..., 1:2 * num_pairs:2]
-    return torch.sqrt(a * a + b * b)
-
-
-def _geometry(model):
-    from ..integrations.hf import find_attention_modules, find_rotary_embedding
-
-    attn = find_attention_modules(model)
-    _, rotary = find_rotary_embedding(model)
-    d = attn[0].head_dim
-    hq = attn[0].q_proj.out_features // d
-    hk = attn[0].k_proj.out_features // d
-    return attn, int(rotary.inv_freq.shape[-1]), hq, hk, d
-
-
-def key_dimension_scores(model, batches: Iterable[torch.Tensor], *, layout: str = "neox",
-                         progress: bool = False, total: Optional[int] = None) -> torch.Tensor:
-    """``C[l, h, i]``, float64 ``[num_layers, H_q, P]``: for every input ``[1, S]`` of ``batches``,
-    ``mean_t ||q_t^(i)|| ||k_t^(i)||`` of the pre-RoPE q and k; then the mean over the inputs."""
-    from tqdm.auto import tqdm
-
-    if layout not in ("neox", "gptj"):
-        raise ValueError(f"layout must be 'neox' or 'gptj', got {layout!r}")
-    attn, P, hq, hk, d = _geometry(model)
-    if hq % hk:
-        raise ValueError(f"H_q={hq} is not a multiple of H_k={hk}")
-    rep = hq // hk
-    L = len(attn)
-    total_scores = torch.zeros(L, hq, P, dtype=torch.float64)
-    run = torch.zeros(L, hq, P, dtype=torch.float64)
-    pending: Dict[int, torch.Tensor] = {}
-    handles = []
-
-    def q_hook(layer):
-        def hook(module, args, out):
-            pending[layer] = _pairs(out.detach().view(*out.shape[:-1], hq, d), P, layout)  # [B, S, H_q, P]
-        return hook
-
-    def k_hook(layer):
-        def hook(module, args, out):
-            qn = pending.pop(layer, None)
-            if qn is None:
-                raise RuntimeError(f"layer {layer}: k_proj ran before q_proj; cannot pair q with k")
-            kn = _pairs(out.detach().view(*out.shape[:-1], hk, d), P, layout)  # [B, S, H_k, P]
-            prod = qn.view(*qn.shape[:-2], hk, rep, P) * kn[..., :, None, :]
-            run[layer] += prod.sum(dim=tuple(range(prod.dim() - 3))).reshape(hq, P).double()
-        return hook
-
-    try:
-        for i, m in enumerate(attn):
-            handles.append(m.q_proj.register_forward_hook(q_hook(i)))
-            handles.append(m.k_proj.register_forward_hook(k_hook(i)))
-        n = 0
-        device = next(model.parameters()).device
-        with torch.inference_mode():
-            for ids in tqdm(batches, desc="select-dims", unit="text", total=total, disable=not progress):
-                if ids.dim() != 2 or ids.shape[0] != 1:
-                    raise ValueError(f"each input must be [1, S] token ids, got {list(ids.shape)}")
-                run.zero_()
-                model(input_ids=ids.to(device), use_cache=False)
-                total_scores += run / ids.shape[1]
-                n += 1
-        if n == 0:
-            raise ValueError("no input texts were given")
-    finally:
-        for h in handles:
-            h.remove()
-        pending.clear()
-    return total_scores / n
-
-
-def default_top_k(num_pairs: int) -> int:
-    """The paper's 48 of 64 pairs, as a fraction: round(0.75 P)."""
-    return max(1, round(0.75 * num_pairs))
-
-
-def top_k_masks(scores: torch.Tensor, top_k: int, heads_k: int) -> Dict[str, torch.Tensor]:
-    """Top-k masks per query head and per KV head from ``scores [L, H_q, P]``."""
-    if scores.dim() != 3:
-        raise ValueError(f"scores must be [num_layers, H_q, P], got {list(scores.shape)}")
-    L, hq, P = scores.shape
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= P:
-        raise ValueError(f"top_k must be an int in [1, {P}], got {top_k!r}")
-    if heads_k < 1 or hq % heads_k:
-        raise ValueError(f"heads_k must divide H_q={hq}, got {heads_k}")
-
-    def mask_of(s):
-        idx = s.topk(top_k, dim=-1).indices
-        return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True)
-
-    scores_kv = scores.view(L, heads_k, hq // heads_k, P).mean(2)
-    return {"scores": scores.float(), "mask": mask_of(scores), "scores_kv": scores_kv.float(),
-            "mask_kv": mask_of(scores_kv)}
-
-
-def select_dims(model, tokenizer, *, lengths: Sequence[int] = (1024, 2048, 4096), samples: int = 2,
-                top_k: Optional[int] = None, out: Optional[os.PathLike] = None, layout: str = "neox",
-                progress: bool = True) -> Dict[str, torch.Tensor]:
-    """Step 1 over the essays: ``samples`` texts at each of ``lengths``; writes safetensors to ``out``."""
-    from .eval.perplexity import ppl_tokens
-
-    for name, v in (("samples", samples),):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if not lengths or any(not isinstance(x, int) or isinstance(x, bool) or x < 2 for x in lengths):
-        raise ValueError(f"lengths must be ints >= 2, got {list(lengths)!r}")
-    _, P, hq, hk, _ = _geometry(model)
-    top_k = default_top_k(P) if top_k is None else top_k
-    texts = ((L, s) for L in lengths for s in range(samples))
-    batches = (torch.tensor([ppl_tokens(tokenizer, L, s)]) for L, s in texts)
-    scores = key_dimension_scores(model, batches, layout=layout, progress=progress,
-                                  total=len(lengths) * samples)
-    res = top_k_masks(scores, top_k, hk)
-    if out is not None:
-        from safetensors.torch import save_file
-
-        meta = {"lengths": json.dumps(list(lengths)), "samples": str(samples), "top_k": str(top_k),
-                "layout": layout, "num_layers": str(scores.shape[0]), "heads_q": str(hq), "heads_k": str(hk),
-                "num_pairs": str(P), "definition": "C[l,h,i] = mean_t |q_t^(i)| |k_t^(i)| (pre-RoPE), "
-                                                  "averaged over texts; mask = top_k pairs"}
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in res.items()}, str(out), metadata=meta)
-    return res
-
-
-def load_dims_mask(path: os.PathLike, which: str = "q") -> torch.Tensor:
-    """The bool mask ``[L, H, P]`` of a select-dims file: ``which`` = "q" (per query head) or "kv"."""
-    from safetensors.torch import load_file
-
-    if which not in ("q", "kv"):
-        raise ValueError(f"which must be 'q' or 'kv', got {which!r}")
-    t = load_file(str(path))
-    key = "mask" if which == "q" else "mask_kv"
-    if key not in t:
-        raise ValueError(f"{path} holds no {key!r} tensor (not a `dpe select-dims` file?)")
-    return t[key].bool()
-
-
-# --------------------------------------------------------------------------- step 2
 class DetectResult(NamedTuple):
     config: DPEConfig       # the kept scales, window, mask, calibrated_length = target
     records: List[dict]     # one per scored (configuration, sample), resumed ones included
@@ -215,10 +45,10 @@ def scorer_sample(scorer: str, sample: int, seed: int = 0) -> dict:
     if scorer == "ppl":
         return {"text": sample}
     if scorer.startswith("passkey"):
-        from .eval.passkey import passkey_key
+        from ..eval.passkey import passkey_key
 
         return {"depth": (sample % 5) / 4, "key": passkey_key(sample, seed)}
-    from .eval.niah import niah_sample
+    from ..eval.niah import niah_sample
 
     key, values = niah_sample(sample, seed)
     return {"depth": (sample % 3) / 2, "needle_key": key, "values": values}
@@ -241,7 +71,7 @@ def score_sample(model, tokenizer, scorer: str, length: int, sample: int, train_
     if needles is not None:
         if not scorer.endswith("-logprob"):
             raise ValueError(f"needles applies to the -logprob scorers, got scorer {scorer!r}")
-        from .eval.multi import multi_logprob
+        from ..eval.multi import multi_logprob
 
         t0 = time.perf_counter()
         recs = multi_logprob(model, tokenizer, scorer.split("-")[0], length, 0.5, needles, sample, seed)
@@ -255,14 +85,14 @@ def score_sample(model, tokenizer, scorer: str, length: int, sample: int, train_
     spec = scorer_sample(scorer, sample, seed)
     t0 = time.perf_counter()
     if scorer == "ppl":
-        from .eval.perplexity import loss_by_position, ppl_tokens
+        from ..eval.perplexity import loss_by_position, ppl_tokens
 
         ids = torch.tensor([ppl_tokens(tokenizer, length, sample)])
         losses = loss_by_position(model, ids)
         tail = losses[train_length:] if losses.shape[0] > train_length else losses
         return {"score": -float(tail.mean()), "seconds": round(time.perf_counter() - t0, 2)}
     if scorer.endswith("-logprob"):
-        from .eval.logprob import niah_logprob, passkey_logprob
+        from ..eval.logprob import niah_logprob, passkey_logprob
 
         if scorer == "passkey-logprob":
             res = passkey_logprob(model, tokenizer, length, spec["depth"], spec["key"], "raw")
@@ -270,17 +100,17 @@ def score_sample(model, tokenizer, scorer: str, length: int, sample: int, train_
             res = niah_logprob(model, tokenizer, length, spec["depth"], spec["needle_key"], spec["values"], "raw")
         exact = res.pop("score")
         return {"depth": spec["depth"], **res, "score": res["logprob"], "exact": exact}
-    from .eval.generate import greedy_generate
+    from ..eval.generate import greedy_generate
 
     if scorer == "passkey":
-        from .eval.passkey import PASSKEY_MAX_NEW_TOKENS, passkey_prompt, passkey_stop, score_passkey
+        from ..eval.passkey import PASSKEY_MAX_NEW_TOKENS, passkey_prompt, passkey_stop, score_passkey
 
         p = passkey_prompt(tokenizer, length, spec["depth"], spec["key"], "raw")
         text, _, _ = greedy_generate(model, tokenizer, p.tensor(), PASSKEY_MAX_NEW_TOKENS, stop=passkey_stop)
         score = score_passkey(text, spec["key"])
         answer = str(spec["key"])
     else:
-        from .eval.niah import NIAH_MAX_NEW_TOKENS, niah_prompt, score_niah
+        from ..eval.niah import NIAH_MAX_NEW_TOKENS, niah_prompt, score_niah
 
         p = niah_prompt(tokenizer, length, spec["depth"], spec["needle_key"], spec["values"], "raw", None)
         text, _, _ = greedy_generate(model, tokenizer, p.tensor(), NIAH_MAX_NEW_TOKENS)
@@ -462,38 +292,6 @@ def sweep_frontier(records: Iterable[dict], *, target_length: int, train_length:
     return [x for x in todo if x not in have]
 
 
-class _Claims:
-    """Which (configuration, sample) another live process on this machine is scoring: one JSON line
-    per claim in ``<jsonl>.claims``; a claim whose process has exited, or older than ``ttl_s``
-    (a reused process id must not make a waiting process wait for ever), no longer counts."""
-
-    def __init__(self, jsonl: os.PathLike, ttl_s: float = 6 * 3600.0):
-        self.path = Path(str(jsonl) + ".claims")
-        self.ttl_s = ttl_s
-
-    def claim(self, cfg: Tuple[int, ...], sample: int):
-        from .eval.runner import append_record
-
-        append_record(self.path, {"scales": list(cfg), "sample": sample, "pid": os.getpid(),
-                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "epoch": time.time()})
-
-    def live(self) -> set:
-        from .eval.runner import read_records
-
-        out = set()
-        now = time.time()
-        for c in read_records(self.path):
-            pid = int(c.get("pid", -1))
-            if pid == os.getpid() or not now - float(c.get("epoch", 0.0)) < self.ttl_s:
-                continue
-            try:
-                os.kill(pid, 0)
-            except (ProcessLookupError, PermissionError, OverflowError, ValueError):
-                continue
-            out.add((tuple(c["scales"]), c["sample"]))
-        return out
-
-
 def detect(model, tokenizer, *, target_length: int, train_length: Optional[int] = None,
            scales: Sequence[int] = (1, 2, 4, 8, 16), scorer: str = "passkey-logprob", samples: int = 4,
            fresh_samples: Optional[int] = None, max_passes: int = 3, window: int = 1024, num_groups: int = 8,
@@ -521,14 +319,14 @@ def detect(model, tokenizer, *, target_length: int, train_length: Optional[int] 
     """
     from tqdm.auto import tqdm
 
-    from .eval.runner import append_record, read_records, resume_records
-    from ..integrations.hf import apply_dpe
-    from ..integrations.hf import train_length as model_train_length
+    from ..eval.runner import append_record, read_records, resume_records
+    from ...integrations.hf import apply_dpe
+    from ...integrations.hf import train_length as model_train_length
 
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {SCORERS}, got {scorer!r}")
     if needles is not None:
-        from .eval.multi import MAX_NEEDLES
+        from ..eval.multi import MAX_NEEDLES
 
         if not is_int(needles) or not 1 <= needles <= MAX_NEEDLES:
             raise ValueError(f"needles must be an int in [1, {MAX_NEEDLES}], got {needles!r}")
@@ -549,7 +347,7 @@ def detect(model, tokenizer, *, target_length: int, train_length: Optional[int] 
         raise ValueError(f"scales must be positive ints, got {list(scales)!r}")
     scales = sorted(set(scales))
     T = train_length or model_train_length(model)
-    _, P, _, _, _ = _geometry(model)
+    _, P, _, _, _ = attention_geometry(model)
     if P % num_groups:
         raise ValueError(f"{P} pairs do not split into {num_groups} equal groups")
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
@@ -564,7 +362,7 @@ def detect(model, tokenizer, *, target_length: int, train_length: Optional[int] 
                 cache.setdefault((tuple(r["scales"]), r["sample"]), r)
 
     load(resume_records(jsonl) if jsonl else [])
-    claims = _Claims(jsonl) if jsonl else None
+    claims = Claims(jsonl) if jsonl else None
     records: List[dict] = []
     used = set()
     fresh_idx = list(range(samples, samples + fresh_samples))
