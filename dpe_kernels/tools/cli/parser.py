@@ -263,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dpe_args(e)
 
     b = sub.add_parser("bench", help="the microbenchmarks (extra arguments go to the benchmark)",
-                       description="Run a benchmark of dpe_kernels/tools/benchmarks/ (bench/bench_*.py in the "
-                                   "source tree). Arguments after the name go to the benchmark, e.g. `dpe bench "
+                       description="Run a benchmark of dpe_kernels/tools/benchmarks/ (also `python -m "
+                                   "dpe_kernels.tools.benchmarks.NAME`). Arguments after the name go to the benchmark, e.g. `dpe bench "
                                    "rope -- --tokens 4096`; `dpe bench rope -- --help` lists them.")
     b.add_argument("which", choices=_bench_names(), help="which benchmark")
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
