@@ -59,7 +59,7 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["dpe_kernels", "dpe_kernels.*"]),
-    package_data={"dpe_kernels": ["data/*.json", "presets/*.json"]},
+    package_data={"dpe_kernels": ["presets/*.json"], "dpe_kernels.tools.eval": ["texts/*.json"]},
     include_package_data=True,
     entry_points={
         "console_scripts": ["dpe = dpe_kernels.tools.cli:main"],

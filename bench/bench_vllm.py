@@ -4,7 +4,7 @@ same model (SmolLM2-135M exported with ``dpe export-hf``, float32), same request
     python bench/bench_vllm.py                       # full run -> bench/results/vllm_cpu.md
     python bench/bench_vllm.py --quick --out /tmp/x.md   # smoke (tiny sizes)
 
-Run it with the vLLM virtual environment's python (tests/integrations/run_vllm_tests.sh makes it).
+Run it with the vLLM virtual environment's python (python_tests/integrations/run_vllm_tests.sh makes it).
 
 Measured:
 

@@ -9,7 +9,7 @@
 #     setup    build and install the package with its CUDA kernels (pip install -e ., as the README)
 #     tests    the whole test suite on the GPU (conftest.py picks DEVICE=cuda: the cuda and triton
 #              backends against the float64 oracle); writes bench/results/tests_<gpu>.md (pass/fail counts, failures, the command)
-#     bench    bench/bench_rope.py and bench/bench_attention.py with --device cuda
+#     bench    the rope and attention benchmarks (python -m dpe_kernels.tools.benchmarks.X) with --device cuda
 #     parity   dpe parity --device cuda: every CUDA backend of every op against the float64 oracles;
 #              writes bench/results/parity_<gpu>/parity.md and parity.json (the table names the GPU)
 #     quality  bench/eval_quality.py --device cuda (the SmolLM2 model must be installed)
@@ -55,7 +55,7 @@ stage_setup() {
 
 stage_tests() {
   log "test suite on $GPU"
-  local cmd="$PY -m pytest tests -q -n 8 -p no:cacheprovider --timeout 600 -rfEs"
+  local cmd="$PY -m pytest python_tests -q -n 8 -p no:cacheprovider --timeout 600 -rfEs"
   local t0=$SECONDS
   $cmd 2>&1 | tee /tmp/gpu_tests.log
   local rc=${PIPESTATUS[0]}
@@ -75,10 +75,10 @@ stage_tests() {
 }
 
 stage_bench() {
-  log "bench_rope on $GPU"
-  $PY bench/bench_rope.py --device cuda --out "$RES/rope_$GPU.md" || return 1
-  log "bench_attention on $GPU"
-  $PY bench/bench_attention.py --device cuda --dtype bfloat16 --out "$RES/attention_$GPU.md" || return 1
+  log "rope benchmark on $GPU"
+  $PY -m dpe_kernels.tools.benchmarks.rope --device cuda --out "$RES/rope_$GPU.md" || return 1
+  log "attention benchmark on $GPU"
+  $PY -m dpe_kernels.tools.benchmarks.attention --device cuda --dtype bfloat16 --out "$RES/attention_$GPU.md" || return 1
 }
 
 stage_parity() {

@@ -16,7 +16,7 @@ Modes (one per call):
 * ``--against DIR``: check ``DIR/outputs/`` (another implementation's) against
   the golden expectations; same table, exit 1 on failure.
 
-Tolerance rule (the ONE definition; tests/conftest.py imports it): a kernel's
+Tolerance rule (the ONE definition; python_tests/conftest.py imports it): a kernel's
 max abs error against the float64 oracle must be at most twice the max abs
 error of the same-dtype PyTorch reference against the same oracle, plus a
 floor ``ATOL[dtype]`` for when that reference error is ~0 (flash-attn's rule).

@@ -3,16 +3,16 @@ rotate-once cache, peak memory.
 
 Two ways to run it:
 
-    python bench/bench_attention.py [--seqlens 4096 16384] [--cache-lens 16384 65536]
-                                    [--configs 9/3/64 32/8/128] [--out bench/results/attention_cpu.md]
+    python -m dpe_kernels.tools.benchmarks.attention [--seqlens 4096 16384] [--cache-lens 16384 65536]
+                                                     [--configs 9/3/64 32/8/128] [--out bench/results/attention_cpu.md]
         one run over every case, prints the tables and writes them with the
         machine description, the date, the commit and the command;
-    python bench/bench_attention.py --device cuda --dtype bfloat16 [--out bench/results/attention_h100.md]
+    python -m dpe_kernels.tools.benchmarks.attention --device cuda --dtype bfloat16 [--out bench/results/attention_h100.md]
         the same on a GPU: DPE attention with backend "flash" (FlashAttention 2, when installed)
         or "triton" (the fused kernel), dpe_rope with backend "cuda"; plain = SDPA on the GPU;
-    python bench/bench_attention.py --quick
+    python -m dpe_kernels.tools.benchmarks.attention --quick
         tiny sizes (CI smoke run, well under a minute);
-    pytest bench/bench_attention.py --benchmark-only
+    pytest dpe_kernels/tools/benchmarks/attention.py --benchmark-only
         a few of the same cases through pytest-benchmark.
 
 Compared in the same run, on the same inputs (B = 1, [B, S, H, D] tensors):

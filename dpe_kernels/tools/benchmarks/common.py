@@ -20,8 +20,8 @@ __all__ = ["PAPER_SCALES", "WINDOW", "time_min", "report_preamble", "machine_des
 # The configuration the kernel benchmarks measure: the paper's Llama-3-8B scales, w = 1024.
 PAPER_SCALES = list(PAPER_PRESETS["llama3-8b"])
 
-# How a results file names the command that made it: the module -> its bench/ script.
-SCRIPT_NAMES = {"rope": "bench/bench_rope.py", "attention": "bench/bench_attention.py"}
+# How a results file names the command that made it (after "python ").
+SCRIPT_NAMES = {"rope": "-m dpe_kernels.tools.benchmarks.rope", "attention": "-m dpe_kernels.tools.benchmarks.attention"}
 
 
 def time_min(fn, repeats: int, budget_s: float, device="cpu", burst: int = 20) -> float:

@@ -2,12 +2,12 @@
 
 Two ways to run it:
 
-    python bench/bench_rope.py [--tokens 4096 16384 65536] [--out bench/results/rope_cpu.md]
-    python bench/bench_rope.py --device cuda [--out bench/results/rope_h100.md]
+    python -m dpe_kernels.tools.benchmarks.rope [--tokens 4096 16384 65536] [--out bench/results/rope_cpu.md]
+    python -m dpe_kernels.tools.benchmarks.rope --device cuda [--out bench/results/rope_h100.md]
         one run over every case, prints a table (time, GB/s, ratios) and
         writes it with the machine description and the command;
     dpe bench rope [ARGS]          the same, from the installed package
-    pytest bench/bench_rope.py --benchmark-only
+    pytest dpe_kernels/tools/benchmarks/rope.py --benchmark-only
         the CPU cases through pytest-benchmark.
 
 Compared in the same run, on the same inputs:

@@ -1,5 +1,5 @@
 """Text shipped with the package: Paul Graham's essays (the haystack of the paper's
-needle-in-a-haystack tests; ``dpe_kernels/data/PaulGrahamEssays.json``, ``{"text": ...}``)."""
+needle-in-a-haystack tests; ``texts/PaulGrahamEssays.json`` beside this module, ``{"text": ...}``)."""
 from __future__ import annotations
 
 import functools
@@ -8,7 +8,7 @@ from pathlib import Path
 
 __all__ = ["DATA_DIR", "load_essays", "PASSKEY_FILLER"]
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "data"  # dpe_kernels/data
+DATA_DIR = Path(__file__).resolve().parent / "texts"  # dpe_kernels/tools/eval/texts
 
 # The classic passkey filler (Landmark Attention / Self-Extend / LongLM).
 PASSKEY_FILLER = (" The grass is green. The sky is blue. The sun is yellow. Here we go."

@@ -1,0 +1,1 @@
+"""Test doubles of optional third-party modules (imported as ``fakes.X``)."""
