@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 ROOT="${DPE_HF_VENVS:-$HOME/.cache/dpe_kernels}"
-TESTS="$PWD/python_tests/integrations/test_hf.py $PWD/python_tests/integrations/test_baselines.py $PWD/python_tests/tools/eval/test_logprob.py"
+TESTS="$PWD/python_tests/integrations/test_hf.py $PWD/python_tests/integrations/test_baselines.py $PWD/python_tests/tools/eval/test_logprob.py $PWD/python_tests/tools/eval/test_multi.py"
 OLDEST=$(cd / && python3 -c "from dpe_kernels.integrations.hf import TRANSFORMERS_TESTED as t; print(t[0])")
 start=$(date +%s)
 
