@@ -84,7 +84,7 @@ def main() -> int:
              "log-probability of the 5-digit key after \"The pass key for LABEL is\".", "",
              "Single: one labelled needle per context at depth d (10 depths, one context each). Multi: 10 "
              "labelled needles per context (needle j at depth (j + 0.5) / 10), each question scored from the "
-             "context's cache as if it alone followed the context; 2 contexts per method.", ""]
+             "context's cache as if it alone followed the context; 3 contexts per method (2 in the first, partial run).", ""]
     # per-depth means
     lines += ["## Per-depth mean log-probability (single / multi)", "",
               "| method | " + " | ".join(f"slot {j}" for j in range(10)) + " |", "|---|" + "---|" * 10]
@@ -123,7 +123,8 @@ def main() -> int:
         mi = cluster_bootstrap(list(ctx.values())) if ctx else None
         means[m] = (si.mean if si else float("nan"), mi.mean if mi else float("nan"))
         fs = f"{si.mean:.3f} [{si.low:.3f}, {si.high:.3f}] ({si.n})" if si else "-"
-        fm = f"{mi.mean:.3f} [{mi.low:.3f}, {mi.high:.3f}] ({mi.n}, {len(ctx)})" if mi else "-"
+        fm = (f"{mi.mean:.3f} [{mi.low:.3f}, {mi.high:.3f}] ({mi.n}, {len(ctx)})" if mi and not math.isnan(mi.low)
+              else f"{mi.mean:.3f} [no interval: {len(ctx)} contexts] ({mi.n}, {len(ctx)})" if mi else "-")
         es = f"{sum(float(r['score']) for r in single[m]):g}/{len(single[m])}" if single[m] else "-"
         em = f"{sum(float(r['score']) for r in multi[m]):g}/{len(multi[m])}" if multi[m] else "-"
         lines.append(f"| {m} | {fs} | {fm} | {es} | {em} |")
@@ -154,7 +155,8 @@ def main() -> int:
         fm = "-"
         if ctx:
             iv = cluster_bootstrap(list(ctx.values()))
-            fm = f"{iv.mean:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}] ({iv.n} needles, {len(ctx)} contexts)"
+            band = "no interval with < 3 contexts" if math.isnan(iv.low) else f"{iv.low:+.3f}, {iv.high:+.3f}"
+            fm = f"{iv.mean:+.3f} [{band}] ({iv.n} needles, {len(ctx)} contexts)"
         lines.append(f"| {m} | {fs} | {fm} |")
     # cost
     s_secs = [float(r["seconds"]) for m in METHODS for r in single[m]]

@@ -67,7 +67,7 @@ def _fmt_clustered(done: List[dict], field: str, scale: float = 1.0, digits: int
     for r in done:
         ctx.setdefault((r.get("depth"), r.get("sample")), []).append(scale * float(r[field]))
     iv = cluster_bootstrap(list(ctx.values()))
-    if iv.n < 2 or len(ctx) < 2:
+    if math.isnan(iv.low):  # fewer than 3 contexts: no interval
         return f"{iv.mean:.{digits}f}"
     return f"{iv.mean:.{digits}f} [{iv.low:.{digits}f}, {iv.high:.{digits}f}]"
 
@@ -113,7 +113,8 @@ def _retrieval_table(recs: List[dict]) -> List[str]:
     if recs[0].get("needles") is not None:
         how = (f"{recs[0]['needles']} labelled needles per context, each question scored as if it alone followed "
                "the context: exact match of the teacher-forced answer (correct / needles) and mean answer "
-               "log-probability, each with a 95% bootstrap interval that resamples whole contexts [low, high]; "
+               "log-probability, each with a 95% bootstrap interval that resamples whole contexts [low, high] "
+               "(none with fewer than 3 contexts); "
                "seconds per needle (the context's forward shared by its needles)")
     elif any(r.get("logprob") is not None for r in recs):
         how += ("; log-prob: mean teacher-forced log-probability of the answer (passkey: the key's tokens; "

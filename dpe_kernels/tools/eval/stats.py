@@ -165,7 +165,9 @@ def cluster_paired_gain(candidate: Sequence, incumbent: Sequence) -> Tuple[float
 def cluster_bootstrap(values: Sequence[Sequence[float]], level: float = 0.95, reps: int = 2000,
                       seed: int = 0) -> Interval:
     """Mean over all items and a percentile bootstrap interval that resamples whole clusters
-    (contexts), ``values[c]`` being the scores of cluster ``c``; nan bounds for fewer than 2."""
+    (contexts), ``values[c]`` being the scores of cluster ``c``. Nan bounds for fewer than 3
+    clusters: two clusters give a bootstrap distribution of three values, an interval far too
+    narrow to report."""
     import random
 
     if not 0.0 < level < 1.0:
@@ -173,7 +175,7 @@ def cluster_bootstrap(values: Sequence[Sequence[float]], level: float = 0.95, re
     clusters = [[float(x) for x in (v if isinstance(v, (list, tuple)) else [v])] for v in values]
     m = cluster_mean(clusters)
     n = sum(map(len, clusters))
-    if len(clusters) < 2:
+    if len(clusters) < 3:
         return Interval(m, float("nan"), float("nan"), n)
     rng = random.Random(seed)
     sums = [(sum(c), len(c)) for c in clusters]

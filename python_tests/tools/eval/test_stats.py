@@ -76,3 +76,4 @@ def test_cluster_bootstrap():
     tight = cluster_bootstrap([[0.1, 0.9]] * 5)
     assert tight.low == pytest.approx(0.5) and tight.high == pytest.approx(0.5)
     assert math.isnan(cluster_bootstrap([[1.0, 2.0]]).low)
+    assert math.isnan(cluster_bootstrap([[1.0, 2.0], [0.0, 3.0]]).high)  # 2 contexts: no honest interval
