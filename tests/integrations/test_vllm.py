@@ -12,8 +12,6 @@ orders. A wrong position or a missed rotation moves them by more than 1e-2, whic
 test_reference_sees_dpe checks.)
 """
 import warnings
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -130,72 +128,189 @@ def test_parse_options_refuses_bad_keys(tmp_path):
     assert parse_options({"preset": "auto", "target_length": 4096}).target_length == 4096
 
 
-def _fake_vllm_config(**over):
-    hf = SimpleNamespace(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                         max_position_embeddings=8192, rope_parameters={"rope_type": "default", "rope_theta": 1e5},
-                         sliding_window=None)
-    for k, v in over.pop("hf", {}).items():
-        setattr(hf, k, v)
-    cfg = SimpleNamespace(
-        model_config=SimpleNamespace(hf_text_config=hf, max_model_len=over.pop("max_model_len", 8192),
-                                     model="/nonexistent", get_head_size=lambda: 64),
-        speculative_config=over.pop("speculative_config", None),
-        cache_config=SimpleNamespace(cache_dtype=over.pop("cache_dtype", "auto")),
-        parallel_config=SimpleNamespace(decode_context_parallel_size=1, prefill_context_parallel_size=1),
-        compilation_config=SimpleNamespace(pass_config=SimpleNamespace(
-            fuse_rope_kvcache=over.pop("fuse_rope_kvcache", False), fuse_qk_norm_rope_kvcache=False)))
-    assert not over
-    return cfg
+# --------------------------------------------------------------------------- real VllmConfig
+def _tiny_dir(name="tiny-llama-4h2kv", **kw):
+    return tiny_llama_dir(CACHE / name, num_heads=4, num_kv_heads=2, head_dim=64, layers=2, **kw)
+
+
+def _config_dir(tmp_path, name, **changes):
+    """A copy of the tiny Llama's config.json (no weights: configs only) with ``changes``."""
+    import json
+
+    src = json.loads((_tiny_dir() / "config.json").read_text())
+    src.update(changes)
+    d = tmp_path / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(src))
+    return d
+
+
+def _real_config(model, dpe=None, **over):
+    """A real VllmConfig (EngineArgs(...).create_engine_config()), as an engine would build it."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    kw = dict(model=str(model), dtype="float32", skip_tokenizer_init=True, kv_cache_memory_bytes=1 << 28,
+              max_model_len=512, enforce_eager=True)
+    if dpe is not None:
+        kw["additional_config"] = {"dpe": dpe}
+    kw.update(over)
+    return EngineArgs(**kw).create_engine_config()
+
+
+def _set(obj, name, value):
+    """Set a field that must exist on vLLM's object (a renamed field fails the test, not the check)."""
+    assert hasattr(obj, name), f"{type(obj).__name__} has no field {name!r}"
+    setattr(obj, name, value)
 
 
 @pytest.mark.parametrize("over, match", [
-    (dict(speculative_config=object()), "speculative decoding"),
-    (dict(cache_dtype="fp8"), "kv_cache_dtype='fp8'"),
-    (dict(hf={"sliding_window": 4096}), "sliding-window"),
-    (dict(hf={"attn_logit_softcapping": 50.0}), "soft-capped"),
-    (dict(fuse_rope_kvcache=True), "fuse_rope_kvcache"),
-    (dict(hf={"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}), "rope_type='yarn'"),
+    (dict(kv_transfer_config={"kv_connector": "ExampleConnector", "kv_role": "kv_both"}), "kv_transfer_config"),
+    (dict(kv_cache_dtype="fp8"), "kv_cache_dtype='fp8'"),
+    (dict(kv_cache_dtype="bfloat16"), "kv_cache_dtype='bfloat16'"),  # not the model's float32
 ])
-def test_check_engine_refuses_by_name(over, match):
+def test_refused_at_config_creation(over, match):
+    """Refused when the engine's configuration is created (EngineArgs.create_engine_config), by name."""
     with pytest.raises(ValueError, match=match):
-        check_engine(_fake_vllm_config(**over), parse_options({"preset": "auto"}))
+        _real_config(_tiny_dir(), {"preset": "auto"}, **over)
+    _real_config(_tiny_dir(), None, **over)  # without dpe the same options are vLLM's business
+
+
+def test_refused_architecture(tmp_path):
+    d = _config_dir(tmp_path, "qwen3", architectures=["Qwen3ForCausalLM"], model_type="qwen3")
+    with pytest.raises(ValueError, match=r"architecture \['Qwen3ForCausalLM'\]"):
+        _real_config(d, {"preset": "auto"})
+
+
+def _mutated(edit):
+    cfg = _real_config(_tiny_dir(), None)  # plain: built without the plugin's checks
+    edit(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: _set(c, "speculative_config", object()), "speculative decoding"),
+    (lambda c: _set(c.device_config, "device_type", "xpu"), "device 'xpu'"),
+    (lambda c: setattr(c.model_config.hf_text_config, "sliding_window", 4096), "sliding-window"),
+    (lambda c: setattr(c.model_config.hf_text_config, "attn_logit_softcapping", 50.0), "soft-capped"),
+    (lambda c: _set(c.compilation_config.pass_config, "fuse_rope_kvcache", True), "fuse_rope_kvcache"),
+    (lambda c: _set(c.model_config.hf_text_config, "rope_parameters", {"rope_type": "yarn", "factor": 4.0}),
+     "rope_type='yarn'"),
+])
+def test_check_engine_refuses_by_name(edit, match):
+    """Each refusal on a real VllmConfig with one field changed (the field must exist in vLLM)."""
+    with pytest.raises(ValueError, match=match):
+        check_engine(_mutated(edit), parse_options({"preset": "auto"}))
+
+
+def test_check_engine_refuses_hybrid(monkeypatch):
+    cfg = _real_config(_tiny_dir(), None)
+    assert hasattr(type(cfg.model_config), "is_hybrid")
+    monkeypatch.setattr(type(cfg.model_config), "is_hybrid", property(lambda self: True))
+    with pytest.raises(ValueError, match="is_hybrid"):
+        check_engine(cfg, parse_options({"preset": "auto"}))
 
 
 def test_check_engine_lengths_and_heads(tmp_path):
+    d = _tiny_dir()  # max_position_embeddings 1024, 4 query / 2 KV heads, 2 layers
     with pytest.raises(ValueError, match="max_position_embeddings"):  # asks for the hf_overrides fix
-        check_engine(_fake_vllm_config(), parse_options({"preset": "auto", "target_length": 16384}))
-    s = check_engine(_fake_vllm_config(max_model_len=16384), parse_options({"preset": "auto"}))
-    assert (s.target_length, s.train_length) == (16384, 8192)
-    assert check_engine(_fake_vllm_config(), parse_options({"preset": "smollm2-135m"})).per_query_head_mask
-    cfg = DPEConfig.uniform(64, [2] * 8, 32, mask=torch.ones(12, 9, 32, dtype=torch.bool))  # 12 != 30 layers
-    cfg.to_json(tmp_path / "c.json")
-    with pytest.raises(ValueError, match="num_layers=30"):
-        check_engine(_fake_vllm_config(), parse_options({"config": str(tmp_path / "c.json")}))
-    # pairs are checked against the model's rotary when a layer resolves its config
+        check_engine(_real_config(d), parse_options({"preset": "auto", "target_length": 4096}))
+    cfg = _real_config(d, max_model_len=4096, hf_overrides={"max_position_embeddings": 4096})
+    s = check_engine(cfg, parse_options({"preset": "auto"}))
+    # the pre-training length is the model's own (config.json before hf_overrides), not the target
+    assert (s.target_length, s.train_length) == (4096, 1024), (s.target_length, s.train_length)
+    assert "config.json" in s.train_source
+    bad = DPEConfig.uniform(64, [2] * 8, 32, mask=torch.ones(12, 4, 32, dtype=torch.bool))  # 12 != 2 layers
+    bad.to_json(tmp_path / "c.json")
+    with pytest.raises(ValueError, match="num_layers=2"):
+        check_engine(_real_config(d), parse_options({"config": str(tmp_path / "c.json")}))
     DPEConfig.uniform(64, [2] * 8, 32).to_json(tmp_path / "p.json")
-    s = check_engine(_fake_vllm_config(), parse_options({"config": str(tmp_path / "p.json")}))
+    s = check_engine(_real_config(d), parse_options({"config": str(tmp_path / "p.json")}))
     assert s.dpe_config(torch.ones(32)).num_pairs == 32
     with pytest.raises(ValueError, match="covers 32 rotary pairs, the model rotates 16"):
         s.dpe_config(torch.ones(16))
+    s = check_engine(_real_config(d), parse_options({"config": DPEConfig.uniform(
+        64, [2] * 8, 32, mask=torch.ones(2, 4, 32, dtype=torch.bool)).to_dict()}))  # inline, per query head
+    assert s.per_query_head_mask and s.kv_memory_ratio() == 2.0
+
+
+def test_train_length_llama3_from_saved_config(tmp_path):
+    """A llama3-scaled model: trained for max_position_embeddings (as Llama-3.1's 131072), not
+    original_max_position_embeddings (the length before the llama3 stage)."""
+    d = _config_dir(tmp_path, "llama3", max_position_embeddings=4096, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 512})
+    cfg = _real_config(d, max_model_len=16384, hf_overrides={"max_position_embeddings": 16384})
+    s = check_engine(cfg, parse_options({"preset": "auto"}))
+    assert s.train_length == 4096 and "llama3" in s.train_source, (s.train_length, s.train_source)
+
+
+def test_train_length_of_a_hub_id_offline(tmp_path):
+    """A hub id read from the local Hugging Face cache with HF_HUB_OFFLINE=1 (no network), with
+    hf_overrides raising max_position_embeddings: the length is the cached config's."""
+    import json
+    import subprocess
+    import sys
+
+    snap = tmp_path / "hub" / "models--dpe-test--tiny-llama3" / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    cfg = json.loads((_tiny_dir() / "config.json").read_text())
+    cfg.update(max_position_embeddings=2048, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 256})
+    (snap / "config.json").write_text(json.dumps(cfg))
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("0" * 40)
+    code = ("from types import SimpleNamespace as NS\n"
+            "from dpe_kernels.integrations.vllm.settings import resolve_train_length, parse_options\n"
+            "mc = NS(model='dpe-test/tiny-llama3', revision=None, hf_config_path=None, "
+            "hf_overrides={'max_position_embeddings': 8192}, hf_config=NS(max_position_embeddings=8192))\n"
+            "print(resolve_train_length(mc, parse_options({'preset': 'auto'})))\n")
+    env = dict(__import__("os").environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "(2048, " in out.stdout and "llama3" in out.stdout, out.stdout
+    # without the cached config and with overrides on the length: refused, naming train_length
+    env["HF_HUB_CACHE"] = str(tmp_path / "empty")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/")
+    assert out.returncode != 0 and "give 'train_length'" in out.stderr, out.stderr[-3000:]
+
+
+def test_warns_when_target_within_pretraining_length(caplog):
+    import logging
+
+    lg = logging.getLogger("vllm.dpe_kernels")
+    lg.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="vllm.dpe_kernels"):
+            check_engine(_real_config(_tiny_dir()), parse_options({"preset": "auto", "window": 64}))
+    finally:
+        lg.removeHandler(caplog.handler)
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert "within the model's pre-training length 1024" in msg and "window (64 tokens)" in msg, msg
+
+
+def test_startup_summary_line():
+    cfg = _real_config(_tiny_dir(), max_model_len=4096, hf_overrides={"max_position_embeddings": 4096})
+    s = check_engine(cfg, parse_options({"preset": "uniform", "window": 128}))
+    line = s.summary(s.dpe_config(torch.ones(32)))
+    for part in ("pre-training length 1024 (from max_position_embeddings of", "target 4096 (from max_model_len)",
+                 "extension x4.00", "window 128", "scales [", "mask none", "KV memory per token 1.50x plain"):
+        assert part in line, (part, line)
 
 
 def test_check_engine_warns_past_the_calibrated_length(tmp_path):
     """A config or preset served past the length it was calibrated for is never silent."""
     from dpe_kernels.config import PresetLengthWarning
 
-    DPEConfig.uniform(64, [2] * 8, 32, calibrated_length=4096).to_json(tmp_path / "c.json")
-    s = check_engine(_fake_vllm_config(), parse_options({"config": str(tmp_path / "c.json")}))
-    with pytest.warns(PresetLengthWarning, match="calibrated for 4096 tokens and is used at 8192"):
-        s.dpe_config(torch.ones(32))
-    # a preset calibrated for 16K, configured for 16K, on an engine serving 32K
-    s = check_engine(_fake_vllm_config(max_model_len=32768, hf={"max_position_embeddings": 32768}),
-                     parse_options({"preset": "smollm2-135m", "target_length": 16384}))
-    with pytest.warns(PresetLengthWarning, match="calibrated for 16384 tokens and is used at 32768"):
+    d = _tiny_dir()
+    DPEConfig.uniform(64, [2] * 8, 32, calibrated_length=256).to_json(tmp_path / "c.json")
+    s = check_engine(_real_config(d), parse_options({"config": str(tmp_path / "c.json")}))
+    with pytest.warns(PresetLengthWarning, match="calibrated for 256 tokens and is used at 512"):
         s.dpe_config(torch.ones(32))
     with warnings.catch_warnings():  # within its length: no warning
         warnings.simplefilter("error", PresetLengthWarning)
-        check_engine(_fake_vllm_config(max_model_len=16384), parse_options({"preset": "smollm2-135m"})
-                     ).dpe_config(torch.ones(32))
+        DPEConfig.uniform(64, [2] * 8, 32, calibrated_length=512).to_json(tmp_path / "ok.json")
+        check_engine(_real_config(d), parse_options({"config": str(tmp_path / "ok.json")})).dpe_config(torch.ones(32))
 
 
 def test_rank_head_slices():
@@ -215,14 +330,62 @@ def test_cpu_selection_resolves_by_config():
 
     from dpe_kernels.integrations.vllm.backend import DPEAttentionBackend
 
-    plain = _fake_vllm_config()
-    plain.additional_config = {}
-    with set_current_vllm_config(plain):
+    with set_current_vllm_config(_real_config(_tiny_dir())):
         assert resolve_obj_by_qualname(CPU_BACKEND_PATH) is CPUAttentionBackend
-    dpe = _fake_vllm_config()
-    dpe.additional_config = {"dpe": {"preset": "auto"}}
-    with set_current_vllm_config(dpe):
+    with set_current_vllm_config(_real_config(_tiny_dir(), {"preset": "auto"})):
         assert resolve_obj_by_qualname(CPU_BACKEND_PATH) is DPEAttentionBackend
+
+
+def test_selected_backend_unpickles_in_a_fresh_process(tmp_path):
+    """A VllmConfig selecting the DPE backend unpickles in a fresh process before any plugin is
+    loaded (vLLM's spawned engine core / workers do exactly that)."""
+    import pickle
+    import subprocess
+    import sys
+
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from dpe_kernels.integrations.vllm import BACKEND_MEMBER, DPE_BACKEND_PATH
+
+    cfg = _real_config(_tiny_dir(), {"preset": "auto"})
+    cfg.attention_config.backend = AttentionBackendEnum[BACKEND_MEMBER]
+    assert AttentionBackendEnum[BACKEND_MEMBER].get_path() == DPE_BACKEND_PATH
+    (tmp_path / "cfg.pkl").write_bytes(pickle.dumps(cfg))
+    code = ("import pickle, sys; c = pickle.loads(open(sys.argv[1], 'rb').read()); "
+            "print('backend', c.attention_config.backend.name)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cfg.pkl")], capture_output=True, text=True,
+                         cwd="/", env=dict(__import__("os").environ, VLLM_PLUGINS=""))
+    assert out.returncode == 0 and f"backend {BACKEND_MEMBER}" in out.stdout, out.stderr[-3000:]
+
+
+def test_vllm_version_guard(tmp_path):
+    """Outside the tested range: one warning, plain engines unaffected, a dpe engine refused by name."""
+    import subprocess
+    import sys
+
+    from dpe_kernels.integrations.vllm import vllm_version_supported
+
+    assert vllm_version_supported("0.32.0")[0] and vllm_version_supported("0.32.3")[0]
+    assert not vllm_version_supported("0.33.0")[0] and not vllm_version_supported("0.31.9")[0]
+    code = f"""
+import vllm
+vllm.__version__ = "0.40.0"
+import dpe_kernels.integrations.vllm as plugin
+plugin.register()
+from vllm.engine.arg_utils import EngineArgs
+kw = dict(model={str(_tiny_dir())!r}, dtype="float32", skip_tokenizer_init=True, max_model_len=256)
+EngineArgs(**kw).create_engine_config()
+print("PLAIN_OK")
+try:
+    EngineArgs(additional_config={{"dpe": {{"preset": "auto"}}}}, **kw).create_engine_config()
+except ValueError as e:
+    print("REFUSED", e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    assert "PLAIN_OK" in out.stdout and "REFUSED dpe (additional_config['dpe']): vLLM 0.40.0" in out.stdout, text[-3000:]
+    assert text.count("the DPE plugin is disabled (vLLM runs without it") == 1, text[-3000:]
 
 
 # --------------------------------------------------------------------------- engines vs HF

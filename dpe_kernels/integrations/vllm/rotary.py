@@ -21,7 +21,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["RotaryFacts", "rotary_facts", "register_rotaries", "IDENTITY_OP_NAME"]
+__all__ = ["RotaryFacts", "rotary_facts", "register_rotaries", "reset", "IDENTITY_OP_NAME"]
 
 IDENTITY_OP_NAME = "dpe_identity_rotary"
 
@@ -54,6 +54,12 @@ def rotary_facts() -> Optional[RotaryFacts]:
         raise ValueError(f"dpe: the model builds {len(facts)} different rotary embeddings "
                          "(per-layer frequencies or head sizes); DPE serves models with one")
     return facts[0]
+
+
+def reset() -> None:
+    """Forget the recorded rotaries (a new model is about to be built in this process)."""
+    with _LOCK:
+        _FACTS.clear()
 
 
 def _record(rot) -> None:
