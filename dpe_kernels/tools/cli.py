@@ -328,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(with the mask when --mask is given, and calibrated_length = the target) "
                                    "and the ascent's decisions (OUT with .trace.json).")
     t.add_argument("--target-length", type=_positive_int, default=16384, help="target length in tokens (default: 16384)")
+    t.add_argument("--ship-to", default=None, metavar="DIR",
+                   help="also write the result into the Hugging Face model directory DIR (config.json 'dpe' block, "
+                        "max_position_embeddings = --target-length): `vllm serve DIR` then serves DPE")
     t.add_argument("--scales", nargs="+", type=_positive_int, default=[1, 2, 4, 8, 16],
                    help="scales tried per group (default: 1 2 4 8 16)")
     t.add_argument("--scorer", default="passkey-logprob", choices=SCORERS,
@@ -737,6 +740,12 @@ def cmd_detect(args) -> int:
     print(f"wrote {out} (scales {list(res.config.scales)}, window {res.config.window}, calibrated for "
           f"{res.config.calibrated_length} tokens{', mask ' + args.dpe_mask if args.dpe_mask else ''}) and {trace}; "
           f"{len(res.records)} records in {jsonl}")
+    if args.ship_to:
+        try:
+            _export_hf().ship_dpe(args.ship_to, res.config, args.target_length, train_length=T)
+        except ValueError as e:
+            raise CLIError(f"--ship-to: {e}") from None
+        print(f"switched DPE on in {args.ship_to}/config.json (target {args.target_length})")
     return 0
 
 

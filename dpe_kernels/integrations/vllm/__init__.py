@@ -43,7 +43,7 @@ import logging
 __all__ = ["register", "check_selection", "CPU_BACKEND_PATH", "BACKEND_NAME", "BACKEND_MEMBER",
            "TESTED_VLLM", "vllm_version_supported"]
 
-BACKEND_NAME = "DPE"  # the backend's get_name()
+BACKEND_NAME = "CUSTOM"  # the backend's get_name(): vLLM looks layers up as AttentionBackendEnum[get_name()]
 BACKEND_MEMBER = "CUSTOM"  # the AttentionBackendEnum member the plugin points at its backend
 CPU_BACKEND_PATH = f"{__name__}.CPUAttentionBackendSelected"
 DPE_BACKEND_PATH = f"{__name__}.backend.DPEAttentionBackend"
@@ -138,6 +138,10 @@ def on_engine_config(vllm_config) -> None:
     _last_engine_mode = mode
     if settings is not None:
         from vllm.platforms import current_platform
+
+        warning = settings.within_pretraining_warning()
+        if warning:  # once, in the process that configures the engine
+            logger.warning("%s", warning)
 
         if not current_platform.is_cpu() and vllm_config.attention_config.backend is None:
             from vllm.v1.attention.backends.registry import AttentionBackendEnum

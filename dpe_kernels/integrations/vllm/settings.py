@@ -249,6 +249,16 @@ class EngineSettings:
     train_source: str = "?"
     target_source: str = "?"
 
+    def within_pretraining_warning(self) -> Optional[str]:
+        """The warning for a target length within the pre-training length (None when beyond)."""
+        if self.target_length > self.train_length:
+            return None
+        cfg = self.options.file_config or (_calibrated_or_none(self.options.preset) if self.options.preset else None)
+        window = cfg.window if cfg is not None else self.options.window
+        return (f"dpe: the target length {self.target_length} ({self.target_source}) is within the model's "
+                f"pre-training length {self.train_length} ({self.train_source}): no extension is needed, yet "
+                f"DPE still changes the attention of every request longer than its window ({window} tokens)")
+
     @property
     def scaled_heads_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads if self.per_query_head_mask else 1
@@ -401,11 +411,6 @@ def check_engine(vllm_config, options: DPEOptions) -> EngineSettings:
     if cfg is not None and 2 * cfg.num_pairs > settings.head_size:
         raise _err(f"the config covers {cfg.num_pairs} rotary pairs, more than head_size "
                    f"{settings.head_size} holds")
-    if target <= train:
-        window = cfg.window if cfg is not None else options.window
-        logger.warning("dpe: the target length %d (%s) is within the model's pre-training length %d (%s): no "
-                       "extension is needed, yet DPE still changes the attention of every request longer than "
-                       "its window (%d tokens)", target, target_src, train, train_src, window)
     return settings
 
 
