@@ -489,6 +489,9 @@ def test_export_hf_directory(smollm2_dir, tmp_path):
     with pytest.raises(ValueError, match="dtype must be one of"):
         export_hf("smollm2", tmp_path / "x", dtype="int8")
     assert main(["--model", "smollm2", "--out", str(smollm2_dir)]) == 2  # no --overwrite: exit 2
+    # --dpe needs --target-length (and the reverse): exit 2 before anything is written
+    assert main(["--model", "smollm2", "--out", str(tmp_path / "y"), "--dpe", "auto"]) == 2
+    assert not (tmp_path / "y").exists()
 
 
 # --------------------------------------------------------------------------- fast path (item: host overhead)
