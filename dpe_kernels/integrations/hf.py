@@ -267,14 +267,14 @@ class DPEHandle:
 
 
 def train_length(model) -> int:
-    """The model's pre-training context length (original_max_position_embeddings when a rope
-    scaling says so, else max_position_embeddings)."""
-    cfg = model.config
-    for attr in ("rope_parameters", "rope_scaling"):
-        rp = getattr(cfg, attr, None)
-        if isinstance(rp, dict) and rp.get("original_max_position_embeddings"):
-            return int(rp["original_max_position_embeddings"])
-    return int(getattr(cfg, "max_position_embeddings", 0) or 0) or 4096
+    """The model's pre-training context length by the package's one rule
+    (:func:`dpe_kernels.integrations.lengths.pretraining_length`: a ``dpe.train_length``, else
+    ``max_position_embeddings`` for ``rope_type: "llama3"``, else a rope scaling's
+    ``original_max_position_embeddings``, else ``max_position_embeddings``); 4096 if none."""
+    from .lengths import pretraining_length
+
+    n, _ = pretraining_length(model.config)
+    return n or 4096
 
 
 def register_handle(model, handle: DPEHandle) -> DPEHandle:

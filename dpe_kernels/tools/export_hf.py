@@ -103,6 +103,57 @@ def export_hf(model: str = "smollm2", out: Union[str, Path] = None, *, dtype: st
     return out
 
 
+def ship_dpe(model_dir: Union[str, Path], dpe: Union[str, Path, "DPEConfig"], target_length: int, *,  # noqa: F821
+              train_length: Optional[int] = None, window: Optional[int] = None) -> dict:
+    """Write the DPE switch into the model directory's ``config.json``: a ``"dpe"`` block and
+    ``max_position_embeddings`` raised to ``target_length``, so that ``vllm serve DIR`` /
+    ``LLM(DIR)`` (with the plugin installed) serves DPE at that length with no other flag.
+
+    Why inside ``config.json`` (not a ``dpe_config.json`` beside it): vLLM loads ``config.json``
+    for a local directory and a hub id alike and pickles the loaded config to every engine process,
+    so the switch reaches the workers with no file path to resolve; and ``max_model_len`` /
+    ``max_position_embeddings`` must be in ``config.json`` anyway for vLLM to accept the length.
+
+    ``dpe``: a preset name (``auto``, ``uniform``, a paper or calibrated preset), a DPEConfig
+    JSON path or a :class:`~dpe_kernels.DPEConfig` (written inline, mask included).
+    ``train_length``: default the model's pre-training length by the package's rule, read from
+    ``config.json`` before it is changed (kept in the block: the raised
+    ``max_position_embeddings`` no longer says it). Returns the block."""
+    from ..config import DPEConfig, preset_names
+    from ..integrations.lengths import pretraining_length
+
+    path = Path(model_dir).expanduser() / _MARKER
+    if not path.is_file():
+        raise ValueError(f"{str(model_dir)!r} has no {_MARKER}: not a Hugging Face model directory")
+    d = json.loads(path.read_text())
+    if train_length is None:
+        train_length, _ = pretraining_length(d)
+        if not train_length:
+            raise ValueError(f"{path}: no pre-training length (max_position_embeddings); pass train_length")
+    if not isinstance(target_length, int) or target_length < 1:
+        raise ValueError(f"target_length must be a positive int, got {target_length!r}")
+    if isinstance(dpe, DPEConfig):
+        block = {"config": dpe.to_dict()}
+    elif isinstance(dpe, str) and dpe in preset_names():
+        block = {"preset": dpe}
+        if window is not None:
+            block["window"] = int(window)
+    elif Path(str(dpe)).expanduser().is_file():
+        block = {"config": DPEConfig.from_json(Path(str(dpe)).expanduser()).to_dict()}
+    else:
+        raise ValueError(f"dpe {str(dpe)!r} is neither a preset ({preset_names()}) nor a DPEConfig JSON file")
+    if "config" in block and window is not None:
+        raise ValueError("window applies to presets; a DPEConfig carries its own window")
+    block.update(train_length=int(train_length), target_length=int(target_length))
+    tc = d.get("text_config") if isinstance(d.get("text_config"), dict) else d
+    tc["max_position_embeddings"] = max(int(target_length), int(tc.get("max_position_embeddings") or 0))
+    d["dpe"] = block
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(d, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    return block
+
+
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     """The ``export-hf`` options (on ``parser`` when given, e.g. a CLI subparser)."""
     p = parser or argparse.ArgumentParser(
@@ -114,6 +165,11 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     p.add_argument("--dtype", default="float32", choices=EXPORT_DTYPES,
                    help="dtype of the written weights (default: float32)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
+    p.add_argument("--dpe", default=None, metavar="PRESET_OR_JSON",
+                   help="also switch DPE on inside the export: a 'dpe' block in config.json (a preset name or "
+                        "a DPEConfig JSON, written inline) and max_position_embeddings = --target-length, so "
+                        "`vllm serve OUT` serves DPE with the plugin installed")
+    p.add_argument("--target-length", type=int, default=None, help="the DPE target length (needed with --dpe)")
     return p
 
 
@@ -129,8 +185,16 @@ def run(args: argparse.Namespace, prog: str = "dpe export-hf") -> int:
         print(f"{prog}: error: --out {args.out!r} already holds a model; pass --overwrite to replace it",
               file=sys.stderr)
         return 2
+    dpe, target = getattr(args, "dpe", None), getattr(args, "target_length", None)
+    if (dpe is None) != (target is None):
+        print(f"{prog}: error: --dpe and --target-length go together", file=sys.stderr)
+        return 2
     try:
         path = export_hf(args.model, out, dtype=args.dtype, overwrite=args.overwrite)
+        if dpe is not None:
+            block = ship_dpe(path, dpe, target)
+            print(f"DPE switched on in {path / _MARKER}: target {target}, pre-training length "
+                  f"{block['train_length']}")
     except (ValueError, ModelNotAvailableError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

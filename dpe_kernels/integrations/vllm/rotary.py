@@ -21,7 +21,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["RotaryFacts", "rotary_facts", "register_rotaries", "IDENTITY_OP_NAME"]
+__all__ = ["RotaryFacts", "rotary_facts", "register_rotaries", "reset", "IDENTITY_OP_NAME"]
 
 IDENTITY_OP_NAME = "dpe_identity_rotary"
 
@@ -56,6 +56,12 @@ def rotary_facts() -> Optional[RotaryFacts]:
     return facts[0]
 
 
+def reset() -> None:
+    """Forget the recorded rotaries (a new model is about to be built in this process)."""
+    with _LOCK:
+        _FACTS.clear()
+
+
 def _record(rot) -> None:
     inv = rot._compute_inv_freq(rot.base).detach().to("cpu", torch.float32).contiguous()
     facts = RotaryFacts(int(rot.head_size), int(rot.rotary_dim), bool(rot.is_neox_style), inv)
@@ -70,7 +76,8 @@ def _make_identity_class(base):
         def __init__(self, *args, **kwargs):
             from vllm.config import get_current_vllm_config_or_none
 
-            from .settings import check_selection, engine_settings
+            from .selection import check_selection
+            from .settings import engine_settings
 
             vllm_config = get_current_vllm_config_or_none()
             settings = engine_settings(vllm_config)

@@ -104,13 +104,24 @@ def run_engine(spec: dict) -> dict:
     """``spec``: ``{"llm": LLM kwargs, "batches": [[request, ...], ...]}``; a request is
     ``{"name", "prompt" (token ids), "max_tokens", "prompt_logprobs": bool, "logprobs": bool}``.
     Batches run one after another (one ``generate`` call each); returns
-    ``{"requests": {name: result}, "start_s", "batch_s": [...]}``."""
+    ``{"requests": {name: result}, "start_s", "batch_s": [...], "max_model_len"}``.
+    ``{"engines": [spec, ...]}`` runs several engines one after another in this process and returns
+    ``{"engines": [result, ...]}`` (with ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` they share it)."""
+    if "engines" in spec:
+        import gc
+
+        results = []
+        for one in spec["engines"]:
+            results.append(run_engine(one))
+            gc.collect()
+        return {"engines": results}
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     t0 = time.perf_counter()
     llm = LLM(**spec["llm"])
     start = time.perf_counter() - t0
+    max_model_len = int(llm.llm_engine.model_config.max_model_len)
     results: Dict[str, dict] = {}
     batch_s = []
     for batch in spec["batches"]:
@@ -124,7 +135,14 @@ def run_engine(spec: dict) -> dict:
         batch_s.append(time.perf_counter() - t)
         for r, o in zip(batch, outs):
             results[r["name"]] = _request_result(o, bool(r.get("prompt_logprobs")))
-    return {"requests": results, "start_s": start, "batch_s": batch_s}
+    metrics = {}
+    if spec.get("metrics"):  # needs "disable_log_stats": False in the LLM kwargs
+        for m in llm.get_metrics():
+            if isinstance(getattr(m, "value", None), (int, float)):
+                metrics[m.name] = metrics.get(m.name, 0) + m.value
+    del llm
+    return {"requests": results, "start_s": start, "batch_s": batch_s, "max_model_len": max_model_len,
+            "metrics": metrics}
 
 
 def run_engine_subprocess(spec: dict, workdir, *, env: Optional[dict] = None, timeout: float = 900,
@@ -148,16 +166,60 @@ def run_engine_subprocess(spec: dict, workdir, *, env: Optional[dict] = None, ti
     return json.loads(out_path.read_text())
 
 
+def tiny_decode_layer(batch: int = 1, context: int = 64, *, window: int = 32, seed: int = 0) -> dict:
+    """One DPE attention layer of the plugin (``DPEAttentionImpl``) built under a real VllmConfig of
+    the tiny random Llama (4 query / 2 KV heads, head_dim 64), with a random paged cache (block
+    size 16) and the metadata of a decode step (``batch`` sequences of ``context`` keys). For the
+    host-overhead benchmark and the fast-path test; returns the pieces as a dict
+    (``impl``, ``layer``, ``query``, ``key``, ``value``, ``kv_cache``, ``metadata``, ``output``)."""
+    import torch
+    from types import SimpleNamespace
+    from vllm.config import set_current_vllm_config
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    from .backend import DPEAttentionImpl, DPEAttentionMetadata
+
+    model = tiny_llama_dir(CACHE / "tiny-llama-4h2kv", num_heads=4, num_kv_heads=2, head_dim=64, layers=2)
+    cfg = EngineArgs(model=str(model), dtype="float32", skip_tokenizer_init=True, max_model_len=1024,
+                     additional_config={"dpe": {"preset": "uniform", "window": window}}).create_engine_config()
+    hq, hk, d, bs = 4, 2, 64, 16
+    with set_current_vllm_config(cfg):
+        get_rope(d, max_position=1024, is_neox_style=True,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, dtype=torch.float32)
+        impl = DPEAttentionImpl(hq, d, d ** -0.5, hk, None, None, "auto")
+        impl.process_weights_after_loading(torch.float32)
+    per_seq = (context + bs - 1) // bs
+    nb = batch * per_seq + 1
+    g = torch.Generator().manual_seed(seed)
+    kv_cache = torch.randn(nb, hk, bs, 3 * d, generator=g)
+    t = batch
+    md = DPEAttentionMetadata(
+        num_actual_tokens=t, max_query_len=1, max_seq_len=context,
+        query_start_loc=torch.arange(batch + 1, dtype=torch.int32),
+        seq_lens=torch.full((batch,), context, dtype=torch.int32),
+        block_table=torch.arange(batch * per_seq, dtype=torch.int32).view(batch, per_seq),
+        slot_mapping=torch.tensor([i * per_seq * bs + context - 1 for i in range(batch)], dtype=torch.int64),
+        positions=torch.full((t,), context - 1, dtype=torch.int64))
+    rows = t + 4  # vLLM's buffers are longer than the step's tokens
+    return dict(impl=impl, layer=SimpleNamespace(layer_name="model.layers.0.self_attn.attn"),
+                query=torch.randn(rows, hq, d, generator=g), key=torch.randn(rows, hk, d, generator=g),
+                value=torch.randn(rows, hk, d, generator=g), kv_cache=kv_cache, metadata=md,
+                output=torch.zeros(rows, hq, d), block_size=bs)
+
+
 # --------------------------------------------------------------------------- HF side
-def hf_reference(model_dir, requests: Sequence[dict], *, dpe_config=None, device: str = "cpu") -> Dict[str, dict]:
-    """Greedy tokens, their log-probs and prompt log-probs from HF ``transformers`` (float32),
-    with :func:`~dpe_kernels.integrations.hf.apply_dpe` when ``dpe_config`` is given."""
+def hf_reference(model_dir, requests: Sequence[dict], *, dpe_config=None, device: str = "cpu",
+                 dtype: str = "float32") -> Dict[str, dict]:
+    """Greedy tokens, their log-probs and prompt log-probs from HF ``transformers`` (``dtype``
+    weights and activations, log-softmax in float32), with
+    :func:`~dpe_kernels.integrations.hf.apply_dpe` when ``dpe_config`` is given."""
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
     from ..hf import apply_dpe, cache_kwargs
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True,
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype), local_files_only=True,
                                                  attn_implementation="sdpa").to(device).eval()
     handle = None
     if dpe_config is not None:

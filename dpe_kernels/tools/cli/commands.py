@@ -383,6 +383,14 @@ def cmd_detect(args) -> int:
     print(f"wrote {out} (scales {list(res.config.scales)}, window {res.config.window}, calibrated for "
           f"{res.config.calibrated_length} tokens{', mask ' + args.dpe_mask if args.dpe_mask else ''}) and {trace}; "
           f"{len(res.records)} records in {jsonl}")
+    if args.ship_to:
+        from .. import export_hf
+
+        try:
+            export_hf.ship_dpe(args.ship_to, res.config, args.target_length, train_length=T)
+        except ValueError as e:
+            raise CLIError(f"--ship-to: {e}") from None
+        print(f"switched DPE on in {args.ship_to}/config.json (target {args.target_length})")
     return 0
 
 

@@ -298,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(with the mask when --mask is given, and calibrated_length = the target) "
                                    "and the ascent's decisions (OUT with .trace.json).")
     t.add_argument("--target-length", type=_positive_int, default=16384, help="target length in tokens (default: 16384)")
+    t.add_argument("--ship-to", default=None, metavar="DIR",
+                   help="also write the result into the Hugging Face model directory DIR (config.json 'dpe' block, "
+                        "max_position_embeddings = --target-length): `vllm serve DIR` then serves DPE")
     t.add_argument("--scales", nargs="+", type=_positive_int, default=[1, 2, 4, 8, 16],
                    help="scales tried per group (default: 1 2 4 8 16)")
     t.add_argument("--scorer", default="passkey-logprob", choices=SCORERS,
