@@ -500,8 +500,7 @@ def test_fast_path_matches_checked_path_and_skips_checks(monkeypatch):
     to fail here) and give the same output; inconsistent metadata is still refused."""
     import dataclasses
 
-    import dpe_kernels.paged_attention as pa
-    import dpe_kernels.rope as rope
+    import dpe_kernels.checks as checks
     from dpe_kernels.integrations.vllm.testing import tiny_decode_layer
 
     x = tiny_decode_layer(batch=3, context=80)
@@ -514,9 +513,9 @@ def test_fast_path_matches_checked_path_and_skips_checks(monkeypatch):
         def boom(*a, **k):
             raise AssertionError("a full check ran on the fast path")
 
-        monkeypatch.setattr(rope, "_check_inputs", boom)
-        monkeypatch.setattr(pa, "_check_metadata", boom)
-        monkeypatch.setattr(pa, "_check_values", boom)
+        # every full check of the two public ops (dpe_kernels.checks, called as checks.<name>)
+        for name in ("rope_cache_args", "rope_values", "paged_args", "paged_values"):
+            monkeypatch.setattr(checks, name, boom)
         again = impl.forward(*args, x["output"].clone())[:3]
         assert torch.equal(first, again)
         bad = dataclasses.replace(md, slot_mapping=md.slot_mapping[:2])
