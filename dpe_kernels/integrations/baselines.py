@@ -137,7 +137,8 @@ def apply_method(model: torch.nn.Module, name: str, *, allow_untested_transforme
     """
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
-    check_transformers(allow_untested_transformers)
+    if name not in ("self_extend", "dpe"):  # those two go through apply_dpe, which checks it once
+        check_transformers(allow_untested_transformers)
     check_not_patched(model)
 
     def take(*allowed, required=()):
@@ -181,8 +182,9 @@ def apply_method(model: torch.nn.Module, name: str, *, allow_untested_transforme
         npairs = int(rotary.inv_freq.shape[-1])
         cfg = DPEConfig(window=kw["window"], group_boundaries=(0, npairs), scales=(kw["group_size"],))
         extra = {k: kw[k] for k in backends if k in kw}
-        return apply_dpe(model, cfg, method="self_extend", allow_untested_transformers=True, **extra)
+        return apply_dpe(model, cfg, method="self_extend", allow_untested_transformers=allow_untested_transformers,
+                         **extra)
     take("config", "mask", *backends, required=("config",))
     extra = {k: kw[k] for k in backends if k in kw}
-    # The version was checked above (warned there once when allowed).
-    return apply_dpe(model, kw["config"], kw.get("mask"), allow_untested_transformers=True, **extra)
+    return apply_dpe(model, kw["config"], kw.get("mask"), allow_untested_transformers=allow_untested_transformers,
+                     **extra)
