@@ -10,9 +10,9 @@ bench/results/calibration_smollm2_<16k|32k>.md.
     python bench/calibrate_smollm2.py --target 16384 --needles 10    # the multi-needle scorer (own records)
 
 With --needles N a sample is a context of N labelled needles, each question scored as if it alone
-followed the context (`dpe detect --needles`): sweep contexts 0-1, fresh contexts 2-3 (2 forwards and
-2N needles per candidate), gains paired per needle with standard errors over contexts; the mask step
-scores 2 contexts of N needles per side. Its files go to calibration_smollm2_<16k|32k>_n<N>/.
+followed the context (`dpe detect --needles`): C = max(2, ceil(20 / N)) sweep contexts and C fresh
+ones (C forwards and at least 20 needles per candidate: N=4 -> 5 contexts, N=10 -> 2), gains paired
+per needle with standard errors over contexts; the mask step scores C contexts of N needles per side. Its files go to calibration_smollm2_<16k|32k>_n<N>/.
 
 Steps (each resumes from its files under bench/results/calibration_smollm2_<16k|32k>/):
   1. dpe detect: coordinate ascent from the Self-Extend point (every group at 2 * ceil(target / 8K)),
@@ -46,7 +46,8 @@ SCALES = [1, 2, 4, 8, 16]
 SAMPLES, FRESH, MAX_PASSES, KEYS = 5, 5, 3, 4
 TRAIN = 8192
 NEEDLES = None            # --needles N: contexts of N needles (set by main)
-CONTEXTS, FRESH_CONTEXTS = 2, 2
+MIN_NEEDLES = 20          # per candidate (issue 21): contexts = max(2, ceil(MIN_NEEDLES / N)), sweep and fresh each
+CONTEXTS, FRESH_CONTEXTS = 2, 2  # set by main from N
 
 
 def tag(target: int) -> str:
@@ -259,8 +260,10 @@ def main(argv=None):
         ap.error("--threads must be >= 1")
     if args.needles is not None and not 1 <= args.needles <= 24:
         ap.error("--needles must be in 1..24")
-    global NEEDLES
+    global NEEDLES, CONTEXTS, FRESH_CONTEXTS
     NEEDLES = args.needles
+    if NEEDLES:
+        CONTEXTS = FRESH_CONTEXTS = max(2, -(-MIN_NEEDLES // NEEDLES))
     if args.worker:
         from dpe_kernels.tools.cli import main as dpe_main
 

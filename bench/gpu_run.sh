@@ -15,7 +15,7 @@
 #     quality  bench/eval_quality.py --device cuda (the SmolLM2 model must be installed)
 #     needles  bench/needle_signal.sh --device cuda (single vs 10-needle contexts at 16K, resuming the
 #              CPU records) and its report bench/results/needles_smollm2_16k.md
-#     calibrate  bench/calibrate_smollm2.py --needles 10 --device cuda for the 16K target (resuming
+#     calibrate  bench/calibrate_smollm2.py --needles $NEEDLES (default 4) --device cuda for the 16K target (resuming
 #              the CPU records under bench/results/calibration_smollm2_16k_n10/) and the 32K target;
 #              each writes its report; then --ship for each complete one (the preset is written only
 #              from a complete run)
@@ -31,6 +31,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}
+NEEDLES=${DPE_NEEDLES:-4}  # needles per calibration context (bench/results/needles_smollm2_16k.md: N=4 degrades the signal less than 10)
 if [[ -n ${DPE_WHEELS:-} || -n ${DPE_SMOLLM2_GGUF:-} ]]; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
@@ -103,10 +104,10 @@ stage_needles() {
 }
 
 stage_calibrate() {
-  log "calibration on $GPU (10 needles per context): 16K (resumes the committed records), then 32K"
+  log "calibration on $GPU ($NEEDLES needles per context): 16K (resumes the committed records), then 32K"
   for target in 16384 32768; do
-    $PY bench/calibrate_smollm2.py --target "$target" --needles 10 --device cuda || return 1
-    $PY bench/calibrate_smollm2.py --target "$target" --needles 10 --ship || true  # refuses an incomplete run
+    $PY bench/calibrate_smollm2.py --target "$target" --needles "$NEEDLES" --device cuda || return 1
+    $PY bench/calibrate_smollm2.py --target "$target" --needles "$NEEDLES" --ship || true  # refuses an incomplete run
   done
 }
 
