@@ -28,7 +28,8 @@ How it hooks in (vLLM 0.32, pinned by the extras):
     vLLM's own ``CPUAttentionBackend`` without DPE and to the DPE backend with it;
   - a wrapper of ``EngineArgs.create_engine_config`` (the one call every engine makes in the
     process that configures it): it checks a DPE engine's settings before any process starts,
-    selects ``CUSTOM`` on CUDA, and when the process already built an engine of the other kind
+    adds :class:`.requests.DPERequestConfigs` to its logits processors (per-request
+    configurations: ``SamplingParams(extra_args={"dpe": ...})``), selects ``CUSTOM`` on CUDA, and when the process already built an engine of the other kind
     (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) drops vLLM's per-process caches of attention backends
     and rotary objects, so that each engine gets its own.
 
@@ -133,8 +134,18 @@ def on_engine_config(vllm_config) -> None:
     if _last_engine_mode != () and _last_engine_mode != mode:
         reset_process_caches()
     _last_engine_mode = mode
+    from .requests import REQUEST_PROCESSOR_PATH, set_front_settings
+
+    set_front_settings(settings)
     if settings is not None:
         from vllm.platforms import current_platform
+
+        # The per-request configurations travel through a logits processor that only DPE engines
+        # get (validate_params in the front end; batch rows in the worker; it changes no logit).
+        mc = vllm_config.model_config
+        procs = list(mc.logits_processors or [])
+        if REQUEST_PROCESSOR_PATH not in procs:
+            mc.logits_processors = procs + [REQUEST_PROCESSOR_PATH]
 
         warning = settings.within_pretraining_warning()
         if warning:  # once, in the process that configures the engine
@@ -165,11 +176,6 @@ def reset_process_caches() -> None:
     from . import rotary
 
     rotary.reset()
-    import sys
-
-    backend = sys.modules.get(f"{__name__}.backend")
-    if backend is not None:
-        backend._SCALED_PER_KV = None
 
 
 def __getattr__(name: str):
