@@ -282,13 +282,14 @@ class DPEAttentionImpl(AttentionImpl):
         return facts, self.settings.dpe_config(facts.inv_freq)
 
     def _layer_state(self, layer) -> _LayerState:
-        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+        from vllm.distributed import parallel_state
         from vllm.model_executor.models.utils import extract_layer_index
 
         facts, _ = self._model_config()
         s = self.settings
-        q_sl, _ = rank_head_slices(s.num_heads, s.num_kv_heads, get_tensor_model_parallel_world_size(),
-                                   get_tensor_model_parallel_rank())
+        tp = getattr(parallel_state, "_TP", None)  # None outside an engine (unit tests, benchmarks)
+        size, rank = (1, 0) if tp is None else (tp.world_size, tp.rank_in_group)
+        q_sl, _ = rank_head_slices(s.num_heads, s.num_kv_heads, size, rank)
         return _LayerState(layer_index=extract_layer_index(layer.layer_name), rotary_dim=facts.rotary_dim,
                            neox=facts.is_neox_style, q_slice=q_sl)
 

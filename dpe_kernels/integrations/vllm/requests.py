@@ -123,7 +123,10 @@ class DPERequestConfigs(LogitsProcessor):  # type: ignore[misc,valid-type]
     def validate_params(cls, sampling_params) -> None:
         extra = getattr(sampling_params, "extra_args", None) or {}
         if DPE_KEY in extra and extra[DPE_KEY] is not None:
-            check_request(extra[DPE_KEY], _FRONT["settings"])
+            try:
+                check_request(extra[DPE_KEY], _FRONT["settings"])
+            except TypeError as e:  # vLLM turns ValueError (only) into a validation error: HTTP 400
+                raise ValueError(str(e)) from None
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         from .settings import engine_settings
