@@ -672,24 +672,28 @@ def test_kv_capacity_equals_plain_vllm(tiny, tmp_path):
 
 
 def test_per_request_configurations_in_one_batch_and_on_one_prefix(tiny, tmp_path):
-    """One batch mixing the engine default, "off" and an inline config; then the same prompts again
-    with other configurations, reading the prefix cached by the first batch: every request gets the
-    tokens (and log-probs) it gets alone from the Hugging Face integration at its configuration."""
+    """One batch mixing the engine default, "off" and an inline config; then the same prompts
+    again: every request gets the tokens (and log-probs) it gets alone from the Hugging Face
+    integration at its configuration. A prompt cached under one configuration is reused by the same
+    configuration (t1b, t2b: cached tokens) and NOT by another (t0b: layer 1's cached keys depend on
+    layer 0's attention, which the configuration changes; without the per-configuration salt t0b's
+    log-probs were 0.24 off)."""
     other = DPEConfig.uniform(16, [2, 8, 1, 4], 32)
     want_other = hf_reference(tiny.dir, tiny.reqs, dpe_config=other)
     no_plp = [dict(r, prompt_logprobs=False) for r in tiny.reqs]  # prompt log-probs bypass the prefix cache
     first = [dict(no_plp[0]), dict(no_plp[1], extra_args={"dpe": "off"}),
              dict(no_plp[2], extra_args={"dpe": {"config": other.to_dict()}})]
     second = [dict(no_plp[0], name="t0b", extra_args={"dpe": "off"}),
-              dict(no_plp[1], name="t1b", extra_args={"dpe": {"config": other.to_dict()}}),
-              dict(no_plp[2], name="t2b")]
+              dict(no_plp[1], name="t1b", extra_args={"dpe": "off"}),
+              dict(no_plp[2], name="t2b", extra_args={"dpe": {"config": other.to_dict()}})]
     spec = {"llm": _tiny_engine(tiny, enable_prefix_caching=True, block_size=16), "batches": [first, second]}
     got = run_engine_subprocess(spec, tmp_path)["requests"]
     expect = {"t0": tiny.want["t0"], "t1": tiny.plain["t1"], "t2": want_other["t2"],
-              "t0b": tiny.plain["t0"], "t1b": want_other["t1"], "t2b": tiny.want["t2"]}
+              "t0b": tiny.plain["t0"], "t1b": tiny.plain["t1"], "t2b": want_other["t2"]}
     for name, want in expect.items():
         _assert_same(got[name], want, name)
-    assert all(got[n]["num_cached_tokens"] > 0 for n in ("t0b", "t1b", "t2b")), got
+    assert got["t0b"]["num_cached_tokens"] == 0, got["t0b"]
+    assert got["t1b"]["num_cached_tokens"] > 0 and got["t2b"]["num_cached_tokens"] > 0, got
 
 
 def test_bad_request_fails_alone(tiny, tmp_path):
@@ -781,3 +785,8 @@ def test_request_keys_and_the_batch_rows():
     assert m.shape == (3, 4, 32) and m[:2].all()
     assert torch.equal(m[2], masked.mask[1].repeat_interleave(2, 0))
     assert t.pair_scale("cpu").shape == (3, 32) and t.window("cpu").tolist() == [64, 1, 8]
+    from dpe_kernels.integrations.vllm.requests import cache_salt
+
+    salts = [cache_salt(k) for k in (DEFAULT, OFF, ("length", 1025), ("length", 1026),
+                                     check_request("auto", s), check_request({"preset": "auto", "window": 8}, s))]
+    assert salts[0] is None and len(set(salts[1:])) == 5, salts

@@ -96,6 +96,37 @@ def register() -> None:
     if not AttentionBackendEnum.CPU_ATTN.is_overridden():
         register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND_PATH)
     _install_engine_hook()
+    _install_request_hook()
+
+
+def _install_request_hook() -> None:
+    """Wrap ``InputProcessor.process_inputs`` once (front end): a DPE engine's request with a
+    non-default configuration gets its own prefix-cache salt (:func:`.requests.cache_salt`)."""
+    try:
+        from vllm.sampling_params import SamplingParams
+        from vllm.v1.engine.input_processor import InputProcessor
+    except ImportError:
+        return
+    orig = InputProcessor.process_inputs
+    if getattr(orig, "_dpe_hook", False):
+        return
+
+    @functools.wraps(orig)
+    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        req = orig(self, request_id, prompt, params, *args, **kwargs)
+        from .settings import engine_settings
+
+        settings = engine_settings(self.vllm_config)
+        if settings is not None and isinstance(params, SamplingParams):
+            from .requests import cache_salt, request_key
+
+            salt = cache_salt(request_key(params, len(req.prompt_token_ids or ()), settings))
+            if salt is not None:
+                req.cache_salt = f"{req.cache_salt}|{salt}" if req.cache_salt else salt
+        return req
+
+    process_inputs._dpe_hook = True
+    InputProcessor.process_inputs = process_inputs
 
 
 def _install_engine_hook() -> None:

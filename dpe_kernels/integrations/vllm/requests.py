@@ -17,6 +17,13 @@ so a bad value fails that request alone (the OpenAI server answers 400) before a
 engine; in the worker its ``update_state`` sees each request join, leave and move within the
 persistent batch, so it knows every row's configuration in the order vLLM builds the attention
 metadata. It never changes a logit (``apply`` returns them unchanged, ``is_argmax_invariant``).
+
+Prefix caching: the cache holds unrotated keys, but only layer 0's keys and values are the same
+under every configuration; a deeper layer's depend on the attention of the layers before it, which
+the configuration changes for every token past the window. So a cached prefix is reused only by
+requests of the same configuration: :func:`cache_salt` gives every non-default configuration its
+own salt of vLLM's block hashes (added to the request's own ``cache_salt``, if any), in the front
+end, before the request reaches the scheduler.
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ from ...utils import is_int
 from .settings import DPE_KEY, EngineSettings, parse_options
 
 __all__ = ["DPERequestConfigs", "REQUEST_PROCESSOR_PATH", "request_key", "check_request", "ConfigTable",
-           "row_keys", "DEFAULT", "OFF"]
+           "row_keys", "DEFAULT", "OFF", "cache_salt"]
 
 REQUEST_PROCESSOR_PATH = "dpe_kernels.integrations.vllm.requests:DPERequestConfigs"
 DEFAULT: Tuple = ("default",)
@@ -107,6 +114,17 @@ def request_key(params, prompt_len: int, settings: EngineSettings) -> Tuple:
         length = min(int(prompt_len) + int(max_tokens), settings.max_model_len)
         return OFF if length <= settings.train_length else ("length", length)
     return DEFAULT
+
+
+def cache_salt(key: Tuple) -> Optional[str]:
+    """The prefix-cache salt of a request's configuration key (None: the engine default, which
+    keeps vLLM's own hashes). Keys of different configurations never share a salt; requests
+    with equal keys share cached prefixes."""
+    if key[0] == "default":
+        return None
+    if key[0] == "options":
+        return "dpe:" + key[1]
+    return "dpe:" + ":".join(str(x) for x in key)
 
 
 try:
