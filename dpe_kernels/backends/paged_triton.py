@@ -11,9 +11,20 @@ cover, one online softmax over both kinds of logits, ``triton_common``), plus:
   program each, whose float32 partial outputs and lse a second kernel merges
   (``num_splits == 1`` writes the output directly);
 * packed varlen queries through ``query_start_loc``; the grid is sized by the caller's
-  ``max_seqlen_q`` (never read back from the device).
+  ``max_seqlen_q`` (never read back from the device);
+* ``ROTARY`` (``paged_rotary_triton``, for ``dpe_paged_attention_rotary``): the same kernel over
+  a cache of UNROTATED keys. Each program loads its sequence's configuration
+  (``seq_config[b]``: window, pair scales, and with ``HAS_MASK`` the key dims of its query
+  head), rotates its queries once (normal and scaled) and rotates each key tile as it is
+  loaded, from the float32 cos/sin table: at the normal rows in tiles inside the window, at
+  the scaled rows in tiles beyond it, both in the tiles at its edge (the same tile classes).
+  Without a mask the ``n_rep`` query heads of a KV head share the rotated keys (GQA packed);
+  with one, one query head per program.
 
-Addressing: 64-bit scalar bases for block / token / head, 32-bit offsets inside a tile.
+``cache_write_triton`` writes new unrotated k / v into the paged caches at a slot mapping.
+
+Addressing: 64-bit scalar bases for block / token / head, 32-bit offsets inside a tile;
+table offsets (position x row stride) in 64 bits, positions (< 2^24) in 32.
 """
 from __future__ import annotations
 
