@@ -126,6 +126,12 @@ def test_parse_options_refuses_bad_keys(tmp_path):
         parse_options({"config": str(bad)})
     with pytest.raises(TypeError, match="must be a JSON object"):
         parse_options("auto")
+    with pytest.raises(ValueError, match="'backend' must be one of"):
+        parse_options({"preset": "auto", "backend": "cuda"})
+    with pytest.raises(ValueError, match="'by_length' chooses"):
+        parse_options({"preset": "smollm2-135m", "by_length": True})
+    with pytest.raises(TypeError, match="'by_length' must be true or false"):
+        parse_options({"by_length": "yes"})
     assert parse_options({"preset": "auto", "target_length": 4096}).target_length == 4096
 
 
@@ -596,12 +602,15 @@ def test_model_directory_switch(tiny, tmp_path):
         assert off["requests"][n]["tokens"] == tiny.plain[n]["tokens"], n
 
 
-@pytest.mark.parametrize("mode", ["block16", "preemption", "compiled"])
+@pytest.mark.parametrize("mode", ["block16", "preemption", "compiled", "triton"])
 def test_engine_modes(tiny, tmp_path, mode):
     """Block size 16 (128 is the default elsewhere), preemption (a KV budget that cannot hold the
-    batch: vLLM preempts and recomputes), and a compiled engine (no enforce_eager: the CPU default,
-    inductor, with the attention run eagerly between graph pieces)."""
-    over, metrics = {}, False
+    batch: vLLM preempts and recomputes), a compiled engine (no enforce_eager: the CPU default,
+    inductor, with the attention run eagerly between graph pieces), and the Triton kernels
+    (``"backend": "triton"``, run by Triton's interpreter on the CPU)."""
+    over, metrics, env = {}, False, None
+    if mode == "triton":  # the Triton kernels through the plugin (interpreted on the CPU)
+        env = {"TRITON_INTERPRET": "1"}
     if mode == "block16":
         over = dict(block_size=16)
     elif mode == "preemption":
@@ -613,8 +622,11 @@ def test_engine_modes(tiny, tmp_path, mode):
         over = dict(enforce_eager=False)
     reqs = [dict(r, max_tokens=60 if mode == "preemption" else 12) for r in tiny.reqs]
     want = tiny.want if mode != "preemption" else hf_reference(tiny.dir, reqs, dpe_config=tiny.cfg)
-    spec = {"llm": _tiny_engine(tiny, **over), "batches": [reqs], "metrics": metrics}
-    res = run_engine_subprocess(spec, tmp_path)
+    llm = _tiny_engine(tiny, **over)
+    if mode == "triton":
+        llm["additional_config"]["dpe"]["backend"] = "triton"
+    spec = {"llm": llm, "batches": [reqs], "metrics": metrics}
+    res = run_engine_subprocess(spec, tmp_path, env=env)
     for r in reqs:
         _assert_same(res["requests"][r["name"]], want[r["name"]], f"{mode} {r['name']}")
     if mode == "preemption":

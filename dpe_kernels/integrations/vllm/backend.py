@@ -379,9 +379,10 @@ class DPEAttentionImpl(AttentionImpl):
                                    pair_scale, window, seq_config=m.seq_config, mask=st.mask,
                                    rotary_dim=st.rotary_dim, layout="neox" if st.neox else "gptj",
                                    softmax_scale=self.scale, max_seqlen_q=m.max_query_len,
-                                   max_seqlen_k=m.max_seq_len, out=output[:t], check_inputs=True)
+                                   max_seqlen_k=m.max_seq_len, out=output[:t], check_inputs=True,
+                                   backend=self.settings.options.backend)
         # What the fast path needs from now on.
-        st.backend = pick("paged_rotary", "auto", query.device, query.dtype)
+        st.backend = pick("paged_rotary", self.settings.options.backend, query.device, query.dtype)
         st.kv_cache, st.views = kv_cache, (k_cache, v_cache)
         info = PagedInfo()
         info.H_q, info.H_k, info.H_ks = query.shape[1], k_cache.shape[2], k_cache.shape[2]

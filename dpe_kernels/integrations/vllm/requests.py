@@ -42,7 +42,7 @@ __all__ = ["DPERequestConfigs", "REQUEST_PROCESSOR_PATH", "request_key", "check_
 REQUEST_PROCESSOR_PATH = "dpe_kernels.integrations.vllm.requests:DPERequestConfigs"
 DEFAULT: Tuple = ("default",)
 OFF: Tuple = ("off",)
-_REQUEST_KEYS = ("preset", "config", "target_length", "window")
+_REQUEST_KEYS = ("preset", "config", "target_length", "window")  # not by_length / backend: engine-wide
 
 # The front end's engine settings (set by the plugin when it configures a DPE engine): what
 # validate_params checks a request against.

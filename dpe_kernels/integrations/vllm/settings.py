@@ -22,7 +22,11 @@ Keys (any other key is refused):
   ``hf_overrides``, read through ``transformers`` (local directory or hub id; the offline cache and
   ``HF_HUB_OFFLINE`` respected) by the package's one rule,
   :func:`dpe_kernels.integrations.lengths.pretraining_length`);
-* ``window``: the window of ``auto`` / ``uniform`` / paper presets (default 1024).
+* ``window``: the window of ``auto`` / ``uniform`` / paper presets (default 1024);
+* ``by_length``: ``true`` chooses each request's configuration from its own length
+  (:mod:`.requests`);
+* ``backend``: the attention kernels' backend (``auto``: the compiled CPU kernels on the CPU,
+  Triton on CUDA; ``triton`` on the CPU runs them under ``TRITON_INTERPRET=1``, for tests).
 
 Refused at start, each by the option that asks for it: speculative decoding, KV connectors
 (``kv_transfer_config``), a quantized KV cache or a ``kv_cache_dtype`` other than the model's
@@ -53,7 +57,7 @@ __all__ = ["DPE_KEY", "DPEOptions", "EngineSettings", "parse_options", "options_
            "SUPPORTED_ARCHITECTURES", "SUPPORTED_DEVICES"]
 
 DPE_KEY = "dpe"
-_KEYS = ("preset", "config", "target_length", "train_length", "window", "by_length")
+_KEYS = ("preset", "config", "target_length", "train_length", "window", "by_length", "backend")
 # Rotary schemes whose frequencies the plugin's identity rotary reproduces (vLLM's
 # RotaryEmbedding / Llama3RotaryEmbedding); every other rope_type is refused at start.
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
@@ -76,13 +80,14 @@ class DPEOptions:
     window: int = 1024
     file_config: Optional[DPEConfig] = None  # loaded from config_path
     by_length: bool = False  # per request: plain within the pre-training length, else preset auto for its length
+    backend: str = "auto"  # the attention kernels: dpe_paged_attention_rotary's backend=
 
     def key(self) -> str:
         cfg = self.config_path
         if cfg is None and self.file_config is not None:
             cfg = self.file_config.to_dict()
         return json.dumps({"preset": self.preset, "config": cfg, "target": self.target_length,
-                           "train": self.train_length, "window": self.window, "by_length": self.by_length},
+                           "train": self.train_length, "window": self.window, "by_length": self.by_length, "backend": self.backend},
                           sort_keys=True)
 
 
@@ -98,6 +103,11 @@ def parse_options(raw: Any) -> DPEOptions:
     unknown = sorted(set(raw) - set(_KEYS))
     if unknown:
         raise _err(f"unknown key(s) {unknown}; allowed: {list(_KEYS)}")
+    backend = raw.get("backend", "auto")
+    from ...backends import PAGED_BACKENDS
+
+    if backend not in PAGED_BACKENDS:
+        raise _err(f"'backend' must be one of {list(PAGED_BACKENDS)}, got {backend!r}")
     by_length = raw.get("by_length", False)
     if not isinstance(by_length, bool):
         raise TypeError(f"{_PREFIX}: 'by_length' must be true or false, got {type(by_length).__name__}")
@@ -119,7 +129,8 @@ def parse_options(raw: Any) -> DPEOptions:
         if not isinstance(name, str) or name not in preset_names():
             raise _err(f"unknown preset {name!r}; choose one of {preset_names()}")
         return DPEOptions(preset=name, target_length=raw.get("target_length"),
-                          train_length=raw.get("train_length"), window=window, by_length=by_length)
+                          train_length=raw.get("train_length"), window=window, by_length=by_length,
+                          backend=backend)
     src = raw["config"]
     if isinstance(src, dict):  # inline DPEConfig (DPEConfig.to_dict): no file on any worker
         try:
@@ -142,7 +153,7 @@ def parse_options(raw: Any) -> DPEOptions:
     if raw.get("window") is not None:
         raise _err("'window' applies to presets; a config carries its own window")
     return DPEOptions(config_path=path, target_length=raw.get("target_length"),
-                      train_length=raw.get("train_length"), window=cfg.window, file_config=cfg)
+                      train_length=raw.get("train_length"), window=cfg.window, file_config=cfg, backend=backend)
 
 
 def _model_dpe_block(vllm_config):
