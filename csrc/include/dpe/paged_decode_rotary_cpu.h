@@ -19,9 +19,11 @@
 // q_scaled . k_scaled; scores times `scale`; out = softmax-weighted sum of v,
 // lse natural log; a sequence without keys gets out 0, lse -inf.
 //
-// Performance choices (measured on the 2-core AMD EPYC, AVX-512, SmolLM2
-// shapes H_q 9 / H_k 3 / D 64, 16K keys, head-major blocks of 128; see
-// bench/results/paged_cpu_rotary.md):
+// Performance choices (measured on the shared 2-core AMD EPYC, AVX2 bodies,
+// SmolLM2 shapes H_q 9 / H_k 3 / D 64, 16K keys, head-major blocks of 128; see
+// bench/results/paged_cpu_rotary.md: 0.3-0.5x the rotated-cache paged_decode's
+// time in float32 with SmolLM2's per-query-head mask, 2-3.7x without a mask,
+// where the cos/sin table rows are the extra memory traffic):
 //   * a key is rotated ONCE per KV head into a float row and then dotted with
 //     the n_rep query heads (rep = 3 here). The identity
 //     q . rot(k, a) = sum_i cos a_i (q_i k_i + q_{i+P} k_{i+P}) + sin a_i (q_{i+P} k_i - q_i k_{i+P})
