@@ -56,6 +56,23 @@ def available_paged_backends(device: torch.device | str = "cpu") -> list:
     return backends.available("paged", device)
 
 
+def _outputs(info, q, seq_lens, query_start_loc, softmax_scale, out):
+    """``(scale, out, lse)`` of a paged call; fills ``info.max_seqlen_*`` the caller left None (one
+    host read each)."""
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(info.D)
+    if info.max_seqlen_q is None and info.B:
+        info.max_seqlen_q = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    if info.max_seqlen_k is None and info.B:
+        info.max_seqlen_k = int(seq_lens.max())
+    if info.B == 0:
+        info.max_seqlen_q = info.max_seqlen_k = 0
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse = torch.empty((info.T_q, info.H_q), dtype=lse_dtype, device=q.device)
+    if out is None:
+        out = q.new_empty((info.T_q, info.H_q, info.Dv))
+    return scale, out, lse
+
+
 # --------------------------------------------------------------------------- public API
 def dpe_paged_attention(
     q_normal: torch.Tensor,
@@ -133,17 +150,7 @@ def dpe_paged_attention(
     name = backends.pick("paged", backend, q_normal.device, q_normal.dtype)
     if check_inputs:
         checks.paged_values(block_table, seq_lens, query_start_loc, info)
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(info.D)
-    if info.max_seqlen_q is None and info.B:
-        info.max_seqlen_q = int((query_start_loc[1:] - query_start_loc[:-1]).max())
-    if info.max_seqlen_k is None and info.B:
-        info.max_seqlen_k = int(seq_lens.max())
-    if info.B == 0:
-        info.max_seqlen_q = info.max_seqlen_k = 0
-    lse_dtype = torch.float64 if q_normal.dtype == torch.float64 else torch.float32
-    lse = torch.empty((info.T_q, info.H_q), dtype=lse_dtype, device=q_normal.device)
-    if out is None:
-        out = q_normal.new_empty((info.T_q, info.H_q, info.Dv))
+    scale, out, lse = _outputs(info, q_normal, seq_lens, query_start_loc, softmax_scale, out)
     backends.run_paged(name, q_normal, q_scaled, k_cache, ks_cache, v_cache, block_table, seq_lens, query_start_loc,
                        int(window), scale, info, out, lse, return_lse)
     return (out, lse) if return_lse else out
@@ -219,17 +226,7 @@ def dpe_paged_attention_rotary(
     if info.max_seqlen_k is not None and info.max_seqlen_k > cos_sin.shape[0]:
         raise ValueError(f"max_seqlen_k ({info.max_seqlen_k}) is longer than the cos_sin table "
                          f"({cos_sin.shape[0]} positions)")
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(info.D)
-    if info.max_seqlen_q is None and info.B:
-        info.max_seqlen_q = int((query_start_loc[1:] - query_start_loc[:-1]).max())
-    if info.max_seqlen_k is None and info.B:
-        info.max_seqlen_k = int(seq_lens.max())
-    if info.B == 0:
-        info.max_seqlen_q = info.max_seqlen_k = 0
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    lse = torch.empty((info.T_q, info.H_q), dtype=lse_dtype, device=q.device)
-    if out is None:
-        out = q.new_empty((info.T_q, info.H_q, info.Dv))
+    scale, out, lse = _outputs(info, q, seq_lens, query_start_loc, softmax_scale, out)
     backends.run_paged_rotary(name, q, k_cache, v_cache, block_table, seq_lens, query_start_loc, cos_sin, pair_scale,
                               window_t, seq_config, mask, rotary_dim, layout == "neox", scale, info, out, lse)
     return (out, lse) if return_lse else out
