@@ -80,7 +80,9 @@ def _vllm_run(model, dpe, args, prompts_len, batch_prompts, workdir):
         batches.append([{"name": f"len{len(p)}", "prompt": p, "max_tokens": n}])
     batches.append([{"name": f"b{i}", "prompt": p, "max_tokens": args.batch_gen} for i, p in enumerate(batch_prompts)])
     load0 = _load()
-    res = run_engine_subprocess({"llm": llm, "batches": batches}, workdir, timeout=7200)
+    # A one-shot 16K prefill on 1 CPU thread can pass vLLM's default 300 s RPC timeout on a busy machine.
+    env = {"VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": os.environ.get("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")}
+    res = run_engine_subprocess({"llm": llm, "batches": batches}, workdir, timeout=7200, env=env)
     res["load"] = (load0, _load())
     return res
 
