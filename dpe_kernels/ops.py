@@ -21,6 +21,13 @@ Ops (torch.ops.dpe_kernels.*):
                  scale, max_seqlen_k) -> (out float32 [B, H_q, Dv], lse float32 [B, H_q])
         DPE decode attention (one query per sequence, CPU) read in place from the paged caches
         through the block table (csrc/paged_decode.cpp)
+    paged_decode_rotary(q, k_cache, v_cache, block_table, seq_lens, cos_sin, pair_scale, window, seq_config,
+                        mask, rotary_dim, is_neox, scale, max_seqlen_k)
+        -> (out float32 [B, H_q, Dv], lse float32 [B, H_q])
+        the same decode (CPU) over a cache of UNROTATED keys, each rotated as it is read from the
+        float32 table cos_sin [N, rotary_dim]; one configuration per sequence (seq_config [B], dtype
+        of block_table, indexes pair_scale int64 [C, P], window int64 [C], mask bool [C, H_q, P])
+        (csrc/paged_decode.cpp, kernel csrc/include/dpe/paged_decode_rotary_cpu.h)
 The kernels: csrc/include/dpe/ (torch-free), launchers csrc/rope.cpp,
 csrc/paged_decode.cpp and csrc/rope_cuda.cu. The Triton ops are registered in
 dpe_kernels/backends/triton_common.py's one pattern (triton_op + eager twin +
@@ -104,7 +111,22 @@ def _paged_decode_fake(q_normal, q_scaled, k_cache, ks_cache, v_cache, block_tab
             q_normal.new_empty((b, h), dtype=torch.float32))
 
 
-COMPILED_OPS = ("rope", "rope_out", "rope_and_cache", "paged_decode")
+# --------------------------------------------------------------------------- paged_decode_rotary
+_define("paged_decode_rotary",
+        "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, Tensor cos_sin, "
+        "Tensor pair_scale, Tensor window, Tensor seq_config, Tensor? mask, int rotary_dim, bool is_neox, "
+        "float scale, int max_seqlen_k) -> (Tensor, Tensor)")
+
+
+@torch.library.register_fake(f"{_NS}::paged_decode_rotary")
+def _paged_decode_rotary_fake(q, k_cache, v_cache, block_table, seq_lens, cos_sin, pair_scale, window, seq_config,
+                              mask, rotary_dim, is_neox, scale, max_seqlen_k):
+    b, h = q.shape[:2]
+    return (q.new_empty((b, h, v_cache.shape[-1]), dtype=torch.float32),
+            q.new_empty((b, h), dtype=torch.float32))
+
+
+COMPILED_OPS = ("rope", "rope_out", "rope_and_cache", "paged_decode", "paged_decode_rotary")
 
 # --------------------------------------------------------------------------- the library
 try:

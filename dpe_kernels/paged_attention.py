@@ -33,6 +33,10 @@ each sequence's pages gathered, then the float64-capable attention oracle),
 ``cpu`` (:mod:`dpe_kernels.backends.paged_cpu`: batched decode over the pages
 without gathering the context), ``triton`` (:mod:`dpe_kernels.backends.paged_triton`:
 one kernel reading pages through the block table, split-KV decode).
+
+:func:`dpe_paged_attention_rotary` is the same attention over a cache of UNROTATED keys (the
+engine's own layout and size): keys are rotated as they are loaded, from a cos/sin table, so DPE
+costs no KV memory and each sequence may use its own configuration.
 """
 from __future__ import annotations
 
@@ -44,12 +48,29 @@ import torch
 from . import backends, checks
 from .backends import PAGED_BACKENDS
 
-__all__ = ["dpe_paged_attention", "PAGED_BACKENDS", "available_paged_backends"]
+__all__ = ["dpe_paged_attention", "dpe_paged_attention_rotary", "PAGED_BACKENDS", "available_paged_backends"]
 
 
 def available_paged_backends(device: torch.device | str = "cpu") -> list:
     """Paged-attention backends that can run on tensors of ``device`` in this process."""
     return backends.available("paged", device)
+
+
+def _outputs(info, q, seq_lens, query_start_loc, softmax_scale, out):
+    """``(scale, out, lse)`` of a paged call; fills ``info.max_seqlen_*`` the caller left None (one
+    host read each)."""
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(info.D)
+    if info.max_seqlen_q is None and info.B:
+        info.max_seqlen_q = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    if info.max_seqlen_k is None and info.B:
+        info.max_seqlen_k = int(seq_lens.max())
+    if info.B == 0:
+        info.max_seqlen_q = info.max_seqlen_k = 0
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse = torch.empty((info.T_q, info.H_q), dtype=lse_dtype, device=q.device)
+    if out is None:
+        out = q.new_empty((info.T_q, info.H_q, info.Dv))
+    return scale, out, lse
 
 
 # --------------------------------------------------------------------------- public API
@@ -129,17 +150,83 @@ def dpe_paged_attention(
     name = backends.pick("paged", backend, q_normal.device, q_normal.dtype)
     if check_inputs:
         checks.paged_values(block_table, seq_lens, query_start_loc, info)
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(info.D)
-    if info.max_seqlen_q is None and info.B:
-        info.max_seqlen_q = int((query_start_loc[1:] - query_start_loc[:-1]).max())
-    if info.max_seqlen_k is None and info.B:
-        info.max_seqlen_k = int(seq_lens.max())
-    if info.B == 0:
-        info.max_seqlen_q = info.max_seqlen_k = 0
-    lse_dtype = torch.float64 if q_normal.dtype == torch.float64 else torch.float32
-    lse = torch.empty((info.T_q, info.H_q), dtype=lse_dtype, device=q_normal.device)
-    if out is None:
-        out = q_normal.new_empty((info.T_q, info.H_q, info.Dv))
+    scale, out, lse = _outputs(info, q_normal, seq_lens, query_start_loc, softmax_scale, out)
     backends.run_paged(name, q_normal, q_scaled, k_cache, ks_cache, v_cache, block_table, seq_lens, query_start_loc,
                        int(window), scale, info, out, lse, return_lse)
+    return (out, lse) if return_lse else out
+
+
+def dpe_paged_attention_rotary(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    cos_sin: torch.Tensor,
+    pair_scale: torch.Tensor,
+    window,
+    *,
+    seq_config: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    rotary_dim: Optional[int] = None,
+    layout: str = "neox",
+    softmax_scale: Optional[float] = None,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    out: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
+    check_inputs: bool = True,
+    backend: str = "auto",
+):
+    """DPE attention over a paged cache of UNROTATED keys: each key is rotated as it is loaded.
+
+    The cache holds keys exactly as the model's key projection makes them (no rotary applied), in
+    the engine's own layout and at the engine's own size, so DPE costs no KV memory; one cache
+    serves plain RoPE and every DPE configuration, and each sequence of a batch picks its own
+    (``seq_config``). For sequence ``b`` with configuration ``c = seq_config[b]`` (window ``w =
+    window[c]``, pair scales ``s_i = pair_scale[c, i]``, key dimensions ``mask[c]``), a key at
+    position ``n`` (its index in the sequence) is rotated at ``n`` where the window pass reads it and
+    at ``n // s_i`` per key-dimension pair where the scaled pass does; the query at ``m`` at ``m``
+    and ``m // s_i + (w - w // s_i)``; one softmax over both (docs/method.md). A configuration with
+    every scale 1 is plain RoPE.
+
+    Args:
+        q: ``[T_q, H_q, D]`` UNROTATED queries of ``B`` sequences packed in ``query_start_loc``
+            order; the ``q_len_b`` queries of ``b`` are its last positions.
+        k_cache, v_cache: ``[num_blocks, block_size, H_k, D / Dv]`` (unrotated keys, values), any
+            strides with stride 1 on the last dim.
+        block_table, seq_lens, query_start_loc, softmax_scale, max_seqlen_q, max_seqlen_k, out,
+            return_lse, check_inputs: as :func:`dpe_paged_attention`.
+        cos_sin: float32 ``[N, rotary_dim]`` from :func:`dpe_kernels.rotary_table` with ``N`` at
+            least the longest sequence (every index the method forms is below its position).
+        pair_scale: int ``[P]`` (one configuration) or ``[C, P]``, the scale of every pair
+            (``DPEConfig.pair_scales()``); all ones is plain RoPE.
+        window: int, or int ``[C]``: the window of each configuration.
+        seq_config: int ``[B]``, each sequence's configuration (default: all 0, with ``C == 1``).
+        mask: optional bool ``[C, H_q, P]``: True marks a key dimension of query head ``h``
+            (default: every pair). One row per QUERY head: expand a per-KV-head mask with
+            ``repeat_interleave(H_q // H_k, 1)``. With no KV memory at stake a per-query-head
+            mask costs nothing extra here.
+        rotary_dim: rotated leading dims (default ``D``); layout ``"neox"`` or ``"gptj"``.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"``.
+
+    Returns:
+        ``out [T_q, H_q, Dv]`` in the dtype of q, or ``(out, lse)`` (float32 natural-log lse).
+    """
+    info, pair_scale, window_t, seq_config, mask, rotary_dim = checks.paged_rotary_args(
+        q, k_cache, v_cache, block_table, seq_lens, query_start_loc, cos_sin, pair_scale, window, seq_config, mask,
+        rotary_dim, layout, softmax_scale, max_seqlen_q, max_seqlen_k, out)
+    checks.flag("check_inputs", check_inputs)
+    checks.flag("return_lse", return_lse)
+    name = backends.pick("paged_rotary", backend, q.device, q.dtype)
+    if check_inputs:
+        checks.paged_values(block_table, seq_lens, query_start_loc, info)
+        checks.paged_rotary_values(cos_sin, pair_scale, window_t, seq_config, seq_lens, info)
+    if info.max_seqlen_k is not None and info.max_seqlen_k > cos_sin.shape[0]:
+        raise ValueError(f"max_seqlen_k ({info.max_seqlen_k}) is longer than the cos_sin table "
+                         f"({cos_sin.shape[0]} positions)")
+    scale, out, lse = _outputs(info, q, seq_lens, query_start_loc, softmax_scale, out)
+    backends.run_paged_rotary(name, q, k_cache, v_cache, block_table, seq_lens, query_start_loc, cos_sin, pair_scale,
+                              window_t, seq_config, mask, rotary_dim, layout == "neox", scale, info, out, lse)
     return (out, lse) if return_lse else out

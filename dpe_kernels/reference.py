@@ -8,7 +8,9 @@
   unrotated and re-rotates the whole cache at every step (the equivalence oracle
   of the rotate-once cache and a benchmark baseline).
 * :func:`paged_attention_reference`: the paged oracle (each sequence's pages
-  gathered by :func:`gather_sequence`, then :func:`attention_reference`).
+  gathered by :func:`gather_sequence`, then :func:`attention_reference`);
+  :func:`paged_attention_rotary_reference` the same over a cache of UNROTATED keys, each
+  sequence rotated at its own configuration from a cos/sin table.
 
 Each computes in float64 for float64 inputs (or ``compute_dtype=torch.float64``)
 and does no input validation beyond its own shape checks: the public ops
@@ -17,6 +19,7 @@ validate first.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Union
 
@@ -25,7 +28,8 @@ import torch
 from .config import DPEConfig
 
 __all__ = ["rope_reference", "attention_reference", "decode_rerotate_reference", "rope_cos_sin",
-           "rotate_pairs", "gather_sequence", "paged_attention_reference"]
+           "rotate_pairs", "gather_sequence", "paged_attention_reference", "table_rotate", "rotary_indices",
+           "paged_attention_rotary_reference"]
 
 _INF = float("inf")
 
@@ -315,3 +319,68 @@ def decode_rerotate_reference(
     p = torch.softmax(logits, -1).nan_to_num(0.0)
     out = torch.einsum("bkrs,bskd->bkrd", p.view(b, hk, rep, s_k), v_cache.to(compute))
     return out.reshape(b, 1, hq, v_cache.shape[3]).to(q.dtype)
+
+
+# --------------------------------------------------------------------------- paged, unrotated keys
+def table_rotate(x: torch.Tensor, index: torch.Tensor, cos_sin: torch.Tensor, rotary_dim: int, neox: bool,
+                 compute_dtype: torch.dtype) -> torch.Tensor:
+    """``x [S, H, D]`` rotated pair by pair at the table rows ``index [S, H, P]`` (int64) of
+    ``cos_sin [N, 2P]`` (cos | sin); dims past ``rotary_dim`` pass through. Returns ``compute_dtype``."""
+    p = rotary_dim // 2
+    pair = torch.arange(p, device=x.device)
+    cos = cos_sin[index, pair].to(compute_dtype)  # [S, H, P]
+    sin = cos_sin[index, p + pair].to(compute_dtype)
+    xr = x[..., :rotary_dim].to(compute_dtype)
+    if neox:
+        a, b = xr[..., :p], xr[..., p:]
+        rot = torch.cat([a * cos - b * sin, a * sin + b * cos], -1)
+    else:
+        a, b = xr[..., 0::2], xr[..., 1::2]
+        rot = torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2)
+    return torch.cat([rot, x[..., rotary_dim:].to(compute_dtype)], -1)
+
+
+def rotary_indices(pos: torch.Tensor, pair_scale: torch.Tensor, window: int, key_dims: torch.Tensor):
+    """Table rows of tokens at positions ``pos [S]`` for the heads of ``key_dims [H, P]`` (bool):
+    ``(normal [S, H, P], q_scaled [S, H, P], k_scaled [S, H, P])`` as docs/method.md remaps them.
+    A query before the window's end (``pos < window``) reads no scaled key: its scaled row is its
+    normal one, so no row past the last position is ever needed."""
+    pos = pos.to(torch.int64)[:, None, None]
+    s = pair_scale.to(torch.int64)[None, None, :]
+    kd = key_dims[None]
+    normal = pos.expand(-1, key_dims.shape[0], -1)
+    k_scaled = torch.where(kd, pos // s, pos)
+    q_scaled = torch.where(kd & (pos >= window), pos // s + (window - window // s), pos)
+    return normal, q_scaled, k_scaled
+
+
+def paged_attention_rotary_reference(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, cos_sin,
+                                     pair_scale, window, seq_config, mask, rotary_dim, neox, softmax_scale,
+                                     out, lse):
+    """Oracle of :func:`dpe_kernels.dpe_paged_attention_rotary`: for each sequence, its unrotated keys
+    gathered and rotated at their positions (normal, and scaled per query head), its queries rotated
+    at theirs, then :func:`attention_reference` (float64 math for float64 ``q``). Writes ``out`` /
+    ``lse`` rows of sequences with queries; leaves the others."""
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qsl = [int(x) for x in query_start_loc.tolist()]
+    lens = [int(x) for x in seq_lens.tolist()]
+    cfgs = [int(x) for x in seq_config.tolist()]
+    h_q, h_k = q.shape[1], k_cache.shape[2]
+    n_rep = h_q // h_k
+    p = rotary_dim // 2
+    for b, n in enumerate(lens):
+        qa, qb = qsl[b], qsl[b + 1]
+        if qb == qa:
+            continue
+        c = cfgs[b]
+        w = int(window[c])
+        kd = mask[c].to(torch.bool) if mask is not None else torch.ones(h_q, p, dtype=torch.bool, device=q.device)
+        k = gather_sequence(k_cache, block_table, b, n).repeat_interleave(n_rep, 1)  # [n, H_q, D]
+        v = gather_sequence(v_cache, block_table, b, n)
+        kn_i, _, ks_i = rotary_indices(torch.arange(n, device=q.device), pair_scale[c], w, kd)
+        qn_i, qs_i, _ = rotary_indices(torch.arange(n - (qb - qa), n, device=q.device), pair_scale[c], w, kd)
+        rot = functools.partial(table_rotate, cos_sin=cos_sin, rotary_dim=rotary_dim, neox=neox, compute_dtype=cdt)
+        o, l = attention_reference(rot(q[qa:qb], qn_i)[None], rot(q[qa:qb], qs_i)[None], rot(k, kn_i)[None],
+                                   rot(k, ks_i)[None], v.to(cdt)[None], w, softmax_scale)
+        out[qa:qb] = o[0].to(out.dtype)
+        lse[qa:qb] = l[0].to(lse.dtype)

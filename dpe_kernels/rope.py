@@ -24,7 +24,7 @@ from .checks import LAYOUTS, MAX_EXACT_POSITION
 from .config import DPEConfig
 
 __all__ = ["dpe_rope", "RopeOutput", "ROPE_BACKENDS", "available_rope_backends", "LAYOUTS",
-           "MAX_EXACT_POSITION", "dpe_rope_and_cache", "RopeCacheOutput"]
+           "MAX_EXACT_POSITION", "dpe_rope_and_cache", "RopeCacheOutput", "rotary_table"]
 
 
 class RopeOutput(NamedTuple):
@@ -200,4 +200,30 @@ def dpe_rope_and_cache(
     name = backends.pick("rope_and_cache", backend, q.device)
     backends.run_rope_and_cache(name, q, k, v, positions, inv_freq, config, mask, layout, rotary_dim, k_cache,
                                 ks_cache, v_cache, slot_mapping, out)
+    return out
+
+
+# --------------------------------------------------------------------------- cos/sin table
+def rotary_table(inv_freq: torch.Tensor, num_positions: int, *, device=None) -> torch.Tensor:
+    """The cos/sin table of every position below ``num_positions``: float32 ``[num_positions, 2P]``,
+    row ``t`` = ``cos(a) | sin(a)`` with ``a = float32(t) * inv_freq`` formed in float32 as
+    docs/method.md defines the angle, then cos and sin taken in float64 and rounded once (so every
+    entry is the float32 nearest the exact value of that angle; exact positions up to 2^24).
+
+    The kernels that rotate keys as they load them (:func:`dpe_kernels.dpe_paged_attention_rotary`)
+    read it: a DPE index (normal or remapped) is a position, so one table serves every configuration
+    and plain RoPE. A row costs ``8 P`` bytes (256 for P = 32): 4 MiB for 16K positions.
+    """
+    checks.rotary_table_args(inv_freq, num_positions)
+    device = inv_freq.device if device is None else torch.device(device)
+    inv = inv_freq.to(device)
+    out = torch.empty((num_positions, 2 * inv.numel()), dtype=torch.float32, device=device)
+    p = inv.numel()
+    step = 1 << 16  # rows per chunk: bounds the float64 temporaries (32 MiB at P = 32)
+    for lo in range(0, num_positions, step):
+        hi = min(num_positions, lo + step)
+        angle = (torch.arange(lo, hi, device=device, dtype=torch.int64).to(torch.float32)[:, None] * inv)
+        angle = angle.to(torch.float64)
+        out[lo:hi, :p] = angle.cos().to(torch.float32)
+        out[lo:hi, p:] = angle.sin().to(torch.float32)
     return out

@@ -17,60 +17,13 @@
 #include <vector>
 
 #include "dpe/paged_decode_cpu.h"
+#include "paged_test_util.h"
 
 namespace {
 
-int g_checks = 0, g_failures = 0;
-#define CHECK(cond, ...)                      \
-  do {                                        \
-    ++g_checks;                               \
-    if (!(cond)) {                            \
-      ++g_failures;                           \
-      std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::printf(__VA_ARGS__);               \
-      std::printf("\n");                      \
-    }                                         \
-  } while (0)
-
-uint16_t to_bits(float v, dpe::DType dt) {
-  if (dt == dpe::DType::kBFloat16) return dpe::bf16_storage(v).bits;
-  dpe::CpuScalar<dpe::DType::kFloat16>::type h(v);
-  uint16_t u;
-  std::memcpy(&u, &h, 2);
-  return u;
-}
-float from_bits(uint16_t u, dpe::DType dt) {
-  if (dt == dpe::DType::kBFloat16) {
-    dpe::bf16_storage b;
-    b.bits = u;
-    return static_cast<float>(b);
-  }
-  dpe::CpuScalar<dpe::DType::kFloat16>::type h;
-  std::memcpy(&h, &u, 2);
-  return static_cast<float>(h);
-}
-
-// A tensor of float values stored in dtype dt (4 or 2 bytes per element).
-struct Store {
-  dpe::DType dt;
-  std::vector<float> f;
-  std::vector<uint16_t> h;
-  Store(size_t n, dpe::DType t, std::mt19937& g) : dt(t), f(n) {
-    std::normal_distribution<float> nd;
-    for (auto& x : f) x = nd(g);
-    if (dt != dpe::DType::kFloat32) {
-      h.resize(n);
-      for (size_t i = 0; i < n; ++i) {
-        h[i] = to_bits(f[i], dt);
-        f[i] = from_bits(h[i], dt);  // the reference reads the stored value
-      }
-    }
-  }
-  const void* ptr(size_t off = 0) const {
-    return dt == dpe::DType::kFloat32 ? static_cast<const void*>(f.data() + off)
-                                      : static_cast<const void*>(h.data() + off);
-  }
-};
+using dpe_test::Store;
+using dpe_test::g_checks;
+using dpe_test::g_failures;
 
 struct Case {
   int64_t hq, hk, hks, d, dv, bs, window;

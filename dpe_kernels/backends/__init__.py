@@ -1,4 +1,5 @@
-"""The backend registry: for each op (``rope``, ``rope_and_cache``, ``attention``, ``paged``),
+"""The backend registry: for each op (``rope``, ``rope_and_cache``, ``attention``, ``paged``,
+``paged_rotary``),
 which backends run on a device, which one ``backend="auto"`` picks, and the call that runs it.
 
 Every public op and every ``available_*`` function goes through here. What it is not: no
@@ -16,13 +17,13 @@ from .. import ops
 from ..utils import triton_usable
 
 __all__ = ["ROPE_BACKENDS", "ATTENTION_BACKENDS", "PAGED_BACKENDS", "available", "pick", "run_rope",
-           "run_rope_and_cache", "run_attention", "run_paged"]
+           "run_rope_and_cache", "run_attention", "run_paged", "run_paged_rotary"]
 
 ROPE_BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 ATTENTION_BACKENDS = ("auto", "reference", "cpu", "flash", "triton")
 PAGED_BACKENDS = ("auto", "reference", "cpu", "triton")
 _NAMES = {"rope": ROPE_BACKENDS, "rope_and_cache": ROPE_BACKENDS, "attention": ATTENTION_BACKENDS,
-          "paged": PAGED_BACKENDS}
+          "paged": PAGED_BACKENDS, "paged_rotary": PAGED_BACKENDS}
 _TRITON_WHY = "triton needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU) and the triton package"
 _WHY = {
     "attention": {
@@ -36,6 +37,7 @@ _WHY = {
         "triton": "it needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU) and the triton package",
     },
 }
+_WHY["paged_rotary"] = _WHY["paged"]
 
 
 def available(op: str, device) -> list:
@@ -54,7 +56,7 @@ def available(op: str, device) -> list:
             out.append("cpu")
         if attention_flash.available(device):
             out.append("flash")
-    elif device.type == "cpu":  # paged
+    elif device.type == "cpu":  # paged, paged_rotary
         out.append("cpu")
     if triton_usable(device):
         out.append("triton")
@@ -72,7 +74,7 @@ def _auto(op, device, dtype, d, dv) -> str:
     if device.type == "cpu":
         from . import attention_cpu
 
-        if op == "paged" or attention_cpu.available(device):
+        if op in ("paged", "paged_rotary") or attention_cpu.available(device):
             return "cpu"
     if op == "attention" and device.type == "cuda":
         from . import attention_flash
@@ -211,3 +213,28 @@ def run_paged(name, qn, qs, k_cache, ks_cache, v_cache, block_table, seq_lens, q
 
         paged_attention_triton(qn, qs, k_cache, ks_cache, v_cache, block_table, seq_lens, query_start_loc, window,
                                scale, info.max_seqlen_q, info.max_seqlen_k, out, lse, return_lse)
+
+
+def run_paged_rotary(name, q, k_cache, v_cache, block_table, seq_lens, query_start_loc, cos_sin, pair_scale, window,
+                     seq_config, mask, rotary_dim: int, neox: bool, scale: float, info, out, lse) -> None:
+    """Paged DPE attention over unrotated keys on backend ``name`` (inputs validated; ``pair_scale``
+    int64 ``[C, P]``, ``window`` int64 ``[C]``, ``mask`` bool ``[C, H_q, P]`` or None); writes
+    ``out`` and ``lse``."""
+    if name == "reference":
+        from ..reference import paged_attention_rotary_reference
+
+        out.zero_()
+        lse.fill_(-float("inf"))
+        paged_attention_rotary_reference(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, cos_sin,
+                                         pair_scale, window, seq_config, mask, rotary_dim, neox, scale, out, lse)
+    elif name == "cpu":
+        from .paged_cpu import paged_rotary_cpu
+
+        paged_rotary_cpu(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, cos_sin, pair_scale, window,
+                         seq_config, mask, rotary_dim, neox, scale, info, out, lse)
+    else:
+        from .paged_triton import paged_rotary_triton
+
+        paged_rotary_triton(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, cos_sin, pair_scale,
+                            window, seq_config, mask, rotary_dim, neox, scale, info.max_seqlen_q, info.max_seqlen_k,
+                            out, lse)

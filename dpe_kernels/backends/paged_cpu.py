@@ -41,11 +41,12 @@ from typing import List, Tuple
 import torch
 
 from .. import ops
-from ..reference import gather_sequence
+from ..reference import gather_sequence, rotary_indices, table_rotate
+from ..utils import host_ints
 from .attention_cpu import cpu_attention
 from .shapes import AttentionInfo
 
-__all__ = ["paged_attention_cpu", "decode_chunked", "head_major", "ITEM_KEYS", "CHUNK_KEYS", "HM_MIN_BLOCK"]
+__all__ = ["paged_attention_cpu", "paged_rotary_cpu", "decode_chunked", "head_major", "ITEM_KEYS", "CHUNK_KEYS", "HM_MIN_BLOCK"]
 
 _INF = float("inf")
 _CPU_OP = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -301,3 +302,82 @@ def paged_attention_cpu(q_normal, q_scaled, k_cache, ks_cache, v_cache, block_ta
         lens = [int(x) for x in seq_lens.tolist()]
         _gather_path(q_normal, q_scaled, k_cache, ks_cache, v_cache, block_table, window, scale,
                      [(b, qsl[b], q_lens[b], lens[b]) for b in others], out, lse)
+
+
+# --------------------------------------------------------------------------- unrotated keys
+def _rotate_sequence(q, k, cos_sin, pair_scale, window: int, key_dims, rotary_dim: int, neox: bool, dtype):
+    """One sequence's queries ``q [S_q, H_q, D]`` (its last positions) and unrotated keys ``k [S_k,
+    H_k, D]``: ``(q_normal, q_scaled, k_normal, k_scaled)`` in ``dtype``, rotated from the table;
+    ``k_scaled`` has ``H_q`` heads when ``key_dims`` (``[H_q, P]``) is given, else ``H_k``."""
+    s_q, h_q = q.shape[:2]
+    s_k, h_k = k.shape[:2]
+    p = rotary_dim // 2
+    dev = q.device
+    kd_q = key_dims if key_dims is not None else torch.ones(h_q, p, dtype=torch.bool, device=dev)
+    kd_k = key_dims if key_dims is not None else torch.ones(h_k, p, dtype=torch.bool, device=dev)
+    qn_i, qs_i, _ = rotary_indices(torch.arange(s_k - s_q, s_k, device=dev), pair_scale, window, kd_q)
+    kn_i, _, ks_i = rotary_indices(torch.arange(s_k, device=dev), pair_scale, window, kd_k)
+    rot = lambda x, i: table_rotate(x, i, cos_sin, rotary_dim, neox, torch.float32).to(dtype)  # noqa: E731
+    k_s = k if key_dims is None else k.repeat_interleave(h_q // h_k, 1)
+    return rot(q, qn_i), rot(q, qs_i), rot(k, kn_i[:, :h_k]), rot(k_s, ks_i)
+
+
+def paged_rotary_cpu(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, cos_sin, pair_scale, window,
+                     seq_config, mask, rotary_dim: int, neox: bool, scale: float, info, out, lse) -> None:
+    """:func:`dpe_kernels.dpe_paged_attention_rotary` on CPU tensors (validated): decode rows by the
+    compiled ``paged_decode_rotary`` kernel when the extension has it (keys rotated as they are
+    read, in place in the cache); every other row (and every row without it) by gathering the
+    sequence's pages, rotating them from the table (O(S) next to the O(S^2) attention) and the cpu
+    attention kernel."""
+    if info.T_q == 0:
+        return
+    if info.num_blocks == 0:
+        out.zero_()
+        lse.fill_(-_INF)
+        return
+    fused = ops.has_kernel("paged_decode_rotary", "CPU")
+    if fused and info.max_seqlen_q <= 1 and info.T_q == info.B:
+        _decode_rotary(q, k_cache, v_cache, block_table, seq_lens, cos_sin, pair_scale, window, seq_config, mask,
+                       rotary_dim, neox, scale, info.max_seqlen_k, out, lse)
+        return
+    qsl = host_ints(query_start_loc)
+    q_lens = [b - a for a, b in zip(qsl, qsl[1:])]
+    dec = [b for b, ql in enumerate(q_lens) if ql == 1] if fused else []
+    if dec:
+        sel = torch.tensor(dec, dtype=torch.int64)
+        rows = torch.tensor([qsl[b] for b in dec], dtype=torch.int64)
+        o = out.new_empty((len(dec), info.H_q, info.Dv))
+        l = lse.new_empty((len(dec), info.H_q))
+        _decode_rotary(q.index_select(0, rows), k_cache, v_cache, block_table.index_select(0, sel),
+                       seq_lens.index_select(0, sel), cos_sin, pair_scale, window, seq_config.index_select(0, sel),
+                       mask, rotary_dim, neox, scale, info.max_seqlen_k, o, l)
+        out.index_copy_(0, rows, o)
+        lse.index_copy_(0, rows, l)
+    others = [b for b, ql in enumerate(q_lens) if ql > 1 or (ql == 1 and not fused)]
+    if not others:
+        return
+    lens, cfgs, wins = host_ints(seq_lens), host_ints(seq_config), host_ints(window)
+    h_q, d, dv = info.H_q, info.D, info.Dv
+    for b in others:
+        qa, ql, n, c = qsl[b], q_lens[b], lens[b], cfgs[b]
+        kd = None if mask is None else mask[c]
+        k, v = (gather_sequence(t, block_table, b, n) for t in (k_cache, v_cache))
+        qn, qs, kn, ks = _rotate_sequence(q[qa: qa + ql], k, cos_sin, pair_scale[c], wins[c], kd, rotary_dim, neox,
+                                          q.dtype)
+        ainfo = AttentionInfo(varlen=False, B=1, S_q=ql, S_k=n, H_q=h_q, H_k=info.H_k, H_ks=ks.shape[1], D=d, Dv=dv)
+        o, l = cpu_attention(qn[None], qs[None], kn[None], ks[None], v[None], wins[c], scale, None, ainfo)
+        out[qa: qa + ql] = o[0]
+        lse[qa: qa + ql] = l[0]
+
+
+def _decode_rotary(q, k_cache, v_cache, bt, seq_lens, cos_sin, pair_scale, window, seq_config, mask, rotary_dim,
+                   neox, scale, max_seqlen_k, out, lse) -> None:
+    """One query per sequence (row b at position seq_lens[b] - 1): the compiled kernel, which
+    rotates q and every key it reads from the table."""
+    if seq_lens.dtype != bt.dtype:
+        seq_lens = seq_lens.to(bt.dtype)
+    o, l = torch.ops.dpe_kernels.paged_decode_rotary(q, k_cache, v_cache, bt, seq_lens, cos_sin, pair_scale, window,
+                                                     seq_config.to(bt.dtype), mask, rotary_dim, neox, float(scale),
+                                                     int(max_seqlen_k))
+    out.copy_(o)
+    lse.copy_(l)

@@ -2,8 +2,9 @@
 
 * the OpenAI-compatible server (``python -m vllm.entrypoints.openai.api_server``, the server of
   ``vllm serve``) starts with ``--additional-config``, answers one
-  completion on 127.0.0.1 with the Hugging Face integration's greedy text, and refuses a bad
-  ``dpe`` config at start with a clear message;
+  completion on 127.0.0.1 with the Hugging Face integration's greedy text, one with
+  ``vllm_xargs: {"dpe": "off"}`` with plain RoPE's, answers a bad per-request value 400 naming the
+  field and keeps serving, and refuses a bad ``dpe`` config at start with a clear message;
 * a 16K pass key through ``LLM.generate``: DPE answers it, plain RoPE (same engine settings, the
   same ``hf_overrides``) does not.
 """
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -52,6 +54,15 @@ def _serve(model_dir, dpe, port, log, cwd):
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=str(cwd))
 
 
+def _complete(port, model_dir, prompt, xargs=None):
+    body = {"model": str(model_dir), "prompt": prompt, "max_tokens": 12, "temperature": 0}
+    if xargs:
+        body["vllm_xargs"] = xargs
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(req, timeout=300).read())
+
+
 def test_openai_server(model_dir, tmp_path):
     tok = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     from dpe_kernels.tools.eval.data import load_essays
@@ -80,10 +91,14 @@ def test_openai_server(model_dir, tmp_path):
                     time.sleep(2)
             else:
                 pytest.fail("server did not start in 600 s:\n" + log_path.read_text()[-6000:])
-            body = json.dumps({"model": str(model_dir), "prompt": prompt, "max_tokens": 12, "temperature": 0}).encode()
-            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
-            reply = json.loads(urllib.request.urlopen(req, timeout=300).read())
+            reply = _complete(port, model_dir, prompt)
+            # Per request (vllm_xargs -> SamplingParams.extra_args): "off" is plain RoPE; a bad value
+            # is answered 400 naming the field, and the server goes on serving.
+            off = _complete(port, model_dir, prompt, {"dpe": "off"})
+            with pytest.raises(urllib.error.HTTPError) as bad:
+                _complete(port, model_dir, prompt, {"dpe": "nope"})
+            bad_body = bad.value.read().decode()
+            again = _complete(port, model_dir, prompt)
         finally:
             proc.terminate()
             try:
@@ -92,6 +107,9 @@ def test_openai_server(model_dir, tmp_path):
                 proc.kill()
     text = reply["choices"][0]["text"]
     assert text == tok.decode(want["tokens"]), (text, tok.decode(want["tokens"]))
+    assert off["choices"][0]["text"] == tok.decode(plain["tokens"]), off
+    assert bad.value.code == 400 and "extra_args['dpe']['preset']" in bad_body, (bad.value.code, bad_body)
+    assert again["choices"][0]["text"] == text
 
     # A bad dpe config: the server exits at start and says why.
     with open(tmp_path / "bad.log", "w") as log:

@@ -250,20 +250,71 @@ struct Split {
   int64_t splits, split_keys;
 };
 
-inline Split plan_splits(const PagedDecodeParams& p, int64_t threads) {
+inline Split plan_splits_dims(int64_t batch, int64_t heads_k, int64_t max_seqlen_k, int64_t block_size,
+                              int64_t threads) {
   // Enough items for every thread (4x, for balance across uneven lengths),
   // never splits shorter than 256 keys (each split costs one partial result).
-  const int64_t base = std::max<int64_t>(1, p.batch * p.heads_k);
+  const int64_t base = std::max<int64_t>(1, batch * heads_k);
   const int64_t want = std::max<int64_t>(1, (4 * threads + base - 1) / base);
-  const int64_t max_splits = std::max<int64_t>(1, (p.max_seqlen_k + 255) / 256);
+  const int64_t max_splits = std::max<int64_t>(1, (max_seqlen_k + 255) / 256);
   const int64_t splits = std::min(want, max_splits);
-  int64_t keys = (p.max_seqlen_k + splits - 1) / splits;
-  keys = std::max<int64_t>(1, (keys + p.block_size - 1) / p.block_size * p.block_size);
-  return Split{(p.max_seqlen_k + keys - 1) / std::max<int64_t>(1, keys), keys};
+  int64_t keys = (max_seqlen_k + splits - 1) / splits;
+  keys = std::max<int64_t>(1, (keys + block_size - 1) / block_size * block_size);
+  return Split{(max_seqlen_k + keys - 1) / std::max<int64_t>(1, keys), keys};
+}
+
+inline Split plan_splits(const PagedDecodeParams& p, int64_t threads) {
+  return plan_splits_dims(p.batch, p.heads_k, p.max_seqlen_k, p.block_size, threads);
 }
 
 // Partial buffer layout per item: n_rep * (2 + Dv) floats: m, l, o[Dv] per head.
-inline int64_t partial_floats(const PagedDecodeParams& p) { return 2 + p.v_head_dim; }
+inline int64_t partial_floats_dims(int64_t v_head_dim) { return 2 + v_head_dim; }
+inline int64_t partial_floats(const PagedDecodeParams& p) { return partial_floats_dims(p.v_head_dim); }
+
+// Step 2 of a chunk, shared by the decode bodies: the online softmax update
+// of each of the rep query heads (scores [rep][kChunk], nc used; they become
+// the weights) and p * v over the chunk's nc value rows (vrow0, then every
+// v_slot elements). DH > 0: Dv == DH at compile time (the output row stays in
+// registers across the chunk's keys).
+template <int DH, typename scalar_t>
+DPE_ALWAYS_INLINE void softmax_chunk(float* scores, int64_t rep, int64_t nc, float* part, int64_t pf,
+                                     int64_t Dv_rt, const scalar_t* vrow0, int64_t v_slot) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const int64_t Dv = DH > 0 ? DH : Dv_rt;
+  for (int64_t r = 0; r < rep; ++r) {
+    float* sc = scores + r * kChunk;
+    float* pr = part + r * pf;
+    float m_new = pr[0];
+    for (int64_t j = 0; j < nc; ++j) m_new = std::max(m_new, sc[j]);
+    const float alpha = pr[0] == kNegInf ? 0.0f : std::exp(pr[0] - m_new);
+    float lsum = 0.0f;
+    for (int64_t j = 0; j < nc; ++j) sc[j] = exp_nonpositive(sc[j] - m_new);
+    for (int64_t j = 0; j < nc; ++j) lsum += sc[j];
+    pr[0] = m_new;
+    pr[1] = pr[1] * alpha + lsum;
+    if (alpha != 1.0f)
+      for (int64_t d = 0; d < Dv; ++d) pr[2 + d] *= alpha;
+  }
+  if constexpr (DH > 0) {
+    for (int64_t r = 0; r < rep; ++r) {
+      float o[DH];
+      float* acc = part + r * pf + 2;
+      for (int64_t d = 0; d < DH; ++d) o[d] = acc[d];
+      const float* pw = scores + r * kChunk;
+      for (int64_t j = 0; j < nc; ++j) {
+        const scalar_t* vrow = vrow0 + j * v_slot;
+        const float a = pw[j];
+        for (int64_t d = 0; d < DH; ++d) o[d] += a * static_cast<float>(vrow[d]);
+      }
+      for (int64_t d = 0; d < DH; ++d) acc[d] = o[d];
+    }
+  } else {
+    for (int64_t j = 0; j < nc; ++j) {
+      const scalar_t* vrow = vrow0 + j * v_slot;
+      for (int64_t r = 0; r < rep; ++r) axpy_row(part + r * pf + 2, scores[r * kChunk + j], vrow, Dv);
+    }
+  }
+}
 
 template <int ISA, int DH, typename scalar_t, typename idx_t>
 inline void decode_items_body(const PagedDecodeParams& p, const Split& sp, float* partial,
@@ -363,40 +414,8 @@ inline void decode_items_body(const PagedDecodeParams& p, const Split& sp, float
         }
       }
       // 2. online softmax update per query head, then p * v
-      for (int64_t r = 0; r < rep; ++r) {
-        float* sc = scores.data() + r * kChunk;
-        float* pr = part + r * pf;
-        float m_new = pr[0];
-        for (int64_t j = 0; j < nc; ++j) m_new = std::max(m_new, sc[j]);
-        const float alpha = pr[0] == kNegInf ? 0.0f : std::exp(pr[0] - m_new);
-        float lsum = 0.0f;
-        for (int64_t j = 0; j < nc; ++j) sc[j] = exp_nonpositive(sc[j] - m_new);
-        for (int64_t j = 0; j < nc; ++j) lsum += sc[j];
-        pr[0] = m_new;
-        pr[1] = pr[1] * alpha + lsum;
-        if (alpha != 1.0f)
-          for (int64_t d = 0; d < Dv; ++d) pr[2 + d] *= alpha;
-      }
-      if constexpr (DH > 0) {
-        for (int64_t r = 0; r < rep; ++r) {
-          float o[DH];
-          float* acc = part + r * pf + 2;
-          for (int64_t d = 0; d < DH; ++d) o[d] = acc[d];
-          const float* pw = scores.data() + r * kChunk;
-          for (int64_t t = c0; t < c1; ++t) {
-            const scalar_t* vrow = vblk + (t - blk_start) * p.v_strides.slot;
-            const float a = pw[t - c0];
-            for (int64_t d = 0; d < DH; ++d) o[d] += a * static_cast<float>(vrow[d]);
-          }
-          for (int64_t d = 0; d < DH; ++d) acc[d] = o[d];
-        }
-      } else {
-        for (int64_t t = c0; t < c1; ++t) {
-          const scalar_t* vrow = vblk + (t - blk_start) * p.v_strides.slot;
-          for (int64_t r = 0; r < rep; ++r)
-            axpy_row(part + r * pf + 2, scores[static_cast<size_t>(r * kChunk + t - c0)], vrow, Dv);
-        }
-      }
+      softmax_chunk<DH>(scores.data(), rep, nc, part, pf, Dv, vblk + (c0 - blk_start) * p.v_strides.slot,
+                        p.v_strides.slot);
       c0 = c1;
     }
   }
@@ -481,27 +500,28 @@ inline void paged_decode_range(const PagedDecodeParams& p, const PagedDecodePlan
   }
 }
 
-/// Merge the splits' partial results of sequences [b_begin, b_end) into out
-/// and lse (log-sum-exp over splits).
-inline void paged_decode_merge(const PagedDecodeParams& p, const PagedDecodePlan& plan,
-                               const float* partial, int64_t b_begin, int64_t b_end) {
-  const int64_t rep = p.heads_q / p.heads_k, Dv = p.v_head_dim, pf = paged_detail::partial_floats(p);
-  const int64_t ns = plan.split.splits;
+/// Merge the splits' partial results (n_rep * (2 + Dv) floats per item
+/// (b, hk, split): m, l, o[Dv] per query head) of sequences [b_begin, b_end)
+/// into out [B, H_q, Dv] and lse [B, H_q] (log-sum-exp over splits). Shared by
+/// the paged decode kernels.
+inline void merge_split_partials(int64_t heads_q, int64_t heads_k, int64_t Dv, int64_t ns, const float* partial,
+                                 float* out_all, float* lse_all, int64_t b_begin, int64_t b_end) {
+  const int64_t rep = heads_q / heads_k, pf = 2 + Dv;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   for (int64_t b = b_begin; b < b_end; ++b) {
-    for (int64_t h = 0; h < p.heads_q; ++h) {
+    for (int64_t h = 0; h < heads_q; ++h) {
       const int64_t hk = h / rep, r = h % rep;
       float m = kNegInf;
-      for (int64_t s = 0; s < ns; ++s) m = std::max(m, partial[((b * p.heads_k + hk) * ns + s) * rep * pf + r * pf]);
-      float* o = p.out + (b * p.heads_q + h) * Dv;
+      for (int64_t s = 0; s < ns; ++s) m = std::max(m, partial[((b * heads_k + hk) * ns + s) * rep * pf + r * pf]);
+      float* o = out_all + (b * heads_q + h) * Dv;
       std::fill(o, o + Dv, 0.0f);
       if (m == kNegInf) {  // no key: out 0, lse -inf
-        p.lse[b * p.heads_q + h] = kNegInf;
+        lse_all[b * heads_q + h] = kNegInf;
         continue;
       }
       float l = 0.0f;
       for (int64_t s = 0; s < ns; ++s) {
-        const float* pr = partial + ((b * p.heads_k + hk) * ns + s) * rep * pf + r * pf;
+        const float* pr = partial + ((b * heads_k + hk) * ns + s) * rep * pf + r * pf;
         if (pr[0] == kNegInf) continue;
         const float wgt = std::exp(pr[0] - m);
         l += pr[1] * wgt;
@@ -509,9 +529,16 @@ inline void paged_decode_merge(const PagedDecodeParams& p, const PagedDecodePlan
       }
       const float inv = 1.0f / l;
       for (int64_t d = 0; d < Dv; ++d) o[d] *= inv;
-      p.lse[b * p.heads_q + h] = m + std::log(l);
+      lse_all[b * heads_q + h] = m + std::log(l);
     }
   }
+}
+
+/// Merge the splits' partial results of sequences [b_begin, b_end) into out
+/// and lse (log-sum-exp over splits).
+inline void paged_decode_merge(const PagedDecodeParams& p, const PagedDecodePlan& plan,
+                               const float* partial, int64_t b_begin, int64_t b_end) {
+  merge_split_partials(p.heads_q, p.heads_k, p.v_head_dim, plan.split.splits, partial, p.out, p.lse, b_begin, b_end);
 }
 
 /// The whole op on the calling thread(s): validate, plan, run every item

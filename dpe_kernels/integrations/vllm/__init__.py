@@ -28,7 +28,8 @@ How it hooks in (vLLM 0.32, pinned by the extras):
     vLLM's own ``CPUAttentionBackend`` without DPE and to the DPE backend with it;
   - a wrapper of ``EngineArgs.create_engine_config`` (the one call every engine makes in the
     process that configures it): it checks a DPE engine's settings before any process starts,
-    selects ``CUSTOM`` on CUDA, and when the process already built an engine of the other kind
+    adds :class:`.requests.DPERequestConfigs` to its logits processors (per-request
+    configurations: ``SamplingParams(extra_args={"dpe": ...})``), selects ``CUSTOM`` on CUDA, and when the process already built an engine of the other kind
     (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) drops vLLM's per-process caches of attention backends
     and rotary objects, so that each engine gets its own.
 
@@ -95,6 +96,37 @@ def register() -> None:
     if not AttentionBackendEnum.CPU_ATTN.is_overridden():
         register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND_PATH)
     _install_engine_hook()
+    _install_request_hook()
+
+
+def _install_request_hook() -> None:
+    """Wrap ``InputProcessor.process_inputs`` once (front end): a DPE engine's request with a
+    non-default configuration gets its own prefix-cache salt (:func:`.requests.cache_salt`)."""
+    try:
+        from vllm.sampling_params import SamplingParams
+        from vllm.v1.engine.input_processor import InputProcessor
+    except ImportError:
+        return
+    orig = InputProcessor.process_inputs
+    if getattr(orig, "_dpe_hook", False):
+        return
+
+    @functools.wraps(orig)
+    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        req = orig(self, request_id, prompt, params, *args, **kwargs)
+        from .settings import engine_settings
+
+        settings = engine_settings(self.vllm_config)
+        if settings is not None and isinstance(params, SamplingParams):
+            from .requests import cache_salt, request_key
+
+            salt = cache_salt(request_key(params, len(req.prompt_token_ids or ()), settings))
+            if salt is not None:
+                req.cache_salt = f"{req.cache_salt}|{salt}" if req.cache_salt else salt
+        return req
+
+    process_inputs._dpe_hook = True
+    InputProcessor.process_inputs = process_inputs
 
 
 def _install_engine_hook() -> None:
@@ -133,8 +165,18 @@ def on_engine_config(vllm_config) -> None:
     if _last_engine_mode != () and _last_engine_mode != mode:
         reset_process_caches()
     _last_engine_mode = mode
+    from .requests import REQUEST_PROCESSOR_PATH, set_front_settings
+
+    set_front_settings(settings)
     if settings is not None:
         from vllm.platforms import current_platform
+
+        # The per-request configurations travel through a logits processor that only DPE engines
+        # get (validate_params in the front end; batch rows in the worker; it changes no logit).
+        mc = vllm_config.model_config
+        procs = list(mc.logits_processors or [])
+        if REQUEST_PROCESSOR_PATH not in procs:
+            mc.logits_processors = procs + [REQUEST_PROCESSOR_PATH]
 
         warning = settings.within_pretraining_warning()
         if warning:  # once, in the process that configures the engine
@@ -165,11 +207,6 @@ def reset_process_caches() -> None:
     from . import rotary
 
     rotary.reset()
-    import sys
-
-    backend = sys.modules.get(f"{__name__}.backend")
-    if backend is not None:
-        backend._SCALED_PER_KV = None
 
 
 def __getattr__(name: str):

@@ -22,7 +22,11 @@ Keys (any other key is refused):
   ``hf_overrides``, read through ``transformers`` (local directory or hub id; the offline cache and
   ``HF_HUB_OFFLINE`` respected) by the package's one rule,
   :func:`dpe_kernels.integrations.lengths.pretraining_length`);
-* ``window``: the window of ``auto`` / ``uniform`` / paper presets (default 1024).
+* ``window``: the window of ``auto`` / ``uniform`` / paper presets (default 1024);
+* ``by_length``: ``true`` chooses each request's configuration from its own length
+  (:mod:`.requests`);
+* ``backend``: the attention kernels' backend (``auto``: the compiled CPU kernels on the CPU,
+  Triton on CUDA; ``triton`` on the CPU runs them under ``TRITON_INTERPRET=1``, for tests).
 
 Refused at start, each by the option that asks for it: speculative decoding, KV connectors
 (``kv_transfer_config``), a quantized KV cache or a ``kv_cache_dtype`` other than the model's
@@ -53,7 +57,7 @@ __all__ = ["DPE_KEY", "DPEOptions", "EngineSettings", "parse_options", "options_
            "SUPPORTED_ARCHITECTURES", "SUPPORTED_DEVICES"]
 
 DPE_KEY = "dpe"
-_KEYS = ("preset", "config", "target_length", "train_length", "window")
+_KEYS = ("preset", "config", "target_length", "train_length", "window", "by_length", "backend")
 # Rotary schemes whose frequencies the plugin's identity rotary reproduces (vLLM's
 # RotaryEmbedding / Llama3RotaryEmbedding); every other rope_type is refused at start.
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
@@ -75,13 +79,16 @@ class DPEOptions:
     train_length: Optional[int] = None
     window: int = 1024
     file_config: Optional[DPEConfig] = None  # loaded from config_path
+    by_length: bool = False  # per request: plain within the pre-training length, else preset auto for its length
+    backend: str = "auto"  # the attention kernels: dpe_paged_attention_rotary's backend=
 
     def key(self) -> str:
         cfg = self.config_path
         if cfg is None and self.file_config is not None:
             cfg = self.file_config.to_dict()
         return json.dumps({"preset": self.preset, "config": cfg, "target": self.target_length,
-                           "train": self.train_length, "window": self.window}, sort_keys=True)
+                           "train": self.train_length, "window": self.window, "by_length": self.by_length, "backend": self.backend},
+                          sort_keys=True)
 
 
 def _err(msg: str) -> ValueError:
@@ -96,6 +103,19 @@ def parse_options(raw: Any) -> DPEOptions:
     unknown = sorted(set(raw) - set(_KEYS))
     if unknown:
         raise _err(f"unknown key(s) {unknown}; allowed: {list(_KEYS)}")
+    backend = raw.get("backend", "auto")
+    from ...backends import PAGED_BACKENDS
+
+    if backend not in PAGED_BACKENDS:
+        raise _err(f"'backend' must be one of {list(PAGED_BACKENDS)}, got {backend!r}")
+    by_length = raw.get("by_length", False)
+    if not isinstance(by_length, bool):
+        raise TypeError(f"{_PREFIX}: 'by_length' must be true or false, got {type(by_length).__name__}")
+    if by_length:
+        if raw.get("config") is not None or raw.get("preset") not in (None, "auto") or raw.get("target_length"):
+            raise _err("'by_length' chooses each request's configuration from its own length (preset 'auto'); "
+                       "it takes no 'config', other 'preset' or 'target_length'")
+        raw = {**raw, "preset": "auto"}
     has_preset, has_config = raw.get("preset") is not None, raw.get("config") is not None
     if has_preset == has_config:
         raise _err("give exactly one of 'preset' (a name) or 'config' (a DPEConfig JSON file)")
@@ -109,7 +129,8 @@ def parse_options(raw: Any) -> DPEOptions:
         if not isinstance(name, str) or name not in preset_names():
             raise _err(f"unknown preset {name!r}; choose one of {preset_names()}")
         return DPEOptions(preset=name, target_length=raw.get("target_length"),
-                          train_length=raw.get("train_length"), window=window)
+                          train_length=raw.get("train_length"), window=window, by_length=by_length,
+                          backend=backend)
     src = raw["config"]
     if isinstance(src, dict):  # inline DPEConfig (DPEConfig.to_dict): no file on any worker
         try:
@@ -132,7 +153,7 @@ def parse_options(raw: Any) -> DPEOptions:
     if raw.get("window") is not None:
         raise _err("'window' applies to presets; a config carries its own window")
     return DPEOptions(config_path=path, target_length=raw.get("target_length"),
-                      train_length=raw.get("train_length"), window=cfg.window, file_config=cfg)
+                      train_length=raw.get("train_length"), window=cfg.window, file_config=cfg, backend=backend)
 
 
 def _model_dpe_block(vllm_config):
@@ -259,32 +280,19 @@ class EngineSettings:
                 f"pre-training length {self.train_length} ({self.train_source}): no extension is needed, yet "
                 f"DPE still changes the attention of every request longer than its window ({window} tokens)")
 
-    @property
-    def scaled_heads_per_kv(self) -> int:
-        return self.num_heads // self.num_kv_heads if self.per_query_head_mask else 1
-
-    def kv_memory_ratio(self) -> float:
-        """KV-cache bytes per token relative to plain attention: ``[k_normal | k_scaled | v]``
-        over ``[k | v]``, i.e. ``(2 + r) / 2`` with ``r`` scaled key heads per KV head."""
-        return (2 + self.scaled_heads_per_kv) / 2
-
     def summary(self, cfg: DPEConfig) -> str:
-        """The start-up log line of an engine serving ``cfg``."""
-        mask = "none" if cfg.mask is None else ("per-query-head" if self.per_query_head_mask else "per-KV-head")
+        """The start-up log line of an engine serving ``cfg`` by default."""
+        mask = "none" if cfg.mask is None else ("per-query-head" if cfg.mask.shape[1] == self.num_heads
+                                                and self.num_heads != self.num_kv_heads else "per-KV-head")
+        default = ("by length: plain RoPE up to the pre-training length, else preset 'auto' for the request's "
+                   "prompt + max_tokens" if self.options.by_length else
+                   f"window {cfg.window}, scales {[float(x) for x in cfg.scales]} over pair groups "
+                   f"{list(cfg.group_boundaries)}, mask {mask}")
         return (f"DPE: pre-training length {self.train_length} (from {self.train_source}), target "
                 f"{self.target_length} (from {self.target_source}), max_model_len {self.max_model_len}, "
-                f"extension x{self.target_length / self.train_length:.2f}, window {cfg.window}, scales "
-                f"{[float(x) for x in cfg.scales]} over pair groups {list(cfg.group_boundaries)}, mask {mask}, "
-                f"KV memory per token {self.kv_memory_ratio():.2f}x plain")
-
-    @property
-    def per_query_head_mask(self) -> bool:
-        """True when the scaled keys have H_q heads (a per-query-head mask with GQA)."""
-        cfg = self.options.file_config
-        if cfg is None and self.options.preset is not None:
-            cfg = _calibrated_or_none(self.options.preset)
-        return (cfg is not None and cfg.mask is not None and cfg.mask.shape[1] == self.num_heads
-                and self.num_heads != self.num_kv_heads)
+                f"extension x{self.target_length / self.train_length:.2f}, default {default}; per request: "
+                "SamplingParams.extra_args['dpe']; KV cache: vLLM's own layout and size (keys cached unrotated, "
+                "rotated as attention loads them), 1.00x plain")
 
     def dpe_config(self, inv_freq: torch.Tensor) -> DPEConfig:
         """The DPEConfig for the model's frequencies ``inv_freq`` (float32 ``[P]``), checked
@@ -337,8 +345,8 @@ def check_engine(vllm_config, options: DPEOptions) -> EngineSettings:
     if getattr(vllm_config, "kv_transfer_config", None) is not None:
         raise _err("KV connectors / disaggregated prefill / KV offloading (kv_transfer_config="
                    f"{getattr(vllm_config.kv_transfer_config, 'kv_connector', None)!r}) are not supported with "
-                   "DPE: they move pages in vLLM's per-head layout, which DPE's [k_normal | k_scaled | v] page "
-                   "does not follow; remove kv_transfer_config (and kv_offloading_size)")
+                   "DPE: they move pages in the layout of vLLM's own attention backends, which DPE's backend "
+                   "has not been tested against; remove kv_transfer_config (and kv_offloading_size)")
     device = str(getattr(getattr(vllm_config, "device_config", None), "device_type", "") or "")
     if device not in SUPPORTED_DEVICES:
         raise _err(f"device {device!r} (device_config.device_type) is not supported; DPE runs on "

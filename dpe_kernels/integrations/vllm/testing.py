@@ -128,21 +128,49 @@ def run_engine(spec: dict) -> dict:
         prompts = [TokensPrompt(prompt_token_ids=r["prompt"]) for r in batch]
         params = [SamplingParams(temperature=0.0, max_tokens=r.get("max_tokens", 1), detokenize=False,
                                  prompt_logprobs=0 if r.get("prompt_logprobs") else None,
-                                 logprobs=0 if r.get("logprobs") else None, ignore_eos=True)
+                                 logprobs=0 if r.get("logprobs") else None, ignore_eos=True,
+                                 extra_args=r.get("extra_args"))
                   for r in batch]
         t = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
+        if spec.get("one_by_one"):  # each request added alone: a refused one fails alone
+            outs = _add_and_run(llm, batch, prompts, params, results)
+        else:
+            outs = llm.generate(prompts, params, use_tqdm=False)
         batch_s.append(time.perf_counter() - t)
         for r, o in zip(batch, outs):
-            results[r["name"]] = _request_result(o, bool(r.get("prompt_logprobs")))
+            if o is not None:
+                results[r["name"]] = _request_result(o, bool(r.get("prompt_logprobs")))
     metrics = {}
     if spec.get("metrics"):  # needs "disable_log_stats": False in the LLM kwargs
         for m in llm.get_metrics():
             if isinstance(getattr(m, "value", None), (int, float)):
                 metrics[m.name] = metrics.get(m.name, 0) + m.value
+    cc = llm.llm_engine.vllm_config.cache_config
+    kv_tokens = int(cc.num_gpu_blocks or 0) * int(cc.block_size)
     del llm
     return {"requests": results, "start_s": start, "batch_s": batch_s, "max_model_len": max_model_len,
-            "metrics": metrics}
+            "metrics": metrics, "kv_tokens": kv_tokens}
+
+
+def _add_and_run(llm, batch, prompts, params, results) -> list:
+    """Add each request to the engine on its own (a request the engine refuses records
+    ``{"error": message}`` and the others still run), then step the engine until all are done."""
+    engine = llm.llm_engine
+    ids = {}
+    for r, p, sp in zip(batch, prompts, params):
+        rid = f"{r['name']}-{time.monotonic_ns()}"
+        try:
+            engine.add_request(rid, p, sp)
+        except Exception as e:  # noqa: BLE001 - recorded: the test checks the type and message
+            results[r["name"]] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        ids[rid] = r["name"]
+    done = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished and o.request_id in ids:
+                done[ids[o.request_id]] = o
+    return [done.get(r["name"]) for r in batch]
 
 
 def run_engine_subprocess(spec: dict, workdir, *, env: Optional[dict] = None, timeout: float = 900,
@@ -179,6 +207,7 @@ def tiny_decode_layer(batch: int = 1, context: int = 64, *, window: int = 32, se
     from vllm.model_executor.layers.rotary_embedding import get_rope
 
     from .backend import DPEAttentionImpl, DPEAttentionMetadata
+    from .requests import ConfigTable
 
     model = tiny_llama_dir(CACHE / "tiny-llama-4h2kv", num_heads=4, num_kv_heads=2, head_dim=64, layers=2)
     cfg = EngineArgs(model=str(model), dtype="float32", skip_tokenizer_init=True, max_model_len=1024,
@@ -192,15 +221,17 @@ def tiny_decode_layer(batch: int = 1, context: int = 64, *, window: int = 32, se
     per_seq = (context + bs - 1) // bs
     nb = batch * per_seq + 1
     g = torch.Generator().manual_seed(seed)
-    kv_cache = torch.randn(nb, hk, bs, 3 * d, generator=g)
+    kv_cache = torch.randn(nb, hk, bs, 2 * d, generator=g)
     t = batch
+    facts, default = impl._model_config()
+    table = ConfigTable(impl.settings, facts.inv_freq, default)
     md = DPEAttentionMetadata(
         num_actual_tokens=t, max_query_len=1, max_seq_len=context,
         query_start_loc=torch.arange(batch + 1, dtype=torch.int32),
         seq_lens=torch.full((batch,), context, dtype=torch.int32),
         block_table=torch.arange(batch * per_seq, dtype=torch.int32).view(batch, per_seq),
         slot_mapping=torch.tensor([i * per_seq * bs + context - 1 for i in range(batch)], dtype=torch.int64),
-        positions=torch.full((t,), context - 1, dtype=torch.int64))
+        seq_config=torch.zeros(batch, dtype=torch.int32), table=table)
     rows = t + 4  # vLLM's buffers are longer than the step's tokens
     return dict(impl=impl, layer=SimpleNamespace(layer_name="model.layers.0.self_attn.attn"),
                 query=torch.randn(rows, hq, d, generator=g), key=torch.randn(rows, hk, d, generator=g),
