@@ -4,11 +4,11 @@ Builds the plugin's DPEAttentionImpl under a real VllmConfig (EngineArgs(...).cr
 of a tiny random Llama, 4 query / 2 KV heads, head_dim 64), a paged cache and decode metadata,
 and times, per layer call (median of ROUNDS rounds of CALLS calls each):
 
-* kernels: the two kernel entry points alone (torch.ops.dpe_kernels.rope_and_cache +
-  paged_attention_cpu) on preallocated outputs: the floor no Python wrapper can go below;
-* public: what the plugin's forward did before the fast path: page views, then the public
-  dpe_rope_and_cache / dpe_paged_attention with check_inputs=False (their metadata checks:
-  _check_inputs, _check_metadata, five _check_view, _check_overlaps, backend choice) on every call;
+* kernels: the cache write (``write_kv``: the step's unrotated k / v at slot_mapping) and the
+  compiled ``paged_decode_rotary`` op through the registry's runner on preallocated outputs: the
+  floor no Python wrapper can go below;
+* public: page views, the cache write and the public ``dpe_paged_attention_rotary`` with
+  check_inputs=False (its metadata checks and backend choice) on every call;
 * plugin: DPEAttentionImpl.forward after its first (fully checked) call.
 
 Host overhead = (public or plugin) - kernels.
@@ -48,10 +48,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
-    from dpe_kernels import dpe_paged_attention, dpe_rope_and_cache
-    from dpe_kernels.backends.paged_cpu import paged_attention_cpu
+    from dpe_kernels import dpe_paged_attention_rotary
+    from dpe_kernels.backends import run_paged_rotary
+    from dpe_kernels.backends.shapes import PagedInfo
+    from dpe_kernels.integrations.vllm.backend import _device_tensors, write_kv
     from dpe_kernels.integrations.vllm.testing import tiny_decode_layer
-    from dpe_kernels.paged_attention import PagedInfo
 
     b, ctx = args.batch, args.context
     x = tiny_decode_layer(b, ctx)
@@ -65,30 +66,27 @@ def main(argv=None):
     with torch.inference_mode():
         impl.forward(layer, query, key, value, kv_cache, md, output)  # first call: every check
         st = impl._state
-        assert st.checked and st.paged_backend == "cpu", (st.checked, st.paged_backend)
-        kc, ksc, vc = impl._views(kv_cache)
-        qn, qs = torch.empty(t, hq, d), torch.empty(t, hq, d)
+        assert st.checked and st.backend == "cpu", (st.checked, st.backend)
+        kc, vc = impl._views(kv_cache)
+        cos_sin, pair_scale, window = _device_tensors(md.table, query.device)
         lse = torch.empty(t, hq)
         info = PagedInfo()
         info.T_q, info.H_q, info.H_k, info.H_ks, info.D, info.Dv = t, hq, hk, hk, d, d
         info.B, info.num_blocks, info.block_size, info.max_blocks = b, nb, bs, blocks_per_seq
         info.max_seqlen_q, info.max_seqlen_k = 1, ctx
-        cfg_dpe, inv, ps = st.config, st.inv_freq, st.pair_scales
 
         def kernels():
-            torch.ops.dpe_kernels.rope_and_cache(query[:t], key[:t], value[:t], md.positions, inv, ps, None,
-                                                 cfg_dpe.window, 64, True, slots, kc, ksc, vc, qn, qs)
-            paged_attention_cpu(qn, qs, kc, ksc, vc, block_table, seq_lens, qsl, cfg_dpe.window, d ** -0.5, info,
-                                output[:t], lse)
+            write_kv(key[:t], value[:t], slots, kc, vc)
+            run_paged_rotary("cpu", query[:t], kc, vc, block_table, seq_lens, qsl, cos_sin, pair_scale, window,
+                             md.seq_config, st.mask, st.rotary_dim, st.neox, d ** -0.5, info, output[:t], lse)
 
-        def public():  # the plugin's forward before the fast path (check_inputs=False after the first)
-            k_cache, ks_cache, v_cache = impl._views(kv_cache)
-            a, c = dpe_rope_and_cache(query[:t], key[:t], value[:t], md.positions, st.inv_freq, st.config,
-                                      k_cache, ks_cache, v_cache, md.slot_mapping, mask=st.mask, layout=st.layout,
-                                      rotary_dim=st.rotary_dim, check_inputs=False)
-            dpe_paged_attention(a, c, k_cache, ks_cache, v_cache, md.block_table, md.seq_lens, md.query_start_loc,
-                                st.config.window, softmax_scale=impl.scale, max_seqlen_q=md.max_query_len,
-                                max_seqlen_k=md.max_seq_len, out=output[:t], check_inputs=False)
+        def public():  # every call through the public op (metadata checks, backend choice)
+            k_cache, v_cache = impl._views(kv_cache)
+            write_kv(key[:t], value[:t], slots, k_cache, v_cache)
+            dpe_paged_attention_rotary(query[:t], k_cache, v_cache, block_table, seq_lens, qsl, cos_sin, pair_scale,
+                                       window, seq_config=md.seq_config, mask=st.mask, rotary_dim=st.rotary_dim,
+                                       softmax_scale=impl.scale, max_seqlen_q=md.max_query_len,
+                                       max_seqlen_k=md.max_seq_len, out=output[:t], check_inputs=False)
 
         def plugin():
             impl.forward(layer, query, key, value, kv_cache, md, output)
@@ -109,7 +107,7 @@ def main(argv=None):
         f"| path | us per layer call | host overhead over the kernels (us) |",
         "|---|---:|---:|",
         f"| kernels only (floor) | {res['kernels']:.1f} | 0 |",
-        f"| before: public kernels, check_inputs=False (old forward) | {res['public']:.1f} | "
+        f"| public op every call, check_inputs=False | {res['public']:.1f} | "
         f"{res['public'] - res['kernels']:.1f} |",
         f"| after: plugin forward (fast path) | {res['plugin']:.1f} | {res['plugin'] - res['kernels']:.1f} |",
     ]
