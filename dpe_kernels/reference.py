@@ -359,7 +359,8 @@ def paged_attention_rotary_reference(q, k_cache, v_cache, block_table, seq_lens,
                                      out, lse):
     """Oracle of :func:`dpe_kernels.dpe_paged_attention_rotary`: for each sequence, its unrotated keys
     gathered and rotated at their positions (normal, and scaled per query head), its queries rotated
-    at theirs, then :func:`attention_reference` (float64 math for float64 ``q``). Writes ``out`` /
+    at theirs (rotated in float32 and rounded to ``q``'s dtype, where every backend uses them), then
+    :func:`attention_reference` (float64 math for float64 ``q``). Writes ``out`` /
     ``lse`` rows of sequences with queries; leaves the others."""
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     qsl = [int(x) for x in query_start_loc.tolist()]
@@ -379,7 +380,9 @@ def paged_attention_rotary_reference(q, k_cache, v_cache, block_table, seq_lens,
         v = gather_sequence(v_cache, block_table, b, n)
         kn_i, _, ks_i = rotary_indices(torch.arange(n, device=q.device), pair_scale[c], w, kd)
         qn_i, qs_i, _ = rotary_indices(torch.arange(n - (qb - qa), n, device=q.device), pair_scale[c], w, kd)
-        rot = functools.partial(table_rotate, cos_sin=cos_sin, rotary_dim=rotary_dim, neox=neox, compute_dtype=cdt)
+        def rot(x, index):  # operands in q's dtype, as a rotated cache would hold them (exact for float64)
+            return table_rotate(x, index, cos_sin, rotary_dim, neox, cdt).to(q.dtype).to(cdt)
+
         o, l = attention_reference(rot(q[qa:qb], qn_i)[None], rot(q[qa:qb], qs_i)[None], rot(k, kn_i)[None],
                                    rot(k, ks_i)[None], v.to(cdt)[None], w, softmax_scale)
         out[qa:qb] = o[0].to(out.dtype)

@@ -48,7 +48,9 @@
 //     path reads n_rep scaled K rows per KV head instead);
 //   * rotation in intrinsics (AVX-512: 16 pairs, AVX2: 8 per step, neox
 //     layout; gptj and odd sizes by a scalar loop), bf16 / f16 widened as
-//     loaded, as the dot products of paged_decode_cpu.h are;
+//     loaded, as the dot products of paged_decode_cpu.h are, and the rotated
+//     rows rounded back to the dtype before the dots (round_row: the operands
+//     a rotated cache would hold);
 //   * K and V rows of the next chunk are prefetched (as paged_decode_cpu.h).
 //
 // Values read on the host are checked as they are read: a block id outside
@@ -213,6 +215,18 @@ inline void rotate_row(const scalar_t* __restrict k, const float* __restrict cs,
   for (int64_t d = 2 * P; d < D; ++d) out[d] = static_cast<float>(k[d]);
 }
 
+// A 16-bit cache's rotated rows rounded to its dtype before the dot products:
+// the prefill path, the Triton kernel and a rotated cache all use rotated keys
+// and queries in the cache's dtype, so a decode step sees the same operands
+// as they do (without this a bf16 model's greedy decode left the rotated-cache
+// path's tokens on near ties). float32: nothing to do.
+template <typename scalar_t>
+inline void round_row(float* __restrict x, int64_t n) {
+  if constexpr (sizeof(scalar_t) != sizeof(float)) {
+    for (int64_t d = 0; d < n; ++d) x[d] = static_cast<float>(static_cast<scalar_t>(x[d]));
+  }
+}
+
 // Dim of the two elements of pair i.
 DPE_ALWAYS_INLINE int64_t pair_lo(int64_t i, bool neox) { return neox ? i : 2 * i; }
 DPE_ALWAYS_INLINE int64_t pair_hi(int64_t i, int64_t P, bool neox) { return neox ? i + P : 2 * i + 1; }
@@ -294,7 +308,7 @@ inline void rotary_items_body(const PagedDecodeRotaryParams& p, const Split& sp,
       const int64_t h = hk * rep + r;
       const scalar_t* a = qp + b * p.q_strides.seq + h * p.q_strides.head;
       const bool* kd = masked ? p.mask + (c * p.heads_q + h) * P : nullptr;
-      for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<float>(a[d]) * p.scale;
+      for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<float>(a[d]);
       float* qn = qbuf.data() + r * D;
       float* qs = qbuf.data() + rep * D + r * KW;
       rotate_row<kBodyGeneric>(qf.data(), tab + m * ts, qn, P, D, neox);
@@ -305,6 +319,9 @@ inline void rotary_items_body(const PagedDecodeRotaryParams& p, const Split& sp,
         cs_q[P + i] = tab[row * ts + P + i];
       }
       rotate_row<kBodyGeneric>(qf.data(), cs_q.data(), qs, P, D, neox);
+      // rounded to the dtype as rotated (see round_row), then `scale` folded in
+      round_row<scalar_t>(qn, D), round_row<scalar_t>(qs, D);
+      for (int64_t d = 0; d < D; ++d) qn[d] *= p.scale, qs[d] *= p.scale;
       if (masked) {
         // [q_s on key pairs, 0 elsewhere | q_s on the other pairs and dims past 2P]
         float* qu = qs + D;
@@ -385,10 +402,15 @@ inline void rotary_items_body(const PagedDecodeRotaryParams& p, const Split& sp,
         float* sc = scores.data() + (t - c0);
         if (t >= w_lo) {
           rotate_row<ISA>(krow, tab + t * ts, krot.data(), P, D, neox);
+          round_row<scalar_t>(krot.data(), 2 * P);
           for (int64_t r = 0; r < rep; ++r) sc[r * kChunk] = dot_row<ISA>(qbuf.data() + r * D, krot.data(), D);
         } else {
           rotate_row<ISA>(krow, cs_chunk.data() + (t - c0) * 2 * P, krot.data(), P, D, neox);
-          if (masked) rotate_row<ISA>(krow, tab + t * ts, krot.data() + D, P, D, neox);
+          round_row<scalar_t>(krot.data(), 2 * P);
+          if (masked) {
+            rotate_row<ISA>(krow, tab + t * ts, krot.data() + D, P, D, neox);
+            round_row<scalar_t>(krot.data() + D, 2 * P);
+          }
           const float* qs = qbuf.data() + rep * D;
           for (int64_t r = 0; r < rep; ++r) sc[r * kChunk] = dot_row<ISA>(qs + r * KW, krot.data(), KW);
         }
