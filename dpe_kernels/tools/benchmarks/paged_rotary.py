@@ -130,6 +130,10 @@ def main(argv=None):
     ap.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"],
                     help="(default float32 bfloat16)")
     ap.add_argument("--masks", nargs="+", choices=["none", "preset"], help="(default none preset)")
+    ap.add_argument("--preset", default="smollm2-135m",
+                    help="the configuration's scales (default smollm2-135m); 'auto': the starting scales for "
+                         "--target-length, as the vLLM benchmark runs them (no mask of its own: --masks none)")
+    ap.add_argument("--target-length", type=int, default=16464, help="for --preset auto (default 16464)")
     ap.add_argument("--repeats", type=int, help="timed calls per method and round (default 15)")
     ap.add_argument("--budget", type=float, default=15.0, help="seconds per method before fewer repeats")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
@@ -154,7 +158,13 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     torch.manual_seed(0)
-    config = DPEConfig.from_preset("smollm2-135m")
+    try:
+        config = DPEConfig.from_preset(args.preset, inv_freq=1.0 / (THETA ** (torch.arange(0, D, 2) / D)),
+                                       train_length=8192, target_length=args.target_length)
+    except ValueError as e:
+        ap.error(f"--preset: {e}")
+    if config.mask is None and "preset" in args.masks:
+        ap.error(f"--masks preset: preset {args.preset!r} has no mask")
     machine = machine_description("cpu")
     load_start = os.getloadavg()[0]
     print(machine)
@@ -171,7 +181,7 @@ def main(argv=None):
         text = report_preamble("DPE paged decode over unrotated keys on the CPU",
                                "-m dpe_kernels.tools.benchmarks.paged_rotary", argv, machine)
         text += (f"- SmolLM2-135M shapes H_q {H_Q} / H_k {H_K} / D {D}, head-major blocks of {BLOCK}, preset "
-                 f"smollm2-135m (window {config.window}); best of {args.repeats} calls per method and round, 3 "
+                 f"{args.preset} (window {config.window}, scales {config.scales}); best of {args.repeats} calls per method and round, 3 "
                  f"interleaved rounds; {torch.get_num_threads()} torch threads; 1-minute load average "
                  f"{load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end (other jobs share the "
                  f"machine: compare the methods within a row, not across runs).\n\n{HEADER}\n")
