@@ -166,9 +166,13 @@ def methods_section(kind: str, single, multi):
              f"| method | single: mean [95% t] (n) | {lab}: mean [95% bootstrap over contexts] (needles, contexts) "
              f"| single exact | {lab} exact |", "|---|---|---|---|---|"]
     means = OrderedDict()
+    complete = []  # ranked only with every single depth run (a partial run holds the shallow depths
+    # first, which are easier) and >= 2 multi-needle contexts
     for m in METHODS:
         s = [float(r["logprob"]) for r in single[m]]
         ctx = _contexts(multi[m])
+        if len(s) >= SINGLE_DEPTHS and len(ctx) >= 2:
+            complete.append(m)
         si = t_interval(s) if s else None
         mi = cluster_bootstrap(list(ctx.values())) if ctx else None
         means[m] = (si.mean if si else NAN, mi.mean if mi else NAN)
@@ -176,16 +180,16 @@ def methods_section(kind: str, single, multi):
               else f"{si.mean:.3f} [no interval] ({si.n})" if si else "-")
         fm = _fmt_boot(mi, len(ctx)) if mi else "-"
         lines.append(f"| {m} | {fs} | {fm} | {_exact(single[m])} | {_exact(multi[m])} |")
-    have = [m for m in METHODS if not any(math.isnan(x) for x in means[m])]
+    have = [m for m in complete if not any(math.isnan(x) for x in means[m])]
     rank_s = sorted(have, key=lambda m: -means[m][0])
     rank_m = sorted(have, key=lambda m: -means[m][1])
     if len(have) < 2:
-        verdict = (f"not decidable yet: {len(have)} method(s) with records under both scorers "
-                   f"({', '.join(have) or 'none'})")
+        verdict = (f"not decidable yet: {len(have)} method(s) with complete records under both scorers "
+                   f"(all {SINGLE_DEPTHS} single depths, >= 2 contexts: {', '.join(have) or 'none'})")
         same = None
     else:
         same = rank_s == rank_m
-        verdict = ("the same order" if same else "a DIFFERENT order") + f" (over the {len(have)} methods with records under both)"
+        verdict = ("the same order" if same else "a DIFFERENT order") + f" (over the {len(have)} methods with complete records under both)"
     rank_all = sorted((m for m in METHODS if not math.isnan(means[m][1])), key=lambda m: -means[m][1])
     lines += ["", f"Ranking (best first), single: {' > '.join(rank_s) or '-'}; {lab}: {' > '.join(rank_m) or '-'}; "
                   f"{verdict}. {lab} over all its methods with records: {' > '.join(rank_all) or '-'}.", ""]
