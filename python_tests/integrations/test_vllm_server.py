@@ -135,8 +135,12 @@ def test_passkey_16k_dpe_answers_plain_rope_does_not(model_dir, tmp_path):
                 hf_overrides={"max_position_embeddings": max_len})
     req = [{"name": "k", "prompt": prompt.input_ids, "max_tokens": PASSKEY_MAX_NEW_TOKENS}]
     answers = {}
+    # a one-shot 16K prefill on one CPU thread passes vLLM's default 300 s per-step RPC timeout on an
+    # AVX2-only host (plain vLLM: 489 s measured, bench/results/vllm_cpu.md)
+    env = {"VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600"}
     for name, extra in (("rope", {}), ("dpe", {"additional_config": {"dpe": {"preset": "auto"}}})):
-        out = testing.run_engine_subprocess({"llm": dict(base, **extra), "batches": [req]}, tmp_path, timeout=3600)
+        out = testing.run_engine_subprocess({"llm": dict(base, **extra), "batches": [req]}, tmp_path, timeout=3600,
+                                            env=env)
         answers[name] = tok.decode(out["requests"]["k"]["tokens"])
         print(f"{name}: {answers[name]!r} (key {key}, {len(prompt)} prompt tokens, "
               f"{out['batch_s'][0]:.0f} s)", flush=True)
