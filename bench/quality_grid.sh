@@ -1,26 +1,35 @@
 #!/usr/bin/env bash
-# The quality grid with the multi-needle scorer (SmolLM2-135M-Instruct, 8K pre-training length):
-# rope, pi, ntk, yarn, self_extend, dpe (starting scales) and dpe with each shipped calibrated preset
-# at its own length; passkey and NIAH, teacher-forced log-probability and exact match, 10 labelled
-# needles per context (each question scored as if it alone followed the context):
-#   8K and 16K: 4 contexts per cell (40 needles);  32K: 2 contexts (20 needles).
+# The quality grid (SmolLM2-135M-Instruct, 8K pre-training length): rope, pi, ntk, yarn, self_extend,
+# dpe (starting scales) and dpe with each shipped calibrated preset at its own length; passkey and
+# NIAH, teacher-forced log-probability and exact match. Needles per context: DPE_NEEDLES (default 1:
+# bench/results/needles_smollm2_16k.md shows that 4 or 10 labelled needles per context REVERSE the
+# single-needle order of self_extend and the calibrated preset on this 135M model). N = 1: 10 depths
+# x 4 contexts per cell (40 needles) at 8K and 16K, x 2 at 32K (20); N > 1: needle j at depth
+# (j + 0.5) / N, ceil(40 / N) (>= 4) contexts per cell at 8K / 16K, ceil(20 / N) (>= 2) at 32K.
 # Records (one JSONL line per scored needle) and the summaries go to
-# bench/results/quality_grid_smollm2/<task>/; rerunning resumes. Extra arguments go to every
+# bench/results/quality_grid_smollm2_n<N>/<task>/; rerunning resumes. Extra arguments go to every
 # `dpe eval` (e.g. --device cuda). The loss by position is bench/eval_quality.py's.
-#   bash bench/quality_grid.sh [--device cuda]
+#   [DPE_NEEDLES=N] bash bench/quality_grid.sh [--device cuda]
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
-OUT="$HERE/results/quality_grid_smollm2"
+OUT="$HERE/results/quality_grid_smollm2_n${DPE_NEEDLES:-1}"  # one directory per N: records of different N never mix
 DPE="${DPE_CLI:-dpe}"
-common=(--scoring logprob --needles 10 --depths 0.5 --no-plots --no-progress --no-skip-zero "$@")
+N=${DPE_NEEDLES:-1}
+if [ "$N" -eq 1 ]; then
+  depths=(--depths 0.05 0.15 0.25 0.35 0.45 0.55 0.65 0.75 0.85 0.95); S_LONG=4; S_32K=2
+else
+  depths=(--depths 0.5); S_LONG=$(( (40 + N - 1) / N )); S_32K=$(( (20 + N - 1) / N ))
+  [ "$S_LONG" -ge 4 ] || S_LONG=4; [ "$S_32K" -ge 2 ] || S_32K=2
+fi
+common=(--scoring logprob --needles "$N" "${depths[@]}" --no-plots --no-progress --no-skip-zero "$@")
 for task in passkey niah; do
   $DPE eval "${common[@]}" --task "$task" --methods rope pi ntk yarn self_extend dpe --lengths 8192 16384 \
-    --samples 4 --out-dir "$OUT/$task" --title "SmolLM2 quality grid, $task, 10 needles per context"
+    --samples "$S_LONG" --out-dir "$OUT/$task" --title "SmolLM2 quality grid, $task, $N needle(s) per context"
   $DPE eval "${common[@]}" --task "$task" --methods rope pi ntk yarn self_extend dpe --lengths 32768 \
-    --samples 2 --out-dir "$OUT/$task" --title "SmolLM2 quality grid, $task, 10 needles per context"
+    --samples "$S_32K" --out-dir "$OUT/$task" --title "SmolLM2 quality grid, $task, $N needle(s) per context"
   for preset in smollm2-135m-16k smollm2-135m-32k; do
     len=$([ "$preset" = smollm2-135m-16k ] && echo 16384 || echo 32768)
-    n=$([ "$len" = 16384 ] && echo 4 || echo 2)
+    n=$([ "$len" = 16384 ] && echo "$S_LONG" || echo "$S_32K")
     if [ -f "$HERE/../dpe_kernels/presets/$preset.json" ]; then
       $DPE eval "${common[@]}" --task "$task" --methods dpe --preset "$preset" --lengths "$len" --samples "$n" \
         --out-dir "$OUT/${task}_$preset" --title "SmolLM2 quality grid, $task, preset $preset"
