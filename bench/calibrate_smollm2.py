@@ -7,12 +7,15 @@ bench/results/calibration_smollm2_<16k|32k>.md.
     python bench/calibrate_smollm2.py --target 16384 --threads 1 --worker   # a second process helps step 1
     python bench/calibrate_smollm2.py --target 16384 --report-only   # the report from the records so far
     python bench/calibrate_smollm2.py --target 16384 --ship          # after a complete run: write the preset
-    python bench/calibrate_smollm2.py --target 16384 --needles 10    # the multi-needle scorer (own records)
+    python bench/calibrate_smollm2.py --target 16384 --needles 1     # the branched scorer, 20 contexts (own records)
 
 With --needles N a sample is a context of N labelled needles, each question scored as if it alone
 followed the context (`dpe detect --needles`): C = max(2, ceil(20 / N)) sweep contexts and C fresh
 ones (C forwards and at least 20 needles per candidate: N=4 -> 5 contexts, N=10 -> 2), gains paired
 per needle with standard errors over contexts; the mask step scores C contexts of N needles per side. Its files go to calibration_smollm2_<16k|32k>_n<N>/.
+For SmolLM2-135M use N=1 (bench/gpu_run.sh's default): bench/results/needles_smollm2_16k.md shows that with 4
+or 10 needles per context the calibrated preset falls below self_extend while alone it is above, so
+multi-needle scores would steer the calibration by a different question.
 
 Steps (each resumes from its files under bench/results/calibration_smollm2_<16k|32k>/):
   1. dpe detect: coordinate ascent from the Self-Extend point (every group at 2 * ceil(target / 8K)),
