@@ -12,9 +12,9 @@
 #   [DPE_NEEDLES=N] bash bench/quality_grid.sh [--device cuda]
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
-OUT="$HERE/results/quality_grid_smollm2_n${DPE_NEEDLES:-1}"  # one directory per N: records of different N never mix
-DPE="${DPE_CLI:-dpe}"
 N=${DPE_NEEDLES:-1}
+OUT="$HERE/results/quality_grid_smollm2_n$N"  # one directory per N: records of different N never mix
+DPE="${DPE_CLI:-dpe}"
 if [ "$N" -eq 1 ]; then
   depths=(--depths 0.05 0.15 0.25 0.35 0.45 0.55 0.65 0.75 0.85 0.95); S_LONG=4; S_32K=2
 else

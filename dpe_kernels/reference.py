@@ -19,7 +19,6 @@ validate first.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional, Union
 

@@ -153,6 +153,18 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const scalar_t* x) 
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
   }
 }
+// 4 elements at x as floats (SSE, in the AVX2 target; paged_decode_rotary_cpu.h's 4-pair steps).
+template <typename scalar_t>
+__attribute__((target("avx2,fma,f16c"))) inline __m128 load4(const scalar_t* x) {
+  if constexpr (sizeof(scalar_t) == 4) {
+    return _mm_loadu_ps(reinterpret_cast<const float*>(x));
+  } else if constexpr (std::is_same<scalar_t, bf16_storage>::value) {
+    const __m128i u = _mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x)));
+    return _mm_castsi128_ps(_mm_slli_epi32(u, 16));
+  } else {
+    return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x)));
+  }
+}
 
 template <typename scalar_t>
 __attribute__((target("avx512f,avx512bw,avx512vl,f16c,fma"))) inline float dot_row_avx512(

@@ -46,8 +46,8 @@
 //     rotary_dim] (zeros elsewhere): one dot product of 2D per head, no
 //     per-key select, and each K row is still read once (the rotated-cache
 //     path reads n_rep scaled K rows per KV head instead);
-//   * rotation in intrinsics (AVX-512: 16 pairs, AVX2: 8 per step, neox
-//     layout; gptj and odd sizes by a scalar loop), bf16 / f16 widened as
+//   * rotation in intrinsics (AVX-512: 16 pairs, AVX2: 8 then 4 per step,
+//     neox layout; gptj and odd sizes by a scalar loop), bf16 / f16 widened as
 //     loaded, as the dot products of paged_decode_cpu.h are, and the rotated
 //     rows rounded back to the dtype before the dots (round_row: the operands
 //     a rotated cache would hold);
@@ -159,95 +159,74 @@ inline const char* rotary_bad_message(int bad) {
 namespace paged_detail {
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// neox pairs [0, P) rounded down to 16 (AVX-512) / 8 (AVX2): returns the
-// first pair left to the scalar loop.
+// neox pairs [i, e) of key row k rotated by cos cs[i] / sin cs[P + i] into
+// out, 16 pairs a step (AVX-512): returns the first pair left over.
 template <typename scalar_t>
 __attribute__((target("avx512f,avx512bw,avx512vl,f16c,fma"))) inline int64_t rotate_neox_avx512(
-    const scalar_t* __restrict k, const float* __restrict cs, float* __restrict out, int64_t P) {
-  const float* sn = cs + P;
-  int64_t i = 0;
-  for (; i + 16 <= P; i += 16) {
+    const scalar_t* __restrict k, const float* __restrict cs, float* __restrict out, int64_t P, int64_t i,
+    int64_t e) {
+  for (; i + 16 <= e; i += 16) {
     const __m512 a = load16(k + i), b = load16(k + P + i);
-    const __m512 c = _mm512_loadu_ps(cs + i), s = _mm512_loadu_ps(sn + i);
+    const __m512 c = _mm512_loadu_ps(cs + i), s = _mm512_loadu_ps(cs + P + i);
     _mm512_storeu_ps(out + i, _mm512_fmsub_ps(a, c, _mm512_mul_ps(b, s)));
     _mm512_storeu_ps(out + P + i, _mm512_fmadd_ps(a, s, _mm512_mul_ps(b, c)));
   }
   return i;
 }
+// The same, 8 then 4 pairs a step (AVX2; the 4-wide step serves the runs of
+// 4 pairs a DPE configuration's groups often are).
 template <typename scalar_t>
 __attribute__((target("avx2,fma,f16c"))) inline int64_t rotate_neox_avx2(
-    const scalar_t* __restrict k, const float* __restrict cs, float* __restrict out, int64_t P, int64_t i) {
-  const float* sn = cs + P;
-  for (; i + 8 <= P; i += 8) {
+    const scalar_t* __restrict k, const float* __restrict cs, float* __restrict out, int64_t P, int64_t i,
+    int64_t e) {
+  for (; i + 8 <= e; i += 8) {
     const __m256 a = load8(k + i), b = load8(k + P + i);
-    const __m256 c = _mm256_loadu_ps(cs + i), s = _mm256_loadu_ps(sn + i);
+    const __m256 c = _mm256_loadu_ps(cs + i), s = _mm256_loadu_ps(cs + P + i);
     _mm256_storeu_ps(out + i, _mm256_fmsub_ps(a, c, _mm256_mul_ps(b, s)));
     _mm256_storeu_ps(out + P + i, _mm256_fmadd_ps(a, s, _mm256_mul_ps(b, c)));
   }
-  return i;
-}
-// 4 elements at x as floats (SSE, in the AVX2 target).
-template <typename scalar_t>
-__attribute__((target("avx2,fma,f16c"))) inline __m128 load4(const scalar_t* x) {
-  if constexpr (sizeof(scalar_t) == 4) {
-    return _mm_loadu_ps(reinterpret_cast<const float*>(x));
-  } else if constexpr (std::is_same<scalar_t, bf16_storage>::value) {
-    const __m128i u = _mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x)));
-    return _mm_castsi128_ps(_mm_slli_epi32(u, 16));
-  } else {
-    return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x)));
-  }
-}
-// neox pairs [a, a + len) of key row k rotated by table row `row` (cos at
-// row[i], sin at row[P + i]) into out: 8, then 4 pairs a step; returns the
-// first pair left to the scalar loop.
-template <typename scalar_t>
-__attribute__((target("avx2,fma,f16c"))) inline int64_t rotate_run_neox_avx2(
-    const scalar_t* __restrict k, const float* __restrict row, float* __restrict out, int64_t P, int64_t a,
-    int64_t len) {
-  int64_t i = a;
-  const int64_t e = a + len;
-  for (; i + 8 <= e; i += 8) {
-    const __m256 x = load8(k + i), y = load8(k + P + i);
-    const __m256 c = _mm256_loadu_ps(row + i), s = _mm256_loadu_ps(row + P + i);
-    _mm256_storeu_ps(out + i, _mm256_fmsub_ps(x, c, _mm256_mul_ps(y, s)));
-    _mm256_storeu_ps(out + P + i, _mm256_fmadd_ps(x, s, _mm256_mul_ps(y, c)));
-  }
   for (; i + 4 <= e; i += 4) {
-    const __m128 x = load4(k + i), y = load4(k + P + i);
-    const __m128 c = _mm_loadu_ps(row + i), s = _mm_loadu_ps(row + P + i);
-    _mm_storeu_ps(out + i, _mm_fmsub_ps(x, c, _mm_mul_ps(y, s)));
-    _mm_storeu_ps(out + P + i, _mm_fmadd_ps(x, s, _mm_mul_ps(y, c)));
+    const __m128 a = load4(k + i), b = load4(k + P + i);
+    const __m128 c = _mm_loadu_ps(cs + i), s = _mm_loadu_ps(cs + P + i);
+    _mm_storeu_ps(out + i, _mm_fmsub_ps(a, c, _mm_mul_ps(b, s)));
+    _mm_storeu_ps(out + P + i, _mm_fmadd_ps(a, s, _mm_mul_ps(b, c)));
   }
   return i;
 }
 #endif
 
+// neox pairs [i, e) of key row k (dtype) rotated by cos cs[i] and sin
+// cs[P + i] into out (float): the widest steps the body's ISA has, then a
+// scalar loop. The one neox rotation: whole rows (rotate_row) and the runs
+// of equal scale of a scaled key (rotate_runs_neox) both call it.
+template <int ISA, typename scalar_t>
+inline void rotate_neox_range(const scalar_t* __restrict k, const float* __restrict cs, float* __restrict out,
+                              int64_t P, int64_t i, int64_t e) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (ISA == kBodyAvx512) i = rotate_neox_avx512(k, cs, out, P, i, e);
+  if constexpr (ISA == kBodyAvx2 || ISA == kBodyAvx512) i = rotate_neox_avx2(k, cs, out, P, i, e);
+#endif
+  for (; i < e; ++i) {
+    const float a = static_cast<float>(k[i]), b = static_cast<float>(k[P + i]);
+    out[i] = a * cs[i] - b * cs[P + i];
+    out[P + i] = a * cs[P + i] + b * cs[i];
+  }
+}
+
 // The scaled rotation of an old key, neox layout, run by run straight from
-// the table: run g's pairs read row g_q[g] (= n // s_g), 8 or 4 pairs per
-// vector step. Measured (2-core EPYC, AVX2, SmolLM2 shapes, 16K keys, no
-// mask, preset scales: 8 runs of 4 pairs): against assembling each key's
-// cos | sin row pair by pair first (step 1a, kept for gptj) float32 B 1
-// 8.1 -> 5.2 ms, B 8 60 -> 47 ms; bfloat16 B 8 51 -> 35 ms: the assembly
-// was a scalar copy of 2P floats per key, more instructions than the
-// rotation and the three dot products together.
+// the table: run g's pairs read row g_q[g] (= n // s_g). Measured (2-core
+// EPYC, AVX2, SmolLM2 shapes, 16K keys, no mask, preset scales: 8 runs of 4
+// pairs): against assembling each key's cos | sin row pair by pair first
+// (step 1a, kept for gptj) float32 B 1 8.1 -> 5.2 ms, B 8 60 -> 47 ms;
+// bfloat16 B 8 51 -> 35 ms: the assembly was a scalar copy of 2P floats per
+// key, more instructions than the rotation and the three dot products
+// together.
 template <int ISA, typename scalar_t>
 inline void rotate_runs_neox(const scalar_t* __restrict k, const float* __restrict tab, int64_t ts,
                              const int64_t* g_start, const int64_t* g_len, const int64_t* g_q, int64_t G,
                              float* __restrict out, int64_t P, int64_t D) {
-  for (int64_t g = 0; g < G; ++g) {
-    const float* row = tab + g_q[g] * ts;
-    int64_t i = g_start[g];
-    const int64_t e = i + g_len[g];
-#if defined(__x86_64__) && defined(__GNUC__)
-    if constexpr (ISA == kBodyAvx2 || ISA == kBodyAvx512) i = rotate_run_neox_avx2(k, row, out, P, i, g_len[g]);
-#endif
-    for (; i < e; ++i) {
-      const float x = static_cast<float>(k[i]), y = static_cast<float>(k[P + i]);
-      out[i] = x * row[i] - y * row[P + i];
-      out[P + i] = x * row[P + i] + y * row[i];
-    }
-  }
+  for (int64_t g = 0; g < G; ++g)
+    rotate_neox_range<ISA>(k, tab + g_q[g] * ts, out, P, g_start[g], g_start[g] + g_len[g]);
   for (int64_t d = 2 * P; d < D; ++d) out[d] = static_cast<float>(k[d]);
 }
 
@@ -257,19 +236,10 @@ template <int ISA, typename scalar_t>
 inline void rotate_row(const scalar_t* __restrict k, const float* __restrict cs, float* __restrict out, int64_t P,
                        int64_t D, bool neox) {
   const float* sn = cs + P;
-  int64_t i = 0;
   if (neox) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    if constexpr (ISA == kBodyAvx512) i = rotate_neox_avx512(k, cs, out, P);
-    if constexpr (ISA == kBodyAvx2 || ISA == kBodyAvx512) i = rotate_neox_avx2(k, cs, out, P, i);
-#endif
-    for (; i < P; ++i) {
-      const float a = static_cast<float>(k[i]), b = static_cast<float>(k[P + i]);
-      out[i] = a * cs[i] - b * sn[i];
-      out[P + i] = a * sn[i] + b * cs[i];
-    }
+    rotate_neox_range<ISA>(k, cs, out, P, 0, P);
   } else {
-    for (; i < P; ++i) {
+    for (int64_t i = 0; i < P; ++i) {
       const float a = static_cast<float>(k[2 * i]), b = static_cast<float>(k[2 * i + 1]);
       out[2 * i] = a * cs[i] - b * sn[i];
       out[2 * i + 1] = a * sn[i] + b * cs[i];
@@ -281,8 +251,7 @@ inline void rotate_row(const scalar_t* __restrict k, const float* __restrict cs,
 // A 16-bit cache's rotated rows rounded to its dtype before the dot products:
 // the prefill path, the Triton kernel and a rotated cache all use rotated keys
 // and queries in the cache's dtype, so a decode step sees the same operands
-// as they do (without this a bf16 model's greedy decode left the rotated-cache
-// path's tokens on near ties). float32: nothing to do.
+// as they do. float32: nothing to do.
 template <typename scalar_t>
 inline void round_row(float* __restrict x, int64_t n) {
   if constexpr (sizeof(scalar_t) != sizeof(float)) {
@@ -306,8 +275,15 @@ inline void rotary_items_body(const PagedDecodeRotaryParams& p, const Split& sp,
   std::vector<float> scores(static_cast<size_t>(rep * kChunk));
   std::vector<float> qf(static_cast<size_t>(D)), cs_q(static_cast<size_t>(2 * P));
   std::vector<float> krot(static_cast<size_t>(2 * D));
-  std::vector<float> cs_chunk(static_cast<size_t>(kChunk * 2 * P));  // assembled cos | sin rows of a chunk's scaled keys
+  // gptj only (neox rotates run by run from the table): the assembled cos | sin rows of a chunk's scaled keys
+  std::vector<float> cs_chunk(static_cast<size_t>(neox ? 0 : kChunk * 2 * P));
   std::vector<int64_t> g_start, g_len, g_s, g_q, g_r;      // runs of equal scale: start, length, s, n // s, n % s
+  // the running quotients g_q = n // s of the runs moved on to the next key (no division per key)
+  const auto next_key = [&](int64_t G) {
+    for (int64_t g = 0; g < G; ++g) {
+      if (++g_r[g] == g_s[g]) g_r[g] = 0, ++g_q[g];
+    }
+  };
   std::vector<int64_t> sc_i(static_cast<size_t>(P));
   const scalar_t* qp = static_cast<const scalar_t*>(p.q);
   const scalar_t* kc = static_cast<const scalar_t*>(p.k_cache);
@@ -445,18 +421,20 @@ inline void rotary_items_body(const PagedDecodeRotaryParams& p, const Split& sp,
       }
       const scalar_t* kblk = kc + phys * p.k_strides.block + hk * p.k_strides.head;
       const scalar_t* vblk = vc + phys * p.v_strides.block + hk * p.v_strides.head;
-      // 1a. the cos | sin rows of the chunk's scaled keys, assembled run by run, then the
+      // 1a. gptj: the cos | sin rows of the chunk's scaled keys, assembled run by run, then the
       // running quotients advanced by one per key. A whole chunk is assembled before any is
       // read: measured, assembling one key's row just before its rotation cost a third of the
       // kernel (its narrow stores were still in flight when the rotation's wide loads read
       // them: a store-forwarding stall per key).
-      for (int64_t t = c0; t < (neox ? c0 : std::min(c1, w_lo)); ++t) {
-        float* dst = cs_chunk.data() + (t - c0) * 2 * P;
-        for (int64_t g = 0; g < G; ++g) {
-          const float* row = tab + g_q[g] * ts;
-          const int64_t a = g_start[g], len = g_len[g];
-          for (int64_t i = 0; i < len; ++i) dst[a + i] = row[a + i], dst[P + a + i] = row[P + a + i];
-          if (++g_r[g] == g_s[g]) g_r[g] = 0, ++g_q[g];
+      if (!neox) {
+        for (int64_t t = c0; t < std::min(c1, w_lo); ++t) {
+          float* dst = cs_chunk.data() + (t - c0) * 2 * P;
+          for (int64_t g = 0; g < G; ++g) {
+            const float* row = tab + g_q[g] * ts;
+            const int64_t a = g_start[g], len = g_len[g];
+            for (int64_t i = 0; i < len; ++i) dst[a + i] = row[a + i], dst[P + a + i] = row[P + a + i];
+          }
+          next_key(G);
         }
       }
       // 1b. scores of the chunk's keys, each key rotated once for the rep query heads
@@ -470,9 +448,7 @@ inline void rotary_items_body(const PagedDecodeRotaryParams& p, const Split& sp,
         } else {
           if (neox) {
             rotate_runs_neox<ISA>(krow, tab, ts, g_start.data(), g_len.data(), g_q.data(), G, krot.data(), P, D);
-            for (int64_t g = 0; g < G; ++g) {
-              if (++g_r[g] == g_s[g]) g_r[g] = 0, ++g_q[g];
-            }
+            next_key(G);
           } else {
             rotate_row<ISA>(krow, cs_chunk.data() + (t - c0) * 2 * P, krot.data(), P, D, neox);
           }

@@ -41,12 +41,17 @@ HEADER = ("| dtype | mask | B | L | compact ms | rotated ms | compact/rotated | 
 H_Q, H_K, D, BLOCK, THETA = 9, 3, 64, 128, 100000.0
 
 
+def smollm2_inv_freq():
+    """SmolLM2-135M's rotary frequencies (float32 [D / 2])."""
+    return 1.0 / (THETA ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+
+
 def make_inputs(batch, length, dtype, masked, config):
     """The same random unrotated keys in both caches (the rotated one rotated by the method)."""
     from dpe_kernels.reference import rotary_indices, table_rotate
 
     p = D // 2
-    inv_freq = 1.0 / (THETA ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    inv_freq = smollm2_inv_freq()
     table = rotary_table(inv_freq, length)
     scales = config.pair_scales()
     w = config.window
@@ -159,7 +164,7 @@ def main(argv=None):
     torch.set_grad_enabled(False)
     torch.manual_seed(0)
     try:
-        config = DPEConfig.from_preset(args.preset, inv_freq=1.0 / (THETA ** (torch.arange(0, D, 2) / D)),
+        config = DPEConfig.from_preset(args.preset, inv_freq=smollm2_inv_freq(),
                                        train_length=8192, target_length=args.target_length)
     except ValueError as e:
         ap.error(f"--preset: {e}")
