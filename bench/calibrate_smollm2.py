@@ -12,7 +12,9 @@ bench/results/calibration_smollm2_<16k|32k>.md.
 With --needles N a sample is a context of N labelled needles, each question scored as if it alone
 followed the context (`dpe detect --needles`): C = max(2, ceil(20 / N)) sweep contexts and C fresh
 ones (C forwards and at least 20 needles per candidate: N=4 -> 5 contexts, N=10 -> 2), gains paired
-per needle with standard errors over contexts; the mask step scores C contexts of N needles per side. Its files go to calibration_smollm2_<16k|32k>_n<N>/.
+per needle with standard errors over contexts; context i shifts its needles by context_depth(i, N)
+(N=1: depths 0.05, 0.15, ..., 0.95, each twice in 20 contexts); the mask step scores C contexts of N
+needles per side at the same shifts. Its files go to calibration_smollm2_<16k|32k>_n<N>/.
 For SmolLM2-135M use N=1 (bench/gpu_run.sh's default): bench/results/needles_smollm2_16k.md shows that with 4
 or 10 needles per context the calibrated preset falls below self_extend while alone it is above, so
 multi-needle scores would steer the calibration by a different question.
@@ -78,8 +80,14 @@ def detect_argv(target: int, common):
 def mask_argv(target: int, which: str, common):
     p = paths(target)
     cfg = p["cfg"] if which == "mask_off" else p["masked"]
-    grid = (["--needles", str(NEEDLES), "--depths", "0.5", "--samples", str(CONTEXTS)] if NEEDLES
-            else ["--depths", "5", "--samples", str(KEYS)])
+    if NEEDLES:  # the contexts' depth shifts of the ascent (context_depth: N=1 -> 0.05 .. 0.95), CONTEXTS in all
+        from dpe_kernels.tools.eval.multi import context_depth
+
+        shifts = sorted({context_depth(i, NEEDLES) for i in range(CONTEXTS)})
+        grid = ["--needles", str(NEEDLES), "--depths", *map(str, shifts),
+                "--samples", str(-(-CONTEXTS // len(shifts)))]
+    else:
+        grid = ["--depths", "5", "--samples", str(KEYS)]
     return ["eval", "--task", "passkey", "--scoring", "logprob", "--methods", "dpe", "--lengths", str(target),
             *grid, "--format", "raw", "--no-skip-zero", "--config", cfg,
             "--out-dir", p[which], "--no-plots", *common]

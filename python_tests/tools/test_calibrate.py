@@ -431,6 +431,15 @@ def test_detect_multi_needle(tiny, tmp_path):
         C.detect(model, tok, **{**kw, "scorer": "ppl"})
 
 
+def test_one_needle_contexts_walk_the_depths(tiny):
+    """With one needle per context the samples are not all at one depth: context i's needle sits at
+    context_depth(i, 1) (0.05, 0.15, ...), as in a single-needle evaluation."""
+    model, tok = tiny
+    got = [C.score_sample(model, tok, "passkey-logprob", 2000, i, 256, needles=1)["needle_depths"][0]
+           for i in (0, 4, 9)]
+    assert got == pytest.approx([0.05, 0.45, 0.95], abs=0.1)
+
+
 def test_score_sample_logprob_fields(tiny):
     model, tok = tiny
     r = C.score_sample(model, tok, "niah-logprob", 1200, 1, 256)

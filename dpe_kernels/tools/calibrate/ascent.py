@@ -65,16 +65,18 @@ def score_sample(model, tokenizer, scorer: str, length: int, sample: int, train_
     * ``passkey`` / ``niah``: greedy generation, exact key / fraction of the 4 values recalled;
     * ``ppl``: minus the mean next-token loss of the positions beyond ``train_length``;
     * with ``needles`` (the ``-logprob`` scorers): sample ``i`` is context ``i`` of
-      :func:`~.eval.multi.multi_logprob` (needle j at depth (j + 0.5) / N); ``score`` is the mean of
-      its needles' answer log-probabilities, ``needle_scores`` each one (what the ascent pairs).
+      :func:`~.eval.multi.multi_logprob`, needle j at depth (j + d_i) / N with d_i
+      :func:`~.eval.multi.context_depth` (one needle: 0.05 .. 0.95 over ten contexts); ``score`` is the
+      mean of its needles' answer log-probabilities, ``needle_scores`` each one (what the ascent pairs).
     """
     if needles is not None:
         if not scorer.endswith("-logprob"):
             raise ValueError(f"needles applies to the -logprob scorers, got scorer {scorer!r}")
-        from ..eval.multi import multi_logprob
+        from ..eval.multi import context_depth, multi_logprob
 
         t0 = time.perf_counter()
-        recs = multi_logprob(model, tokenizer, scorer.split("-")[0], length, 0.5, needles, sample, seed)
+        recs = multi_logprob(model, tokenizer, scorer.split("-")[0], length, context_depth(sample, needles), needles,
+                             sample, seed)
         lps = [r["logprob"] for r in recs]
         return {"needles": needles, "score": sum(lps) / len(lps), "needle_scores": lps,
                 "exact": sum(r["score"] for r in recs) / len(recs),

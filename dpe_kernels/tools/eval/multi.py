@@ -21,7 +21,9 @@ Needles (``task``):
   question about LABEL, answer ``" VALUE"`` (7 digits): RULER's multi-key NIAH, one value per key.
 
 Needle j of N sits at depth ``(j + depth) / N`` of the haystack (the NIAH task's rule), so a
-context covers the depths evenly and ``depth`` shifts them all.
+context covers the depths evenly and ``depth`` shifts them all. A series of contexts (the
+calibration's samples) shifts them by :func:`context_depth`, so that few needles per context still
+cover the haystack's depths: one needle per context walks 0.05, 0.15, ..., 0.95.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from .niah import INTRO as NIAH_INTRO
 from .perplexity import backbone_and_head, head_logits
 from .prompts import build_context, encode, question_ids
 
-__all__ = ["MULTI_TASKS", "LABELS", "MAX_NEEDLES", "multi_sample", "multi_context", "score_branches",
+__all__ = ["MULTI_TASKS", "LABELS", "MAX_NEEDLES", "DEPTH_SLOTS", "context_depth", "multi_sample", "multi_context", "score_branches",
            "multi_logprob"]
 
 MULTI_TASKS = ("passkey", "niah")
@@ -60,8 +62,26 @@ _TEXT = {
 def _check(task: str, needles: int) -> None:
     if task not in MULTI_TASKS:
         raise ValueError(f"task must be one of {MULTI_TASKS}, got {task!r}")
+    _check_needles(needles)
+
+
+def _check_needles(needles: int) -> None:
     if isinstance(needles, bool) or not isinstance(needles, int) or not 1 <= needles <= MAX_NEEDLES:
         raise ValueError(f"needles must be an int in [1, {MAX_NEEDLES}], got {needles!r}")
+
+
+DEPTH_SLOTS = 10  # the depths a series of contexts covers: N needles x ceil(10 / N) shifts >= 10
+
+
+def context_depth(index: int, needles: int) -> float:
+    """The depth shift of context ``index`` of a series of N-needle contexts: ``(index % M + 0.5) / M``
+    with ``M = ceil(DEPTH_SLOTS / N)``. N >= 10: always 0.5 (needle j at (j + 0.5) / N); N = 4: M = 3
+    shifts, 12 depths; N = 1: needle at 0.05, 0.15, ..., 0.95 for contexts 0..9, then again."""
+    _check_needles(needles)
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ValueError(f"index must be a non-negative int, got {index!r}")
+    m = -(-DEPTH_SLOTS // needles)
+    return (index % m + 0.5) / m
 
 
 def multi_sample(task: str, index: int, needles: int, seed: int = 0) -> List[Tuple[str, str]]:
