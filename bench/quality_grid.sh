@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The quality grid (SmolLM2-135M-Instruct, 8K pre-training length): rope, pi, ntk, yarn, self_extend,
-# dpe (starting scales) and dpe with each shipped calibrated preset at its own length; passkey and
+# dpe (starting scales) and dpe with each shipped SmolLM2 preset at its calibrated_length; passkey and
 # NIAH, teacher-forced log-probability and exact match. Needles per context: DPE_NEEDLES (default 1:
 # bench/results/needles_smollm2_16k.md shows that 4 or 10 labelled needles per context REVERSE the
 # single-needle order of self_extend and the calibrated preset on this 135M model). N = 1: 10 depths
@@ -27,14 +27,13 @@ for task in passkey niah; do
     --samples "$S_LONG" --out-dir "$OUT/$task" --title "SmolLM2 quality grid, $task, $N needle(s) per context"
   $DPE eval "${common[@]}" --task "$task" --methods rope pi ntk yarn self_extend dpe --lengths 32768 \
     --samples "$S_32K" --out-dir "$OUT/$task" --title "SmolLM2 quality grid, $task, $N needle(s) per context"
-  for preset in smollm2-135m-16k smollm2-135m-32k; do
-    len=$([ "$preset" = smollm2-135m-16k ] && echo 16384 || echo 32768)
-    n=$([ "$len" = 16384 ] && echo "$S_LONG" || echo "$S_32K")
-    if [ -f "$HERE/../dpe_kernels/presets/$preset.json" ]; then
-      $DPE eval "${common[@]}" --task "$task" --methods dpe --preset "$preset" --lengths "$len" --samples "$n" \
-        --out-dir "$OUT/${task}_$preset" --title "SmolLM2 quality grid, $task, preset $preset"
-    else
-      echo "preset $preset not shipped yet (bench/calibrate_smollm2.py --ship): its row is skipped" >&2
-    fi
+  # every shipped SmolLM2 preset at the length it was calibrated for (its calibrated_length): smollm2-135m
+  # (16K, the first calibration), smollm2-135m-16k / -32k once bench/calibrate_smollm2.py --ship wrote them
+  for file in "$HERE"/../dpe_kernels/presets/smollm2-135m*.json; do
+    preset=$(basename "$file" .json)
+    len=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['calibrated_length'])" "$file")
+    n=$([ "$len" -le 16384 ] && echo "$S_LONG" || echo "$S_32K")
+    $DPE eval "${common[@]}" --task "$task" --methods dpe --preset "$preset" --lengths "$len" --samples "$n" \
+      --out-dir "$OUT/${task}_$preset" --title "SmolLM2 quality grid, $task, preset $preset"
   done
 done
