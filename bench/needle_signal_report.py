@@ -13,6 +13,8 @@ rope, self_extend, dpe (starting scales) and dpe (preset):
   bootstrap over contexts), exact-match counts, the ranking of the methods next to single's, and every
   method's paired difference from self_extend (single: paired over depths; N needles: paired per
   needle, bootstrap over contexts);
+* where each method's difference from self_extend lies: per depth (single and N=10) and by thirds of
+  the depth;
 * the cost: seconds per scored needle for each setting, from the same run;
 * "Choosing N": for each N, self_extend's mean log-probability and exact-match rate vs single, whether
   the ranking equals single's, and the cost; which N keeps the ranking with the smaller degradation.
@@ -227,6 +229,50 @@ def paired_section(kind: str, single, multi):
     return lines
 
 
+THIRDS = (("shallow 0.05-0.25", range(0, 3)), ("middle 0.35-0.65", range(3, 7)), ("deep 0.75-0.95", range(7, 10)))
+
+
+def where_section(single, multi):
+    """Where each method's difference from self_extend lies: per depth slot, single (one context per
+    depth) and N=10 (the mean over its contexts), and by thirds of the depth (single, t-interval)."""
+    lines = ["## Where the difference from self_extend lies (paired log-probability by depth)", "",
+             "Single: one context per depth, so a depth's cell is one paired difference; N=10: the mean over its "
+             "contexts of the paired difference of needle j (the same label and key under both methods). The question "
+             "follows the context, so depth d puts the needle about (1 - d) x 16K tokens before it: 0.05 is the "
+             "farthest (about 15.5K), 0.95 the nearest (about 0.8K, inside the 1024-token window).", "",
+             "| method | " + " | ".join(f"{(s + 0.5) / SINGLE_DEPTHS:.2f}" for s in range(SINGLE_DEPTHS)) + " |",
+             "|---|" + "---|" * SINGLE_DEPTHS]
+    ref_s = {_slot(r): float(r["logprob"]) for r in single["self_extend"]}
+    ref_m = {(r["sample"], r["needle"]): float(r["logprob"]) for r in multi["self_extend"]}
+    thirds = []
+    for m in METHODS:
+        if m in ("self_extend", "rope"):
+            continue
+        d_s = {_slot(r): float(r["logprob"]) - ref_s[_slot(r)] for r in single[m] if _slot(r) in ref_s}
+        d_m = {}
+        for r in multi[m]:
+            if (r["sample"], r["needle"]) in ref_m:
+                d_m.setdefault(int(r["needle"]), []).append(float(r["logprob"]) - ref_m[(r["sample"], r["needle"])])
+        cells = []
+        for s in range(SINGLE_DEPTHS):
+            a = f"{d_s[s]:+.2f}" if s in d_s else "-"
+            b = f"{_mean(d_m[s]):+.2f}" if s in d_m else "-"
+            cells.append(f"{a} / {b}")
+        lines.append(f"| {m} (single / N=10) | " + " | ".join(cells) + " |")
+        row = []
+        for name, slots in THIRDS:
+            xs = [d_s[s] for s in slots if s in d_s]
+            if len(xs) >= 2:
+                iv = t_interval(xs)
+                row.append(f"{iv.mean:+.2f} [{iv.low:+.2f}, {iv.high:+.2f}] (n {iv.n})")
+            else:
+                row.append("-")
+        thirds.append(f"| {m} | " + " | ".join(row) + " |")
+    lines += ["", "Single, by thirds of the depth (mean paired difference from self_extend [95% t]):", "",
+              "| method | " + " | ".join(name for name, _ in THIRDS) + " |", "|---|---|---|---|", *thirds, ""]
+    return lines
+
+
 def _single_cost(single):
     """Seconds per scored needle of the one-needle contexts and how many needles, or None."""
     secs = [float(r["seconds"]) for m in METHODS for r in single[m]]
@@ -347,6 +393,7 @@ def main() -> int:
         lines += sec
     for kind, multi in multis.items():
         lines += paired_section(kind, single, multi)
+    lines += where_section(single, multis["multi"])
     lines += cost_section(single, multis)
     lines += choosing_section(single, multis, summaries)
     with open(REPORT, "w") as f:
