@@ -309,7 +309,9 @@ def cost_section(single, multis):
                      f"{mc[1]:.1f} s, shared by its {n} questions ({mc[2]} contexts).{ratio}")
     lines += ["- Forwards per decision of the ascent (one candidate configuration): the old scorer used 5 "
               "one-needle samples (5 forwards, 5 needles); the multi-needle scorer with 2 contexts of 10 "
-              "needles uses 2 forwards for 20 needles (10x the needles per forward).",
+              "needles uses 2 forwards for 20 needles (10x the needles per forward); one needle per context, "
+              "the choice below, uses 20 forwards for 20 needles (4x the old scorer's forwards, for 4x its "
+              "needles; a group of 4 candidate scales: 80 forwards).",
               "- Seconds include the machine's other load at the time (2 cores shared with tests); the "
               "ratio compares needles scored in the same run.", ""]
     return lines
