@@ -12,9 +12,13 @@ bench/results/calibration_smollm2_<16k|32k>.md.
 With --needles N a sample is a context of N labelled needles, each question scored as if it alone
 followed the context (`dpe detect --needles`): C = max(2, ceil(20 / N)) sweep contexts and C fresh
 ones (C forwards and at least 20 needles per candidate: N=4 -> 5 contexts, N=10 -> 2), gains paired
-per needle with standard errors over contexts; context i shifts its needles by context_depth(i, N)
-(N=1: depths 0.05, 0.15, ..., 0.95, each twice in 20 contexts); the mask step scores C contexts of N
-needles per side at the same shifts. Its files go to calibration_smollm2_<16k|32k>_n<N>/.
+per needle with standard errors over contexts. Context i is `dpe eval --needles N`'s sample i // M
+with its needles shifted by (i % M + 0.5) / M, M = ceil(10 / N) (series_context; N=1: sample 0 at
+depths 0.05, 0.15, ..., 0.95, then sample 1, ...): the ascent's contexts are the evaluation's
+prompts, so the Self-Extend start's scores are those of `dpe eval --methods self_extend` at the
+target, and the run takes them from the evaluation records it finds (the quality grid's and the
+needle study's: seed_from_eval) instead of scoring them again. The mask step scores the sweep's
+contexts with and without the mask. Its files go to calibration_smollm2_<16k|32k>_n<N>/.
 For SmolLM2-135M use N=1 (bench/gpu_run.sh's default): bench/results/needles_smollm2_16k.md shows that with 4
 or 10 needles per context the calibrated preset falls below self_extend while alone it is above, so
 multi-needle scores would steer the calibration by a different question.
@@ -80,12 +84,12 @@ def detect_argv(target: int, common):
 def mask_argv(target: int, which: str, common):
     p = paths(target)
     cfg = p["cfg"] if which == "mask_off" else p["masked"]
-    if NEEDLES:  # the contexts' depth shifts of the ascent (context_depth: N=1 -> 0.05 .. 0.95), CONTEXTS in all
-        from dpe_kernels.tools.eval.multi import context_depth
+    if NEEDLES:  # the ascent's sweep contexts 0 .. CONTEXTS-1 (series_context: eval's samples x depth shifts)
+        from dpe_kernels.tools.eval.multi import series_context, series_shifts
 
-        shifts = sorted({context_depth(i, NEEDLES) for i in range(CONTEXTS)})
-        grid = ["--needles", str(NEEDLES), "--depths", *map(str, shifts),
-                "--samples", str(-(-CONTEXTS // len(shifts)))]
+        m = series_shifts(NEEDLES)
+        grid = ["--needles", str(NEEDLES), "--depths", *(str(series_context(k, NEEDLES)[1]) for k in range(m)),
+                "--samples", str(-(-CONTEXTS // m))]
     else:
         grid = ["--depths", "5", "--samples", str(KEYS)]
     return ["eval", "--task", "passkey", "--scoring", "logprob", "--methods", "dpe", "--lengths", str(target),
@@ -99,10 +103,66 @@ def common_args(args):
     return common + (["--dtype", args.dtype] if args.dtype != "float32" else [])
 
 
+def seed_from_eval(target: int, dtype: str = "float32") -> int:
+    """With --needles: the Self-Extend start's context scores taken from `dpe eval` records (the
+    quality grid's, the needle study's) instead of scored again. Context i of the series is eval's
+    sample i // M at depth shift (i % M + 0.5) / M (series_context), and eval's self_extend at the
+    target (group size 2 * ceil(target / 8K), window 1024) is the ascent's start, every group at that
+    scale: the same forward (one such pair of records agreed to the last digit). A context is taken
+    only with all N of its needles; each copied record names its source (`copied_from`). Returns how
+    many contexts were added to detect.jsonl."""
+    import glob
+
+    from dpe_kernels.config import extension_factor, uniform_scale
+    from dpe_kernels.tools.eval.multi import series_shifts
+    from dpe_kernels.tools.eval.runner import append_record, read_records
+
+    p = paths(target)
+    g = uniform_scale(extension_factor(target, TRAIN))
+    start, m = [g] * 8, series_shifts(NEEDLES)
+    setting = {"target_length": target, "train_length": TRAIN, "scorer": "passkey-logprob", "window": 1024,
+               "masked": False, "mask_id": None, "seed": 0, "dtype": dtype, "needles": NEEDLES}
+    have = {r["sample"] for r in read_records(p["jsonl"])
+            if r["scales"] == start and all(r.get(k) == v for k, v in setting.items())}
+    want = {"task": "passkey", "model": "smollm2", "format": "raw", "haystack": "filler", "scoring": "logprob",
+            "dtype": dtype, "method": "self_extend", "params": f"G {g}, w 1024", "length": target,
+            "needles": NEEDLES, "seed": 0, "train_length": TRAIN}
+    found = {}  # context index -> {needle: (record, source)}
+    for path in sorted(glob.glob(os.path.join(HERE, "results", "**", "results.jsonl"), recursive=True)):
+        for r in read_records(path):
+            if r.get("skipped") or any(r.get(k) != v for k, v in want.items()):
+                continue
+            k = round(float(r["depth"]) * m - 0.5)
+            if abs((k + 0.5) / m - float(r["depth"])) > 1e-9:
+                continue  # not one of the series' depth shifts
+            i = int(r["sample"]) * m + k
+            if i < CONTEXTS + FRESH_CONTEXTS and i not in have:
+                found.setdefault(i, {}).setdefault(int(r["needle"]), (r, os.path.relpath(path, ROOT)))
+    added = 0
+    for i in sorted(found):
+        if sorted(found[i]) != list(range(NEEDLES)):
+            continue
+        rs = [found[i][j][0] for j in range(NEEDLES)]
+        lps = [float(r["logprob"]) for r in rs]
+        append_record(p["jsonl"], {
+            **setting, "phase": "fresh" if i >= CONTEXTS else "sweep", "scales": start, "sample": i,
+            "needles": NEEDLES, "score": sum(lps) / NEEDLES, "needle_scores": lps,
+            "exact": sum(float(r["score"]) for r in rs) / NEEDLES, "needle_exact": [float(r["score"]) for r in rs],
+            "needle_depths": [r["needle_depth"] for r in rs], "answers": [r["answer"] for r in rs],
+            "labels": [r["needle_label"] for r in rs], "context_tokens": rs[0]["context_tokens"],
+            "context_seconds": rs[0]["context_seconds"], "seconds": round(sum(float(r["seconds"]) for r in rs), 2),
+            "device": rs[0].get("device"), "time": rs[0].get("time"), "copied_from": found[i][0][1]})
+        added += 1
+    return added
+
+
 def run(args, dpe_main):
     p = paths(args.target)
     common = common_args(args)
     os.makedirs(p["out"], exist_ok=True)
+    if NEEDLES:
+        n = seed_from_eval(args.target, args.dtype)
+        print(f"the Self-Extend start: {n} context(s) taken from dpe eval records (seed_from_eval)")
     rc = dpe_main(detect_argv(args.target, common))
     if rc:
         return rc

@@ -432,12 +432,20 @@ def test_detect_multi_needle(tiny, tmp_path):
 
 
 def test_one_needle_contexts_walk_the_depths(tiny):
-    """With one needle per context the samples are not all at one depth: context i's needle sits at
-    context_depth(i, 1) (0.05, 0.15, ...), as in a single-needle evaluation."""
+    """With one needle per context the samples are not all at one depth: context i is the evaluation's
+    sample i // 10 at depth (i % 10 + 0.5) / 10 (series_context), the very prompt `dpe eval --needles 1`
+    scores there."""
     model, tok = tiny
-    got = [C.score_sample(model, tok, "passkey-logprob", 2000, i, 256, needles=1)["needle_depths"][0]
-           for i in (0, 4, 9)]
-    assert got == pytest.approx([0.05, 0.45, 0.95], abs=0.1)
+    recs = {i: C.score_sample(model, tok, "passkey-logprob", 2000, i, 256, needles=1) for i in (0, 4, 9, 14)}
+    assert [recs[i]["needle_depths"][0] for i in (0, 4, 9)] == pytest.approx([0.05, 0.45, 0.95], abs=0.1)
+    from dpe_kernels.tools.eval.multi import multi_logprob
+
+    want = multi_logprob(model, tok, "passkey", 2000, 0.45, 1, sample=1)[0]
+    got = recs[14]
+    assert (got["answers"], got["labels"], got["needle_depths"]) == ([want["answer"]], [want["needle_label"]],
+                                                                    [want["needle_depth"]])
+    assert got["needle_scores"][0] == pytest.approx(want["logprob"], abs=1e-5)
+    assert recs[4]["answers"] == recs[0]["answers"] != recs[14]["answers"]  # one key per ten depths
 
 
 def test_score_sample_logprob_fields(tiny):

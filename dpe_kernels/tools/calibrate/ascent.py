@@ -65,18 +65,19 @@ def score_sample(model, tokenizer, scorer: str, length: int, sample: int, train_
     * ``passkey`` / ``niah``: greedy generation, exact key / fraction of the 4 values recalled;
     * ``ppl``: minus the mean next-token loss of the positions beyond ``train_length``;
     * with ``needles`` (the ``-logprob`` scorers): sample ``i`` is context ``i`` of
-      :func:`~.eval.multi.multi_logprob`, needle j at depth (j + d_i) / N with d_i
-      :func:`~.eval.multi.context_depth` (one needle: 0.05 .. 0.95 over ten contexts); ``score`` is the
-      mean of its needles' answer log-probabilities, ``needle_scores`` each one (what the ascent pairs).
+      :func:`~.eval.multi.series_context` (sample ``i // M`` of :func:`~.eval.multi.multi_logprob`
+      with its needles shifted by ``(i % M + 0.5) / M``: one needle walks 0.05 .. 0.95 over ten
+      contexts; the prompts ``dpe eval --needles N`` scores); ``score`` is the mean of its needles'
+      answer log-probabilities, ``needle_scores`` each one (what the ascent pairs).
     """
     if needles is not None:
         if not scorer.endswith("-logprob"):
             raise ValueError(f"needles applies to the -logprob scorers, got scorer {scorer!r}")
-        from ..eval.multi import context_depth, multi_logprob
+        from ..eval.multi import multi_logprob, series_context
 
         t0 = time.perf_counter()
-        recs = multi_logprob(model, tokenizer, scorer.split("-")[0], length, context_depth(sample, needles), needles,
-                             sample, seed)
+        key_sample, shift = series_context(sample, needles)
+        recs = multi_logprob(model, tokenizer, scorer.split("-")[0], length, shift, needles, key_sample, seed)
         lps = [r["logprob"] for r in recs]
         return {"needles": needles, "score": sum(lps) / len(lps), "needle_scores": lps,
                 "exact": sum(r["score"] for r in recs) / len(recs),

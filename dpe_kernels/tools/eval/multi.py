@@ -22,8 +22,8 @@ Needles (``task``):
 
 Needle j of N sits at depth ``(j + depth) / N`` of the haystack (the NIAH task's rule), so a
 context covers the depths evenly and ``depth`` shifts them all. A series of contexts (the
-calibration's samples) shifts them by :func:`context_depth`, so that few needles per context still
-cover the haystack's depths: one needle per context walks 0.05, 0.15, ..., 0.95.
+calibration's samples, :func:`series_context`) walks several shifts, so that few needles per
+context still cover the haystack's depths: one needle per context walks 0.05, 0.15, ..., 0.95.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from .niah import INTRO as NIAH_INTRO
 from .perplexity import backbone_and_head, head_logits
 from .prompts import build_context, encode, question_ids
 
-__all__ = ["MULTI_TASKS", "LABELS", "MAX_NEEDLES", "DEPTH_SLOTS", "context_depth", "multi_sample", "multi_context", "score_branches",
+__all__ = ["MULTI_TASKS", "LABELS", "MAX_NEEDLES", "DEPTH_SLOTS", "series_context", "series_shifts", "multi_sample", "multi_context", "score_branches",
            "multi_logprob"]
 
 MULTI_TASKS = ("passkey", "niah")
@@ -73,15 +73,24 @@ def _check_needles(needles: int) -> None:
 DEPTH_SLOTS = 10  # the depths a series of contexts covers: N needles x ceil(10 / N) shifts >= 10
 
 
-def context_depth(index: int, needles: int) -> float:
-    """The depth shift of context ``index`` of a series of N-needle contexts: ``(index % M + 0.5) / M``
-    with ``M = ceil(DEPTH_SLOTS / N)``. N >= 10: always 0.5 (needle j at (j + 0.5) / N); N = 4: M = 3
-    shifts, 12 depths; N = 1: needle at 0.05, 0.15, ..., 0.95 for contexts 0..9, then again."""
+def series_context(index: int, needles: int) -> Tuple[int, float]:
+    """Context ``index`` of a series of N-needle contexts (the calibration's samples): (sample, depth
+    shift) with ``M = ceil(DEPTH_SLOTS / N)`` shifts, ``sample = index // M`` (its labels and values,
+    :func:`multi_sample`) and ``shift = (index % M + 0.5) / M``: the order in which ``dpe eval
+    --needles N --depths <the M shifts> --samples S`` scores its contexts, so a series IS those
+    evaluation prompts. N >= 10: context i is sample i at 0.5 (needle j at (j + 0.5) / N); N = 4:
+    M = 3, 12 depths; N = 1: sample 0 at 0.05, 0.15, ..., 0.95, then sample 1 at the same depths."""
     _check_needles(needles)
     if isinstance(index, bool) or not isinstance(index, int) or index < 0:
         raise ValueError(f"index must be a non-negative int, got {index!r}")
-    m = -(-DEPTH_SLOTS // needles)
-    return (index % m + 0.5) / m
+    m = series_shifts(needles)
+    return index // m, (index % m + 0.5) / m
+
+
+def series_shifts(needles: int) -> int:
+    """How many depth shifts a series of N-needle contexts walks: ``ceil(DEPTH_SLOTS / N)``."""
+    _check_needles(needles)
+    return -(-DEPTH_SLOTS // needles)
 
 
 def multi_sample(task: str, index: int, needles: int, seed: int = 0) -> List[Tuple[str, str]]:

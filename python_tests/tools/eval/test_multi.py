@@ -87,19 +87,22 @@ def test_records(tiny):
         assert r["prompt_tokens"] <= 800 and r["context_tokens"] < r["prompt_tokens"]
 
 
-def test_context_depth_covers_the_haystack():
-    # one needle per context walks ten depths, then again; ten or more needles keep (j + 0.5) / N
-    assert [MN.context_depth(i, 1) for i in range(12)] == pytest.approx(
-        [0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95, 0.05, 0.15])
-    assert {MN.context_depth(i, 10) for i in range(5)} == {0.5} == {MN.context_depth(i, 24) for i in range(3)}
+def test_series_context_covers_the_haystack():
+    # one needle per context: sample 0 walks ten depths, then sample 1; ten or more needles: sample i at 0.5
+    got = [MN.series_context(i, 1) for i in range(12)]
+    assert [c[0] for c in got] == [0] * 10 + [1, 1]
+    assert [c[1] for c in got] == pytest.approx([0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95, 0.05, 0.15])
+    assert [MN.series_context(i, 10) for i in range(3)] == [(0, 0.5), (1, 0.5), (2, 0.5)] == \
+        [MN.series_context(i, 24) for i in range(3)]
     for n in (1, 2, 3, 4, 7):  # N needles x the shifts: at least 10 distinct depths, evenly spaced
-        m = len({MN.context_depth(i, n) for i in range(40)})
-        depths = sorted((j + MN.context_depth(i, n)) / n for i in range(m) for j in range(n))
+        m = MN.series_shifts(n)
+        assert {MN.series_context(i, n)[0] for i in range(m)} == {0}
+        depths = sorted((j + MN.series_context(i, n)[1]) / n for i in range(m) for j in range(n))
         assert len(depths) >= 10 and max(b - a for a, b in zip(depths, depths[1:])) == pytest.approx(1 / (n * m))
     with pytest.raises(ValueError, match="index"):
-        MN.context_depth(-1, 1)
+        MN.series_context(-1, 1)
     with pytest.raises(ValueError, match="needles"):
-        MN.context_depth(0, 0)
+        MN.series_context(0, 0)
 
 
 @pytest.mark.parametrize("bad", [0, 25, 2.0, True, "3"])
