@@ -169,6 +169,7 @@ stage_calibrate() {
 stage_grid() {
   log "quality grid on $GPU"
   DPE_CLI="$PY -m dpe_kernels.tools.cli" budgeted bash bench/quality_grid.sh --device cuda
+  $PY bench/quality_grid_report.py --needles "$NEEDLES"
 }
 
 rc=0

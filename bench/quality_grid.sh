@@ -8,7 +8,9 @@
 # (j + 0.5) / N, ceil(40 / N) (>= 4) contexts per cell at 8K / 16K, ceil(20 / N) (>= 2) at 32K.
 # Records (one JSONL line per scored needle) and the summaries go to
 # bench/results/quality_grid_smollm2_n<N>/<task>/; rerunning resumes. Extra arguments go to every
-# `dpe eval` (e.g. --device cuda). The loss by position is bench/eval_quality.py's.
+# `dpe eval` (e.g. --device cuda); plain RoPE also at 4K (the 32K target's reference). The report with
+# the paired comparisons and the targets: python bench/quality_grid_report.py. The loss by position is
+# bench/eval_quality.py's.
 #   [DPE_NEEDLES=N] bash bench/quality_grid.sh [--device cuda]
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -23,6 +25,9 @@ else
 fi
 common=(--scoring logprob --needles "$N" "${depths[@]}" --no-plots --no-progress --no-skip-zero "$@")
 for task in passkey niah; do
+  # plain RoPE at 4K: the reference of the 32K target (at least 90% of its exact match)
+  $DPE eval "${common[@]}" --task "$task" --methods rope --lengths 4096 \
+    --samples "$S_LONG" --out-dir "$OUT/$task" --title "SmolLM2 quality grid, $task, $N needle(s) per context"
   $DPE eval "${common[@]}" --task "$task" --methods rope pi ntk yarn self_extend dpe --lengths 8192 16384 \
     --samples "$S_LONG" --out-dir "$OUT/$task" --title "SmolLM2 quality grid, $task, $N needle(s) per context"
   $DPE eval "${common[@]}" --task "$task" --methods rope pi ntk yarn self_extend dpe --lengths 32768 \
