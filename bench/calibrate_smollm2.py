@@ -104,56 +104,28 @@ def common_args(args):
 
 
 def seed_from_eval(target: int, dtype: str = "float32") -> int:
-    """With --needles: the Self-Extend start's context scores taken from `dpe eval` records (the
-    quality grid's, the needle study's) instead of scored again. Context i of the series is eval's
-    sample i // M at depth shift (i % M + 0.5) / M (series_context), and eval's self_extend at the
-    target (group size 2 * ceil(target / 8K), window 1024) is the ascent's start, every group at that
-    scale: the same forward (one such pair of records agreed to the last digit). A context is taken
-    only with all N of its needles; each copied record names its source (`copied_from`). Returns how
-    many contexts were added to detect.jsonl."""
+    """With --needles: the Self-Extend start's context scores taken from the `dpe eval` records under
+    bench/results/ (the quality grid's, the needle study's: the same prompts and forward,
+    dpe_kernels.tools.calibrate.start_records_from_eval) instead of scored again; each copied record
+    names its source. Returns how many contexts were added to detect.jsonl."""
     import glob
 
-    from dpe_kernels.config import extension_factor, uniform_scale
-    from dpe_kernels.tools.eval.multi import series_shifts
+    from dpe_kernels.tools.calibrate import self_extend_scales, start_records_from_eval
     from dpe_kernels.tools.eval.runner import append_record, read_records
 
     p = paths(target)
-    g = uniform_scale(extension_factor(target, TRAIN))
-    start, m = [g] * 8, series_shifts(NEEDLES)
-    setting = {"target_length": target, "train_length": TRAIN, "scorer": "passkey-logprob", "window": 1024,
-               "masked": False, "mask_id": None, "seed": 0, "dtype": dtype, "needles": NEEDLES}
+    start = self_extend_scales(target, TRAIN, 8)
     have = {r["sample"] for r in read_records(p["jsonl"])
-            if r["scales"] == start and all(r.get(k) == v for k, v in setting.items())}
-    want = {"task": "passkey", "model": "smollm2", "format": "raw", "haystack": "filler", "scoring": "logprob",
-            "dtype": dtype, "method": "self_extend", "params": f"G {g}, w 1024", "length": target,
-            "needles": NEEDLES, "seed": 0, "train_length": TRAIN}
-    found = {}  # context index -> {needle: (record, source)}
+            if r["scales"] == start and r.get("needles") == NEEDLES and r.get("dtype") == dtype}
+    evals = []
     for path in sorted(glob.glob(os.path.join(HERE, "results", "**", "results.jsonl"), recursive=True)):
-        for r in read_records(path):
-            if r.get("skipped") or any(r.get(k) != v for k, v in want.items()):
-                continue
-            k = round(float(r["depth"]) * m - 0.5)
-            if abs((k + 0.5) / m - float(r["depth"])) > 1e-9:
-                continue  # not one of the series' depth shifts
-            i = int(r["sample"]) * m + k
-            if i < CONTEXTS + FRESH_CONTEXTS and i not in have:
-                found.setdefault(i, {}).setdefault(int(r["needle"]), (r, os.path.relpath(path, ROOT)))
-    added = 0
-    for i in sorted(found):
-        if sorted(found[i]) != list(range(NEEDLES)):
-            continue
-        rs = [found[i][j][0] for j in range(NEEDLES)]
-        lps = [float(r["logprob"]) for r in rs]
-        append_record(p["jsonl"], {
-            **setting, "phase": "fresh" if i >= CONTEXTS else "sweep", "scales": start, "sample": i,
-            "needles": NEEDLES, "score": sum(lps) / NEEDLES, "needle_scores": lps,
-            "exact": sum(float(r["score"]) for r in rs) / NEEDLES, "needle_exact": [float(r["score"]) for r in rs],
-            "needle_depths": [r["needle_depth"] for r in rs], "answers": [r["answer"] for r in rs],
-            "labels": [r["needle_label"] for r in rs], "context_tokens": rs[0]["context_tokens"],
-            "context_seconds": rs[0]["context_seconds"], "seconds": round(sum(float(r["seconds"]) for r in rs), 2),
-            "device": rs[0].get("device"), "time": rs[0].get("time"), "copied_from": found[i][0][1]})
-        added += 1
-    return added
+        evals += [{**r, "source": os.path.relpath(path, ROOT)} for r in read_records(path)]
+    recs = start_records_from_eval(evals, scorer="passkey-logprob", target_length=target, train_length=TRAIN,
+                                   window=1024, num_groups=8, needles=NEEDLES, samples=CONTEXTS,
+                                   fresh_samples=FRESH_CONTEXTS, dtype=dtype, model="smollm2", skip=have)
+    for r in recs:
+        append_record(p["jsonl"], r)
+    return len(recs)
 
 
 def run(args, dpe_main):

@@ -448,6 +448,44 @@ def test_one_needle_contexts_walk_the_depths(tiny):
     assert recs[4]["answers"] == recs[0]["answers"] != recs[14]["answers"]  # one key per ten depths
 
 
+def test_start_records_from_eval_are_the_starts_own_scores(tiny, tmp_path):
+    """dpe eval's self_extend records at the target (N=2 needles, the 5 depth shifts, one sample) become
+    the ascent start's records: equal to what detect scores itself, and a run seeded with them scores
+    nothing again; records of another setting (window, length, method) are not taken."""
+    from dpe_kernels.tools.eval.multi import series_context
+    from dpe_kernels.tools.eval.runner import EvalSpec, read_records, run_eval
+
+    model, tok = tiny
+    target, train, n = 1500, 256, 2
+    shifts = [series_context(k, n)[1] for k in range(5)]
+    spec = EvalSpec(task="passkey", methods=("self_extend", "rope"), lengths=(target,), depths=shifts, samples=1,
+                    scoring="logprob", needles=n, train_length=train, model_name="tiny")
+    run_eval(model, tok, spec, tmp_path / "eval.jsonl", progress=False)
+    evals = read_records(tmp_path / "eval.jsonl")
+    kw = dict(scorer="passkey-logprob", target_length=target, train_length=train, window=1024, num_groups=2,
+              needles=n, samples=3, fresh_samples=2)
+    recs = C.start_records_from_eval(evals, **kw)
+    assert [r["sample"] for r in recs] == [0, 1, 2, 3, 4] and [r["phase"] for r in recs] == ["sweep"] * 3 + ["fresh"] * 2
+    assert C.start_records_from_eval(evals, **{**kw, "window": 512}) == []
+    assert C.start_records_from_eval(evals, **{**kw, "target_length": 1400}) == []
+    assert [r["sample"] for r in C.start_records_from_eval(evals, **kw, skip=[1, 3])] == [0, 2, 4]
+    assert C.start_records_from_eval([e for e in evals if (e["sample"], e["depth"], e["needle"]) != (0, shifts[2], 1)],
+                                     **kw)[2]["sample"] == 3  # a context needs all its needles
+    start = C.self_extend_scales(target, train, 2)
+    det = dict(target_length=target, train_length=train, scales=start[:1], scorer="passkey-logprob", samples=3,
+               fresh_samples=2, max_passes=1, window=1024, num_groups=2, progress=False, log=None, needles=n)
+    own = C.detect(model, tok, jsonl=tmp_path / "own.jsonl", **det)
+    assert sorted(r["sample"] for r in own.records) == [0, 1, 2]
+    for r in own.records:  # the start's sweep contexts, scored by detect itself
+        got = next(x for x in recs if x["sample"] == r["sample"])
+        assert (got["labels"], got["answers"]) == (r["labels"], r["answers"])
+        assert got["needle_scores"] == pytest.approx(r["needle_scores"], abs=1e-5)
+    seeded = tmp_path / "seeded.jsonl"
+    seeded.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    C.detect(model, tok, jsonl=seeded, **det)
+    assert len(seeded.read_text().splitlines()) == len(recs)  # nothing scored again
+
+
 def test_score_sample_logprob_fields(tiny):
     model, tok = tiny
     r = C.score_sample(model, tok, "niah-logprob", 1200, 1, 256)

@@ -27,12 +27,13 @@ key) and ``niah`` (4-needle recall fraction) by greedy generation, ``ppl`` (minu
 next-token loss beyond the pre-training length: a cheap prox
 
 The package: :mod:`.dims` (step 1), :mod:`.ascent` (step 2), :mod:`.claims` (several processes
-sharing one step-2 run).
+sharing one step-2 run), :mod:`.from_eval` (the step-2 start's scores from evaluation records).
 """
-from .ascent import (SCORERS, DetectResult, MissingScore, coordinate_ascent, detect, replay, score_sample,
-                     scorer_sample, self_extend_scales, sweep_frontier)
+from .ascent import (SCORERS, DetectResult, MissingScore, coordinate_ascent, detect, detect_setting, replay,
+                     score_sample, scorer_sample, self_extend_scales, sweep_frontier)
+from .from_eval import start_records_from_eval
 from .dims import default_top_k, key_dimension_scores, load_dims_mask, select_dims, top_k_masks
 
 __all__ = ["key_dimension_scores", "top_k_masks", "select_dims", "load_dims_mask", "default_top_k",
            "self_extend_scales", "scorer_sample", "score_sample", "coordinate_ascent", "replay", "sweep_frontier",
-           "detect", "DetectResult", "MissingScore", "SCORERS"]
+           "detect", "detect_setting", "start_records_from_eval", "DetectResult", "MissingScore", "SCORERS"]

@@ -20,7 +20,7 @@ from .claims import Claims
 from .dims import attention_geometry
 
 __all__ = ["SCORERS", "DetectResult", "self_extend_scales", "scorer_sample", "score_sample", "MissingScore",
-           "coordinate_ascent", "replay", "sweep_frontier", "detect"]
+           "coordinate_ascent", "replay", "sweep_frontier", "detect_setting", "detect"]
 
 SCORERS = ("passkey-logprob", "niah-logprob", "passkey", "niah", "ppl")
 
@@ -218,6 +218,14 @@ def _mask_id(mask: Optional[torch.Tensor]) -> Optional[str]:
     return hashlib.sha1(str(list(m.shape)).encode() + m.numpy().tobytes()).hexdigest()[:12]
 
 
+def detect_setting(target_length: int, train_length: int, scorer: str, window: int, mask: Optional[torch.Tensor],
+                   seed: int, dtype: str, needles: Optional[int]) -> dict:
+    """What makes records of one calibration comparable (every record carries it; a run reuses only
+    the records of its own setting)."""
+    return {"target_length": target_length, "train_length": train_length, "scorer": scorer, "window": window,
+            "masked": mask is not None, "mask_id": _mask_id(mask), "seed": seed, "dtype": dtype, "needles": needles}
+
+
 def _ascent_score(r: dict):
     """What the ascent pairs: a multi-needle record's list of needle scores, else its score."""
     ns = r.get("needle_scores")
@@ -357,9 +365,7 @@ def detect(model, tokenizer, *, target_length: int, train_length: Optional[int] 
     # Recorded, not part of the setting: float32 scores agree across devices to rounding (the Triton
     # kernels take float32 dots in IEEE precision), so a GPU run resumes a CPU run's records.
     device = next(model.parameters()).device.type
-    base = {"target_length": target_length, "train_length": T, "scorer": scorer, "window": window,
-            "masked": mask is not None, "mask_id": _mask_id(mask), "seed": seed, "dtype": dtype,
-            "needles": needles}
+    base = detect_setting(target_length, T, scorer, window, mask, seed, dtype, needles)
     cache: Dict[tuple, dict] = {}
 
     def load(rs):
