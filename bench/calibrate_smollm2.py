@@ -33,7 +33,8 @@ Steps (each resumes from its files under bench/results/calibration_smollm2_<16k|
   2. the key-dimension mask alone: the calibrated scales without and with the select-dims mask
      (bench/results/calibration_smollm2/dims.safetensors: top 24 of 32 pairs per query head from the
      first calibration; select-dims does not depend on the target), passkey teacher-forced at the
-     target, 5 depths x 4 keys, the same 20 samples for both -> mask_off/, mask_on/;
+     target, 5 depths x 4 keys, the same 20 samples for both -> mask_off/, mask_on/ (with --needles:
+     the sweep contexts with the mask -> mask_on/; without it, the ascent's records of the kept scales);
   3. the report: the ascent's decisions (or, for a partial run, its decisions so far and the next
      configuration it will score), the fresh-sample comparison, the mask comparison (paired);
   4. --ship (only after steps 1 and 2 are complete): dpe_kernels/presets/smollm2-135m-<16k|32k>.json,
@@ -142,7 +143,9 @@ def run(args, dpe_main):
     from dpe_kernels.tools.calibrate import load_dims_mask
 
     DPEConfig.from_json(p["cfg"]).with_mask(load_dims_mask(DIMS, "q")).to_json(p["masked"])
-    for which in ("mask_off", "mask_on"):
+    # With --needles the side without the mask is the ascent's own records of the kept configuration
+    # on the sweep contexts (the same prompts): only the side with the mask is scored.
+    for which in ("mask_on",) if NEEDLES else ("mask_off", "mask_on"):
         rc = dpe_main(mask_argv(args.target, which, common))
         if rc:
             return rc
@@ -164,15 +167,39 @@ def _trace(target: int):
     return t, False, recs
 
 
+def _kept_records_as_eval(target: int, dtype: str):
+    """With --needles: the kept configuration's records on the sweep contexts, keyed as the mask step's
+    eval records are ((depth shift, sample, needle): context i is eval's sample i // M at its shift),
+    or {} before the ascent is complete."""
+    from dpe_kernels.tools.eval.multi import series_context
+
+    trace, complete, recs = _trace(target)
+    if not complete:
+        return {}
+    out = {}
+    for r in recs:
+        if (r["scales"] != trace["kept"] or r.get("needles") != NEEDLES or r.get("masked")
+                or r.get("dtype", "float32") != dtype or r["sample"] >= CONTEXTS):
+            continue
+        sample, shift = series_context(r["sample"], NEEDLES)
+        for j, (lp, ok) in enumerate(zip(r["needle_scores"], r["needle_exact"])):
+            out[(round(shift, 4), sample, j)] = {"logprob": lp, "score": ok}
+    return out
+
+
 def mask_comparison(target: int):
-    """(paired differences on - off, n) of the mask step's log-probs, or None."""
+    """[(key, off, on)] of the mask step: the same prompts without and with the mask."""
     from dpe_kernels.tools.eval.runner import read_records
 
     p = paths(target)
-    off = {(r["depth"], r["sample"], r.get("needle")): r
-           for r in read_records(os.path.join(p["mask_off"], "results.jsonl"))}
-    on = {(r["depth"], r["sample"], r.get("needle")): r
+    on = {(round(r["depth"], 4), r["sample"], r.get("needle")): r
           for r in read_records(os.path.join(p["mask_on"], "results.jsonl"))}
+    if NEEDLES:
+        dtypes = {r.get("dtype", "float32") for r in on.values()}
+        off = _kept_records_as_eval(target, dtypes.pop()) if len(dtypes) == 1 else {}
+    else:
+        off = {(round(r["depth"], 4), r["sample"], r.get("needle")): r
+               for r in read_records(os.path.join(p["mask_off"], "results.jsonl"))}
     keys = sorted(set(off) & set(on))
     return [(k, off[k], on[k]) for k in keys]
 
@@ -225,7 +252,8 @@ def report(target: int):
                   f"final {trace['final']}: mean {f['final_mean']:.3f}; start {trace['start']}: mean "
                   f"{f['start_mean']:.3f}; paired gain {f['gain']:+.3f} ± {f['se']:.3f} -> kept the **{f['kept']}**.", ""]
     pairs = mask_comparison(target)
-    what = f"{CONTEXTS} contexts of {NEEDLES} needles" if NEEDLES else "20 passkey samples"
+    what = (f"{CONTEXTS} contexts of {NEEDLES} needles; without the mask: the ascent's records of the kept scales"
+            if NEEDLES else "20 passkey samples")
     lines += [f"## The key-dimension mask alone (calibrated scales, {what}, teacher-forced)", ""]
     if pairs:
         d = [on["logprob"] - off["logprob"] for _, off, on in pairs]
