@@ -226,7 +226,9 @@ def report(target: int):
     secs = [r["seconds"] for r in recs]
     lines += ["## State", "",
               f"- records: **{len(recs)}** scored (configuration, sample) pairs"
-              + (f", {sum(secs) / len(secs):.0f} s per forward on average" if secs else "") + ";",
+              + (f", {sum(secs) / len(secs):.0f} s per forward on average" if secs else "")
+              + (f", {copied} of them the Self-Extend start's, taken from dpe eval records (seed_from_eval)"
+                 if (copied := sum(1 for r in recs if r.get("copied_from"))) else "") + ";",
               f"- ascent: {'complete' if complete else 'in progress'}; start (Self-Extend) {trace.get('start')}; "
               f"passes begun {trace.get('passes')}; decisions so far {len(trace.get('steps', []))} of at least 8;"]
     if not complete and trace.get("pending"):
