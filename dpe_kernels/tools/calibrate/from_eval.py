@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Dict, Iterable, List, Optional
 
-from ...config import extension_factor, uniform_scale
 from ..eval.multi import series_shifts
 from .ascent import detect_setting, self_extend_scales
 
@@ -31,7 +30,8 @@ def start_records_from_eval(eval_records: Iterable[dict], *, scorer: str, target
     if not scorer.endswith("-logprob"):
         raise ValueError(f"evaluation records hold teacher-forced scores: scorer must be a -logprob one, got {scorer!r}")
     task = scorer.split("-")[0]
-    g = uniform_scale(extension_factor(target_length, train_length))
+    start = self_extend_scales(target_length, train_length, num_groups)
+    g = start[0]
     want = {"task": task, "format": "raw", "haystack": "essays" if task == "niah" else "filler",
             "scoring": "logprob", "dtype": dtype, "method": "self_extend", "params": f"G {g}, w {window}",
             "length": target_length, "needles": needles, "seed": seed, "train_length": train_length}
@@ -49,7 +49,6 @@ def start_records_from_eval(eval_records: Iterable[dict], *, scorer: str, target
         if i < total and i not in skip:
             found.setdefault(i, {}).setdefault(int(r["needle"]), r)
     setting = detect_setting(target_length, train_length, scorer, window, None, seed, dtype, needles)
-    start = self_extend_scales(target_length, train_length, num_groups)
     out = []
     for i in sorted(found):
         if sorted(found[i]) != list(range(needles)):
