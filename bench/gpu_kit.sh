@@ -25,6 +25,8 @@
 #      /tmp/site; calibrate resumes the committed records and stops when DPE_BUDGET_S runs out; pack:
 #      bench/results/ as one $OUT/results.tgz, whatever ran)
 # and here: bash bench/gpu_kit.sh unpack <files_at>; commit bench/results with the device named.
+# If the second call finds a fresh machine (the first one went back: more than 30 s between them), its
+# `model` stage says the first part is missing: make both calls again, back to back.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KIT=.gpu
